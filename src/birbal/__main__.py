@@ -1,0 +1,3 @@
+from birbal.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,26 @@
+"""The submission server: where it listens, which weights it loads, and the winners' output policy."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from birbal.config.base import Section
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, gt=0, lt=65536)
+    model: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: the export's bf16 weights (fast); adapter: base + unmerged adapter."
+    )
+    quantize: Literal["none", "4bit"] = Field("none", description="4bit: load the base in NF4 (adapter only).")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    postprocess: Literal["birbal", "none"] = Field(
+        "birbal", description="birbal: the winners' prompt wrapping and output cutting rules; none: raw."
+    )
+    max_context: int = Field(4096, gt=0, description="Prompt plus new tokens may not exceed this.")
+    max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
+    max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
+    startup_timeout_s: float = Field(600.0, gt=0.0, description="How long callers wait for /health.")

@@ -1,0 +1,50 @@
+"""The optimisation recipe, the checkpoint policy and the wall-clock budget."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from birbal.config.base import Section
+
+
+class TrainConfig(Section):
+    seed: int = Field(description="Seeds data order, LoRA init, dropout and NEFTune noise (not set upstream).")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sequence_len: int = Field(gt=0, description="Tokens per packed row.")
+    sample_packing: bool = True
+    pad_to_sequence_len: bool = True
+    micro_batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "paged_adamw_32bit"
+    learning_rate: float = Field(gt=0.0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0.0)
+    max_grad_norm: float = Field(gt=0.0)
+    adam_beta1: float = Field(0.9, gt=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    num_epochs: float = Field(gt=0.0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps (None: epochs).")
+    neftune_noise_alpha: float | None = Field(None, ge=0.0, description="NEFTune alpha; None turns it off.")
+    gradient_checkpointing: bool = True
+    bf16: bool = True
+    tf32: bool = False
+    train_on_inputs: bool = Field(False, description="False: loss on the response tokens only.")
+    eval_steps: int = Field(gt=0)
+    eval_max_rows: int = Field(gt=0, description="Evaluate on the first N rows of the eval split.")
+    save_steps: int = Field(gt=0)
+    save_total_limit: int = Field(gt=0, description="Checkpoints kept (the best one is never deleted).")
+    metric_for_best_model: Literal["eval_loss"] = "eval_loss"
+    load_best_model_at_end: bool = True
+    logging_steps: int = Field(1, gt=0)
+    budget_hours: float = Field(gt=0.0, description="Hard wall-clock budget of training, across restarts.")
+    max_gpu_memory_gib: float | None = Field(None, gt=0.0, description="Cap the process's GPU memory (GiB).")
+
+    @model_validator(mode="after")
+    def _checkpoint_policy(self) -> TrainConfig:
+        if self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            raise ValueError("save_steps must be a multiple of eval_steps when load_best_model_at_end is on")
+        return self
