@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,7 @@ class QLoRARecipe:
         ckpt.restore_rng_state(state)
         self.state.update(saved)
         self.metrics.truncate_after(step)
-        tqdm.write(f"resuming from {folder.name}: step {step}/{self.total_steps}, "
+        tqdm.write(file=sys.stderr, s=f"resuming from {folder.name}: step {step}/{self.total_steps}, "
                    f"budget used {self.ledger.used_s() / 3600:.3f} h of {self.train_cfg.budget_hours} h")
 
     # ---- training ------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class QLoRARecipe:
         if self.state["best_eval_loss"] is None or eval_loss < self.state["best_eval_loss"]:
             self.state["best_eval_loss"], self.state["best_step"] = eval_loss, step
         self.metrics.write(event="eval", step=step, eval_loss=eval_loss, eval_time_s=round(self.state["eval_time_s"], 3))
-        tqdm.write(f"step {step}: eval_loss {eval_loss:.4f} (best {self.state['best_eval_loss']:.4f} "
+        tqdm.write(file=sys.stderr, s=f"step {step}: eval_loss {eval_loss:.4f} (best {self.state['best_eval_loss']:.4f} "
                    f"at step {self.state['best_step']})")
 
     def _predicted_s(self, next_step: int) -> float:
@@ -265,14 +266,14 @@ class QLoRARecipe:
         session_tokens = 0
         outcome = "finished"
         model_config = self.model.get_base_model().config
-        bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="train", unit="step",
+        bar = tqdm(file=sys.stderr, total=self.total_steps, initial=self.state["global_step"], desc="train", unit="step",
                    dynamic_ncols=True)
         try:
             while self.state["global_step"] < self.total_steps:
                 next_step = self.state["global_step"] + 1
                 if not self.ledger.fits(self._predicted_s(next_step)):
                     outcome = "stopped_by_budget"
-                    tqdm.write(f"budget: {self.ledger.left_s() / 60:.1f} min left, not enough for step {next_step} "
+                    tqdm.write(file=sys.stderr, s=f"budget: {self.ledger.left_s() / 60:.1f} min left, not enough for step {next_step} "
                                f"plus a final eval and checkpoint: stopping")
                     break
                 t0 = time.time()

@@ -1,0 +1,51 @@
+"""Shared fixtures: the smoke recipe, its tokenizer, and one complete smoke run (prepare, train, export) made
+once per session through the real CLI, which several tests read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600):
+    """`python -m birbal ...` in a subprocess, as a user (and a container) runs it."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "birbal", *args], capture_output=True, text=True,
+                            env=full_env, timeout=timeout, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"birbal {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def smoke_recipe():
+    from birbal.config import load_recipe
+
+    return load_recipe("smoke")
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smoke_recipe, shared_cache):
+    from birbal.models import load_tokenizer
+
+    return load_tokenizer(smoke_recipe.model.tokenizer, shared_cache)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A run dir with prepare-data, train and export complete (the uninterrupted reference run)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    for stage in ("prepare-data", "train", "export"):
+        run_cli(stage, "--profile", "smoke", "--run-dir", str(run_dir))
+    return run_dir

@@ -1,0 +1,50 @@
+"""Bad input to any stage exits non-zero with one clear line and leaves no stage marked complete."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["prepare-data", "--profile", "nope"], 2, "unknown profile 'nope'"),
+    (["prepare-data", "--config", "missing.yaml"], 2, "config file not found"),
+    (["prepare-data", "--profile", "smoke", "--set", "train.learning_rate=-1"], 2, "train.learning_rate"),
+    (["prepare-data", "--profile", "smoke", "--set", "bogus"], 2, "section.key=value"),
+    (["train", "--profile", "smoke"], 3, "stage 'prepare-data' is not complete"),
+    (["export", "--profile", "smoke"], 3, "not complete"),
+])
+def test_bad_input_is_one_line_and_nothing_complete(tmp_path, args, code, words):
+    run = tmp_path / "run"
+    result = run_cli(*args, "--run-dir", str(run), check=False)
+    assert result.returncode == code, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("birbal: error:")]
+    assert len(errors) == 1 and words in errors[0]
+    manifest = run / "manifest.json"
+    if manifest.is_file():
+        assert all(s["status"] != "complete" for s in json.loads(manifest.read_text())["stages"].values())
+
+
+def test_run_dir_under_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    result = run_cli("prepare-data", "--profile", "smoke", "--run-dir", str(tmp_path / "f" / "run"), check=False)
+    assert result.returncode == 3 and "cannot be created" in result.stderr
+
+
+def test_validate_prints_the_resolved_recipe():
+    result = run_cli("validate", "--profile", "birbal-4090")
+    assert "learning_rate: 2.0e-05" in result.stdout and "r: 128" in result.stdout
+
+
+def test_smoke_run_manifest_lists_complete_stages_and_a_falling_loss(smoke_run):
+    manifest = json.loads((smoke_run / "manifest.json").read_text())
+    for stage in ("prepare-data", "train", "export"):
+        assert manifest["stages"][stage]["status"] == "complete"
+    details = manifest["stages"]["train"]["details"]
+    assert details["final_train_loss"] < details["first_train_loss"] - 2.0
+    assert (smoke_run / "export" / "merged" / "model.safetensors").is_file()
+    assert manifest["stages"]["export"]["details"]["merge_max_logit_diff"] < 1e-3
+    # a second invocation skips every complete stage
+    again = run_cli("train", "--profile", "smoke", "--run-dir", str(smoke_run))
+    assert "skipped" in again.stderr

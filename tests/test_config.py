@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from birbal.config import CONFIG_DIR, load_recipe, parse_override
+from birbal.errors import ConfigError
+
+
+def test_4090_profile_is_the_winning_recipe():
+    r = load_recipe("birbal-4090")
+    assert r.model.source == "hub" and r.model.name_or_path == "mistralai/Mistral-7B-v0.1"
+    assert len(r.model.revision) == 40
+    q = r.quantization
+    assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (True, "nf4", True, "bfloat16")
+    assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (128, 256, 0.05)
+    assert set(r.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    t = r.train
+    assert (t.sequence_len, t.sample_packing, t.pad_to_sequence_len) == (8192, True, True)
+    assert (t.micro_batch_size, t.gradient_accumulation_steps) == (2, 4)
+    assert t.optimizer == "paged_adamw_32bit"
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_steps) == (2e-5, "cosine", 100)
+    assert (t.weight_decay, t.max_grad_norm, t.num_epochs, t.max_steps) == (0.01, 0.3, 3, None)
+    assert t.neftune_noise_alpha == 5 and t.gradient_checkpointing and t.bf16 and not t.tf32
+    assert not t.train_on_inputs
+    assert (t.eval_steps, t.save_steps, t.save_total_limit, t.eval_max_rows) == (64, 64, 10, 2000)
+    assert t.metric_for_best_model == "eval_loss" and t.load_best_model_at_end
+    assert (t.budget_hours, t.max_gpu_memory_gib) == (24, 24)
+    assert isinstance(t.seed, int)
+    assert r.data.mode == "published" and r.data.published.name_or_path == "upaya07/NeurIPS-LLM-data"
+    assert len(r.data.published.revision) == 40
+    assert r.serve.max_context == 4096 and r.serve.postprocess == "birbal"
+
+
+def test_smoke_is_the_same_recipe_shrunk():
+    smoke, full = load_recipe("smoke"), load_recipe("birbal-4090")
+    assert smoke.model.source == "random" and smoke.model.architecture.vocab_size == 32000
+    assert smoke.model.tokenizer.source == "mistral-common"
+    assert smoke.quantization.load_in_4bit and smoke.quantization.quant_type == "nf4"
+    assert smoke.lora.target_modules == full.lora.target_modules
+    # what smoke does not override is inherited verbatim
+    for key in ("optimizer", "lr_scheduler", "weight_decay", "max_grad_norm", "neftune_noise_alpha", "seed"):
+        assert getattr(smoke.train, key) == getattr(full.train, key)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_profile_validates(path: Path):
+    load_recipe(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.learning_rate=-1", "train.learning_rate"),
+    ("lora.r=0", "lora.r"),
+    ("train.budget_hours=0", "train.budget_hours"),
+    ("train.lerning_rate=1e-5", "train.lerning_rate"),
+    ("train.micro_batch_size=two", "train.micro_batch_size"),
+    ("lora.target_modules=[lm_head]", "lora.target_modules"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("smoke", [override])
+    assert key in str(err.value)
+
+
+def test_overrides_apply_with_yaml_types():
+    r = load_recipe("smoke", ["train.learning_rate=1e-5", "train.max_steps=7", "serve.port=9000"])
+    assert (r.train.learning_rate, r.train.max_steps, r.serve.port) == (1e-5, 7, 9000)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("no-equals-sign")
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError, match="smoke"):
+        load_recipe("no-such-profile")
+
+
+def test_hub_model_needs_a_pinned_revision(tmp_path):
+    data = yaml.safe_load((CONFIG_DIR / "birbal-4090.yaml").read_text())
+    data["model"]["revision"] = "main"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="40-hex"):
+        load_recipe(bad)

@@ -1,0 +1,45 @@
+"""The wall-clock budget: ledger arithmetic across sessions, and a run that stops itself before overrunning."""
+
+import json
+import time
+
+from birbal.train.budget import BudgetLedger
+from conftest import run_cli
+
+
+def test_ledger_counts_sessions_and_time_lost_to_a_crash(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    t0 = time.time() - 1000
+    events = [
+        {"event": "session_start", "session": 1, "step": 0, "time": t0},
+        {"event": "heartbeat", "step": 1, "time": t0 + 100},
+        {"event": "checkpoint", "step": 1, "time": t0 + 110},
+        {"event": "heartbeat", "step": 2, "time": t0 + 200},   # then killed: 90 s of work lost
+        {"event": "session_start", "session": 2, "step": 1, "time": t0 + 500},
+        {"event": "heartbeat", "step": 2, "time": t0 + 600},
+        {"event": "session_end", "step": 2, "time": t0 + 650, "reason": "finished"},
+    ]
+    path.write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "heartb')  # torn last line
+    ledger = BudgetLedger.open(path, budget_hours=0.1)
+    assert ledger.used_s() == 200 + 150          # the gap between crash and restart is not training
+    assert ledger.time_lost_to_crashes_s() == 90
+    assert ledger.left_s() == 360 - 350
+    assert not ledger.fits(11) and ledger.fits(9)
+    assert ledger.summary()["crashed_sessions"] == 1
+
+
+def test_training_stops_by_budget_and_still_exports(tmp_path):
+    run = tmp_path / "run"
+    run_cli("prepare-data", "--profile", "smoke", "--run-dir", str(run))
+    # far more steps than 30 seconds allow: the loop must stop itself, save, and end as a complete stage
+    result = run_cli("train", "--profile", "smoke", "--run-dir", str(run), "--budget-hours", str(30 / 3600),
+                     "--set", "train.num_epochs=1000", "--set", "train.eval_steps=5", "--set", "train.save_steps=5")
+    record = json.loads((run / "train" / "stage.json").read_text())
+    details = record["details"]
+    assert record["status"] == "complete" and record["outcome"] == "stopped_by_budget", result.stderr[-2000:]
+    assert 2 <= details["global_step"] < details["total_steps"]
+    assert details["budget_used_s"] <= 30.0
+    assert (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "stopping" in result.stderr
+    run_cli("export", "--profile", "smoke", "--run-dir", str(run))  # the best checkpoint so far is exported
+    assert (run / "export" / "merged" / "model.safetensors").is_file()

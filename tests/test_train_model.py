@@ -1,0 +1,100 @@
+"""The numerics of QLoRA training on CPU: packing isolation, the AVX512-BF16 trap, per-example NEFTune."""
+
+import math
+
+import pytest
+import torch
+
+from birbal.train.model import build_qlora_model, response_loss_sum
+from birbal.train.neftune import PerExampleNEFTune
+from birbal.train.packing import IGNORE_INDEX, collate, pack_examples, tokenize_example
+
+QA = [("### Input:\nWhat is 2 plus 3?\n\n### Response:\n", "2 plus 3 equals 5. The answer is: 5"),
+      ("### Instruction:\nReverse the words.\n\n### Input:\nWords: apple river stone\n\n### Response:\n",
+       "stone river apple"),
+      ("### Input:\nWhich city is the capital of Peru?\n\n### Response:\n", "The capital of Peru is Lima.")]
+
+
+@pytest.fixture(scope="module")
+def model(smoke_recipe, shared_cache):
+    m = build_qlora_model(smoke_recipe, shared_cache, torch.device("cpu"))
+    m.eval()  # no dropout: the comparisons below are exact functions of the weights
+    return m
+
+
+def test_prompt_tokens_are_masked(tokenizer):
+    ex = tokenize_example(tokenizer, *QA[0])
+    prompt_len = len(tokenizer(QA[0][0])["input_ids"])
+    assert ex.input_ids[0] == tokenizer.bos_token_id and ex.input_ids[-1] == tokenizer.eos_token_id
+    assert (ex.labels[:prompt_len] == IGNORE_INDEX).all() and (ex.labels[prompt_len:] != IGNORE_INDEX).all()
+    assert tokenizer.decode(ex.input_ids[prompt_len:-1]).strip() == QA[0][1]
+
+
+def test_packed_loss_equals_the_sum_of_separate_losses(model, tokenizer):
+    examples = [tokenize_example(tokenizer, q, a) for q, a in QA]
+    rows, dropped = pack_examples(examples, 256, tokenizer.eos_token_id)
+    assert dropped == 0 and len(rows) == 1 and rows[0].example_lengths == tuple(len(e) for e in examples)
+    with torch.no_grad():
+        packed, n_packed = response_loss_sum(model, collate(rows))
+        alone = [response_loss_sum(model, collate(pack_examples([e], len(e), 2)[0])) for e in examples]
+    assert n_packed == sum(n for _, n in alone)
+    torch.testing.assert_close(packed, sum(loss for loss, _ in alone), rtol=1e-4, atol=1e-4)
+    # and the mask is what makes it so: the same tokens in one unbroken sequence give another loss
+    flat = collate(rows)
+    flat["position_ids"] = torch.arange(flat["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        leaked, _ = response_loss_sum(model, flat)
+    assert abs(float(leaked) - float(packed)) > 1e-2
+
+
+def test_too_long_examples_are_dropped(tokenizer):
+    examples = [tokenize_example(tokenizer, q, a) for q, a in QA]
+    rows, dropped = pack_examples(examples, 30, tokenizer.eos_token_id)
+    assert dropped == sum(1 for e in examples if len(e) > 30)
+    assert all(len(r.input_ids) == 30 for r in rows)
+
+
+def _lora_grads(recipe, cache, batch, eval_pass_first: bool):
+    torch.manual_seed(0)
+    m = build_qlora_model(recipe, cache, torch.device("cpu"))
+    if eval_pass_first:  # what an eval inside training, or a generate before it, does
+        m.eval()
+        with torch.no_grad():
+            m(input_ids=batch["input_ids"], use_cache=False)
+    m.eval()
+    loss, _ = response_loss_sum(m, batch)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
+
+
+def test_lora_gradients_are_right_after_an_eval_pass(smoke_recipe, shared_cache, tokenizer):
+    """PLATFORM_NOTES: on AVX512-BF16 CPUs an eval-mode forward repacks 4-bit weights and later LoRA gradients
+    are silently wrong. build_qlora_model switches the repack off; gradients must not depend on an eval pass."""
+    batch = collate(pack_examples([tokenize_example(tokenizer, *QA[0])], 64, 2)[0])
+    fresh = _lora_grads(smoke_recipe, shared_cache, batch, eval_pass_first=False)
+    after_eval = _lora_grads(smoke_recipe, shared_cache, batch, eval_pass_first=True)
+    assert fresh.abs().max() > 0
+    torch.testing.assert_close(after_eval, fresh, rtol=1e-5, atol=1e-7)
+
+
+class _Embed(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros(*x.shape, 512)
+
+
+def test_neftune_noise_is_scaled_per_example_not_per_row():
+    embed = _Embed().train()
+    hook = PerExampleNEFTune(embed, alpha=5.0)
+    lengths = torch.tensor([[10] * 10 + [90] * 90 + [0] * 28])  # two examples and padding in one 128-token row
+    hook.example_length = lengths
+    noise = embed(torch.zeros(1, 128, dtype=torch.long))
+    bound_short, bound_long = 5 / math.sqrt(10 * 512), 5 / math.sqrt(90 * 512)
+    short, long_, pad = noise[0, :10], noise[0, 10:100], noise[0, 100:]
+    assert short.abs().max() <= bound_short and short.abs().max() > 0.95 * bound_short
+    assert long_.abs().max() <= bound_long and long_.abs().max() > 0.95 * bound_long
+    assert (pad == 0).all()
+    # the upstream scaling (row length 128 for everyone) would give the short example far less noise
+    assert short.abs().max() > 2 * (5 / math.sqrt(128 * 512))
+    embed.eval()
+    assert (embed(torch.zeros(1, 128, dtype=torch.long)) == 0).all()  # never at eval
+    hook.remove()
