@@ -8,10 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"train": ROOT / "Dockerfile.train", "serve": ROOT / "Dockerfile.serve"}
@@ -70,7 +70,7 @@ def test_hash_locked_install_comes_before_the_source(image):
     package = first_index(items, "RUN", "pip install --no-deps --no-build-isolation")
     assert lock_copy < locked < source_copy < package
     run = items[locked][1]
-    assert "--no-deps" in run and f"-r /tmp/requirements.txt" in run
+    assert "--no-deps" in run and "-r /tmp/requirements.txt" in run
     # No other pip install may resolve dependencies from the index.
     for kw, rest in items:
         if kw == "RUN" and "pip install" in rest:
