@@ -1,0 +1,190 @@
+"""Exact `docker` command lines for building the images and running each stage in its container.
+
+Pure functions returning lists of strings: `invoke build`/`invoke reproduce --runtime docker` run them, and their
+`--dry-run` prints them (shlex.join). Nothing here talks to an engine except `docker_available` and the
+`inspect`/manifest helpers, which take the engine's output as text so they stay testable without Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from birbal.fsutil import atomic_write_json
+from birbal.rundir import STAGES, utc_now
+
+IMAGES = ("train", "serve")
+DOCKERFILES = {"train": "Dockerfile.train", "serve": "Dockerfile.serve"}
+# Which image runs which stage. evaluate needs only the package and an HTTP client, both in the train image.
+STAGE_IMAGE = {"prepare-data": "train", "train": "train", "export": "train", "serve": "serve", "evaluate": "train"}
+DEFAULT_REPOSITORY = "birbal-repro"
+# The bases are linux/amd64 manifests (docs/PINS.md): build for that platform even on an arm64 host.
+PLATFORM = "linux/amd64"
+CONTAINER_RUNS = "/runs"
+CONTAINER_HUB_CACHE = "/cache/huggingface"
+CONTAINER_PORT = 8080  # Dockerfile.serve EXPOSEs and health-checks this port
+SERVER_CONTAINER_PREFIX = "birbal-serve-"
+# Passed through by name only (`-e NAME`): docker copies the value from the caller's environment, so a token never
+# appears on a command line, in `--dry-run` output, or in shell history.
+PASSTHROUGH_ENV = ("HF_TOKEN",)
+BUILD_MANIFEST_SCHEMA = 1
+
+
+def image_tags(image: str, version: str, revision: str | None, repository: str = DEFAULT_REPOSITORY) -> list[str]:
+    """`<repo>-<image>:<version>` and, with a git revision, `<repo>-<image>:<version>-<rev12>` (most specific last)."""
+    if image not in IMAGES:
+        raise ValueError(f"unknown image {image!r}; images: {', '.join(IMAGES)}")
+    name = f"{repository}-{image}"
+    tags = [f"{name}:{version}"]
+    if revision:
+        tags.append(f"{name}:{version}-{revision[:12]}")
+    return tags
+
+
+def build_command(image: str, *, version: str, revision: str | None, source: str = "unknown",
+                  context: str | Path = ".", no_cache: bool = False, repository: str = DEFAULT_REPOSITORY,
+                  extra_tags: Sequence[str] = ()) -> list[str]:
+    """`docker build` of one image from the repository root, tagged and labelled with version and revision."""
+    command = ["docker", "build", "--file", str(Path(context) / DOCKERFILES[image]), "--platform", PLATFORM]
+    for tag in [*image_tags(image, version, revision, repository), *extra_tags]:
+        command += ["--tag", tag]
+    command += ["--build-arg", f"VERSION={version}", "--build-arg", f"REVISION={revision or 'unknown'}",
+                "--build-arg", f"SOURCE={source}"]
+    if no_cache:
+        command.append("--no-cache")
+    command.append(str(context))
+    return command
+
+
+def server_container_name(run_id: str) -> str:
+    return f"{SERVER_CONTAINER_PREFIX}{run_id}"
+
+
+def stage_args(stage: str, profile: str, run_id: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The CLI arguments after the entrypoint: `<stage> --profile P --run-dir /runs/<id> [--set k=v ...]`."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if "/" in profile or profile.endswith((".yaml", ".yml")):
+        # A host path is not visible inside the container; the images carry the profiles by name.
+        raise ValueError(f"profile {profile!r}: in a container only profile names work (see configs/)")
+    args = [stage, "--profile", profile, "--run-dir", f"{CONTAINER_RUNS}/{run_id}"]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def run_command(stage: str, *, image: str, profile: str, run_dir: str | Path, hub_cache: str | Path,
+                overrides: Sequence[str] = (), gpus: str | None = "all", user: str | None = None,
+                shm_size: str = "16g", host_port: int = CONTAINER_PORT, bind_address: str = "127.0.0.1",
+                network: str | None = None, env_passthrough: Sequence[str] = PASSTHROUGH_ENV) -> list[str]:
+    """`docker run` of one stage in its image.
+
+    `image` is the reference to run (a tag from `image_tags` or `name@sha256:...`). `run_dir` and `hub_cache` are
+    host paths, bind-mounted at /runs/<run-id> and /cache/huggingface (they must exist: `--mount` refuses to
+    create them, unlike `-v`, which would make root-owned folders). `gpus`: "all", "device=0", or None for a
+    CPU-only run. `user`: "uid:gid", so files written into the mounts belong to the caller. The serve stage runs
+    detached under a fixed name with its port published on `bind_address:host_port`; every other stage runs in
+    the foreground. `network`: e.g. "host" for evaluate, so it reaches the published server port on 127.0.0.1.
+    """
+    run_dir = Path(run_dir)
+    command = ["docker", "run", "--rm"]
+    if stage == "serve":
+        command += ["--detach", "--name", server_container_name(run_dir.name),
+                    "--publish", f"{bind_address}:{host_port}:{CONTAINER_PORT}"]
+    if gpus:
+        command += ["--gpus", gpus]
+    if user:
+        command += ["--user", user]
+    if network:
+        command += ["--network", network]
+    command += ["--shm-size", shm_size,
+                "--mount", f"type=bind,source={run_dir},target={CONTAINER_RUNS}/{run_dir.name}",
+                "--mount", f"type=bind,source={Path(hub_cache)},target={CONTAINER_HUB_CACHE}"]
+    for name in env_passthrough:
+        if "=" in name:
+            raise ValueError(f"environment passthrough {name!r} must be a bare name: values never go on the command line")
+        command += ["--env", name]
+    command.append(image)
+    command += stage_args(stage, profile, run_dir.name, overrides)
+    return command
+
+
+def stop_command(run_id: str, timeout_s: int = 30) -> list[str]:
+    """Stops the detached server of a run (it was started with --rm, so stopping also removes it)."""
+    return ["docker", "stop", "--time", str(timeout_s), server_container_name(run_id)]
+
+
+def logs_command(run_id: str) -> list[str]:
+    return ["docker", "logs", server_container_name(run_id)]
+
+
+def health_url(host_port: int = CONTAINER_PORT, bind_address: str = "127.0.0.1") -> str:
+    return f"http://{bind_address}:{host_port}/health"
+
+
+def inspect_command(image_ref: str) -> list[str]:
+    """`docker image inspect` printing one JSON object per line; parse with `parse_inspect`."""
+    return ["docker", "image", "inspect", "--format", "{{json .}}", image_ref]
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """What the engine says about a built image: its content id, registry digests (only once pushed) and labels."""
+
+    image: str
+    ref: str
+    id: str
+    repo_digests: list[str] = field(default_factory=list)
+    repo_tags: list[str] = field(default_factory=list)
+    created: str | None = None
+    architecture: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def parse_inspect(image: str, ref: str, text: str) -> BuiltImage:
+    """Parse `docker image inspect --format '{{json .}}'` output for one image."""
+    try:
+        raw = json.loads(text.strip().splitlines()[0])
+    except (json.JSONDecodeError, IndexError) as err:
+        raise ValueError(f"docker image inspect {ref}: output is not JSON: {text[:200]!r}") from err
+    if isinstance(raw, list):  # plain `docker image inspect` prints a list
+        raw = raw[0]
+    config = raw.get("Config") or {}
+    return BuiltImage(image=image, ref=ref, id=raw["Id"], repo_digests=list(raw.get("RepoDigests") or []),
+                      repo_tags=list(raw.get("RepoTags") or []), created=raw.get("Created"),
+                      architecture=raw.get("Architecture"), labels=dict(config.get("Labels") or {}))
+
+
+def write_build_manifest(path: str | Path, images: Mapping[str, BuiltImage] | Sequence[BuiltImage],
+                         extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Record the built images (ids, digests, labels) as JSON, atomically; returns what was written."""
+    items = images.values() if isinstance(images, Mapping) else images
+    payload: dict[str, Any] = {"schema_version": BUILD_MANIFEST_SCHEMA, "written_at": utc_now(),
+                               "images": {item.image: asdict(item) for item in items}}
+    payload.update(extra or {})
+    atomic_write_json(Path(path), payload)
+    return payload
+
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def docker_available(which: Callable[[str], str | None] = shutil.which, run: Runner = subprocess.run) -> str | None:
+    """None when a Docker engine answers; otherwise one line saying why not and what to do."""
+    if which("docker") is None:
+        return "docker not found on PATH: install Docker Engine (and the NVIDIA Container Toolkit), or use --runtime local"
+    try:
+        result = run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                     timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"docker engine not reachable ({err}); start it, or use --runtime local"
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        return f"docker engine not reachable: {detail[-1] if detail else f'exit {result.returncode}'}; " \
+               "start it (or fix permissions on its socket), or use --runtime local"
+    return None
