@@ -101,17 +101,40 @@ class Decontaminator:
     """Index the benchmarks once, then check (and in `drop` mode remove) rows as they stream past."""
 
     def __init__(self, cfg: ContaminationConfig, mode: str, cache_dir: Path):
+        self.cfg = cfg
         self.n = cfg.ngram
         self.mode = mode
-        self.indexes = [index_benchmark(b, cfg.ngram, cache_dir)
-                        for b in tqdm(cfg.benchmarks, desc="indexing benchmarks", unit="set", leave=False)]
-        self.report = ContaminationReport(cfg.ngram, mode, {i.name: i.summary() for i in self.indexes})
+        self.cache_dir = cache_dir
+        self.indexes: list[BenchmarkIndex] | None = None
+        self.report = ContaminationReport(cfg.ngram, mode, {})
+
+    def index(self) -> None:
+        """Read the benchmarks (on first use, so a missing training source fails before any benchmark download).
+
+        A hub benchmark without a pinned revision is skipped, with the reason, in `report` mode (the rows are
+        kept either way); in `drop` mode it stops the stage, since rows would be kept unchecked.
+        """
+        if self.indexes is not None:
+            return
+        self.indexes = []
+        for benchmark in tqdm(self.cfg.benchmarks, desc="indexing benchmarks", unit="set", leave=False):
+            origin = benchmark.origin
+            if not origin.path and origin.revision is None and self.mode == "report":
+                self.report.benchmarks[benchmark.name] = {
+                    "origin": describe(origin), "skipped": f"no pinned revision ({origin.revision_note or 'no note'})"}
+                continue
+            index = index_benchmark(benchmark, self.n, self.cache_dir)
+            self.indexes.append(index)
+            self.report.benchmarks[benchmark.name] = index.summary()
 
     def hits(self, row: dict) -> list[str]:
+        assert self.indexes is not None
         grams = ngram_hashes(row["question"], self.n) | ngram_hashes(row["answer"], self.n)
         return [index.name for index in self.indexes if not grams.isdisjoint(index.ngrams)]
 
     def filter(self, rows: Iterable[dict], label: str = "rows") -> Iterator[dict]:
+        self.index()
+        assert self.indexes is not None
         for row in tqdm(rows, desc=f"decontaminating {label}", unit="rows", leave=False, mininterval=2.0):
             source = row.get("source", "published")
             self.report.rows_checked[source] += 1
