@@ -150,3 +150,25 @@ def test_json_array_is_streamed_like_json_lines(tmp_path):
     rows = [{"instruction": "i", "input": f"in {n}", "output": "o", "score": 0.5} for n in range(3)]
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
     assert list(read_rows(Path(tmp_path / "a.json"), "x")) == rows
+
+
+def test_hub_load_passes_the_pin_and_wraps_failures(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(hub_id, config_name, **kw):
+        calls.append((hub_id, config_name, kw["split"], kw["revision"], kw["streaming"]))
+        if hub_id == "down/repo":
+            raise ConnectionError("Name or service not known")
+        return iter([{"conversations": ["a question of words", "an answer"], "source": "s"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    pin = "68958e98267f5fb4a52a03ebcdae4ae59213fa7c"
+    rows, report = load_lima(LimaSource(name="lima", kind="lima", origin=HubOrPath(hub_id="GAIR/lima", revision=pin)),
+                             0, tmp_path)
+    assert calls == [("GAIR/lima", None, "train", pin, True)] and len(rows) == 1 and report.revision == pin
+    down = LimaSource(name="lima", kind="lima", origin=HubOrPath(hub_id="down/repo", revision=pin))
+    with pytest.raises(DataError, match=rf"source 'lima': could not load down/repo split train @ {pin}.*"
+                                        r"ConnectionError: Name or service not known"):
+        load_lima(down, 0, tmp_path)
