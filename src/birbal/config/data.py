@@ -1,41 +1,212 @@
-"""Where the training data comes from and how it is filtered, formatted and split."""
+"""Where the training data comes from and how it is filtered, formatted, split and checked for contamination.
+
+Defaults follow what the winners' code did (`data_prep/*.py` in Upaya07/NeurIPS-llm-efficiency-challenge); where
+their description says otherwise, the description is a switch here. docs/DATA.md lists every such choice.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from birbal.config.base import Section
+
+HEX40 = r"^[0-9a-f]{40}$"
+
+# The instruction the winners gave the sentence-completion ("openQA") set, replacing the one in the file.
+OPENQA_INSTRUCTION = (
+    "You are given an incomplete sentence along with a few reference completions. Only one of the reference "
+    "completion is coherent and correct based on the context in sentence and all other reference completions are "
+    "incorrect. Your task is to choose best matching completion from reference options and return that."
+)
+
+# How a source's `instruction + " " + input` word count is compared with `max_words`; upstream varied per source:
+# `< 800` (MathInstruct, LIMA, Natural Instructions), `> 800 -> drop` i.e. `<= 800` (QuAC, openQA, CNN/DailyMail),
+# and no filter at all for Open-Platypus (their code computed the filtered list, then returned the unfiltered one).
+LengthRule = Literal["lt", "le", "none"]
 
 
 class PublishedData(Section):
     """The winners' final mix as published: JSON arrays of {question, answer} rows (question already templated)."""
 
     name_or_path: str = Field(description="Hub dataset id, or a local folder holding the two files.")
-    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="40-hex commit of the dataset repo.")
+    revision: str | None = Field(None, pattern=HEX40, description="40-hex commit of the dataset repo.")
     revision_note: str | None = None
     train_file: str = "train_dataset.json"
     eval_file: str = "eval_dataset.json"
     expected_rows: dict[Literal["train", "eval"], int] | None = Field(
-        None, description="Row counts the files must have; a mismatch stops the stage."
+        None, description="Row counts the files must have; a mismatch stops the stage. Null: not known yet."
     )
     sha256: dict[Literal["train", "eval"], str] | None = Field(
-        None, description="sha256 of each file as downloaded; a mismatch stops the stage."
+        None, description="sha256 of each file as downloaded; a mismatch stops the stage. Null: not known yet."
     )
 
 
-class RawSource(Section):
-    """One source of raw {instruction, input, output} rows (JSON lines or a JSON array)."""
+class HubOrPath(Section):
+    """Rows from a hub dataset at a pinned revision, or from a local file (JSON lines or a JSON array) of the
+    same schema. A hub load without a 40-hex revision is refused at run time, not at config time, so a profile
+    can carry an honest `revision: null` with a note until someone pins it."""
 
-    name: str = Field(min_length=1)
-    path: str = Field(min_length=1, description="Local file; relative paths resolve against the package fixtures.")
+    hub_id: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    revision: str | None = Field(None, pattern=HEX40)
+    revision_note: str | None = None
+    path: str | None = Field(None, description="Local file in the hub rows' schema; wins over hub_id when set.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> HubOrPath:
+        if not self.hub_id and not self.path:
+            raise ValueError("a source needs hub_id or path")
+        return self
+
+
+class _SourceBase(Section):
+    name: str = Field(min_length=1, description="Label carried in every row's `source` field.")
+    max_words: int = Field(800, gt=0)
+    length_rule: LengthRule = "lt"
+
+
+class MathInstructSource(_SourceBase):
+    """TIGER-Lab/MathInstruct rows {source, instruction, output}: three CoT subsets, reformatted (their
+    `prepare_math_reasoning_dataset.py`)."""
+
+    kind: Literal["mathinstruct"]
+    origin: HubOrPath
+    subsets: tuple[str, ...] = ("data/CoT/gsm_train.json", "data/CoT/aqua_rat.json", "data/CoT/MATH_train.json")
+    lowercase_prob: float = Field(0.3, ge=0.0, le=1.0, description=(
+        "Share of questions lower-cased. Code: randint(1,10) <= 3, i.e. 0.3; the unused `lower_case_prob = 0.2` "
+        "in the same file is the other reading."))
+    answer_marker: str = "The answer is:"
+    min_input_words: int = Field(4, ge=0, description="Their math script dropped inputs of this many words or fewer "
+                                                       "before the cap.")
+    cap: int = Field(50_000, gt=0)
+    drop_print: bool = Field(True, description="Drop outputs containing `print(` (program-of-thought leftovers).")
+
+
+class LimaSource(_SourceBase):
+    """GAIR/lima rows {conversations, source}: the first user/assistant turn, no instruction."""
+
+    kind: Literal["lima"]
+    origin: HubOrPath
+
+
+class PlatypusSource(_SourceBase):
+    """garage-bAInd/Open-Platypus rows {input, output, instruction, data_source}."""
+
+    kind: Literal["platypus"]
+    origin: HubOrPath
+    length_rule: LengthRule = Field("none", description=(
+        "Code: 'none' (the filtered list was discarded: `return data`); the described filter is 'lt'."))
+    exclude_data_sources: tuple[str, ...] = Field(("airoboros",), description=(
+        "Subsets dropped as LLM-generated ('platypus_no_llm'); which ones upstream removed is not published."))
+    instruction_as_input: bool = Field(True, description=(
+        "Move the question from `instruction` into an empty `input`. The hub rows keep `input` empty, which "
+        "upstream's combine filters (duplicate and <=4-word inputs) would drop entirely; their own file must have "
+        "carried the question as input for Platypus to reach the mix."))
+
+
+class QuacSource(_SourceBase):
+    """QuAC dialogues (allenai/quac schema): one row per turn, the passage and earlier turns as input."""
+
+    kind: Literal["quac"]
+    origin: HubOrPath
+    length_rule: LengthRule = "le"
+    instruction: str = "Answer the question using the passage and the conversation so far."
+    max_turns: int | None = Field(None, gt=0, description="Turns kept per dialogue (None: all).")
+
+
+class CnnDailyMailSource(_SourceBase):
+    """abisee/cnn_dailymail rows {article, highlights, id}: summarise the article."""
+
+    kind: Literal["cnn_dailymail"]
+    origin: HubOrPath
+    length_rule: LengthRule = "le"
+    instruction: str = "Summarize the given news article in a few sentences."
+    sample: int | None = Field(None, gt=0, description="Random rows kept (upstream used a random sample of "
+                                                       "unpublished size).")
+
+
+class InstructionRowsSource(_SourceBase):
+    """Rows already in {instruction, input, output} form: the winners' Google-Drive files (quac_train.json,
+    openQA_train.json, cnn_dailymail_summarization_random_train.json) or any such file."""
+
+    kind: Literal["instruction_rows"]
+    origin: HubOrPath
+    length_rule: LengthRule = "le"
+    instruction_override: str | None = Field(None, description="Replace every row's instruction (openQA).")
+
+
+class NIPredictions(Section):
+    """The base model's few-shot predictions on each task: computed here (cached per task) or read from a file."""
+
+    precomputed: str | None = Field(None, description=(
+        "JSON lines of {task_file, id, orig_input, ground_truth: [..], prediction}, or a folder of per-task JSON "
+        "arrays of the same rows (the winners' inference output). Skips inference."))
+    num_shots: int = Field(2, ge=0, description="Positive Examples put before each instance (upstream: unpublished).")
+    max_instances_per_task: int | None = Field(None, gt=0, description="Instances run per task (None: all).")
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    max_prompt_tokens: int = Field(2048, gt=0, description="Longer prompts are cut from the left.")
+
+
+class NaturalInstructionsSource(_SourceBase):
+    """allenai/natural-instructions task JSON files (Definition, Positive Examples, Instances), sampled where the
+    base model was wrong: an exact-match quota per task by accuracy, ROUGE-L bands for generation tasks."""
+
+    kind: Literal["natural_instructions"]
+    tasks_dir: str = Field(description="Folder of task JSON files (a checkout's `tasks/`).")
+    tasks_dir_revision: str | None = Field(None, pattern=HEX40, description="Commit of the checkout (recorded).")
+    tasks_dir_note: str | None = None
+    task_list: str = Field("reference/selected_NI_tasks.txt", description="One task name per line (462 upstream).")
+    exact_match_tasks: str | None = Field(None, description=(
+        "File naming the exact-match ('1_word') tasks; else a task is exact-match when every output has at most "
+        "`exact_match_max_words` words."))
+    exact_match_max_words: int = Field(1, gt=0)
+    predictions: NIPredictions = NIPredictions()
+    quota_multiplier: float = Field(1.0, gt=0.0, description="Scales the exact-match quota table (upstream 1.0).")
+    rouge_low_keep: float = Field(0.8, ge=0.0, le=1.0, description="Share kept of ROUGE-L < 0.2.")
+    rouge_band_keep: float = Field(0.2, ge=0.0, le=1.0, description="Share kept of each 0.1 band in [0.2, 0.8).")
+    generation_max_input_words: int = Field(1100, gt=0)
+
+
+SourceConfig = Annotated[
+    MathInstructSource | LimaSource | PlatypusSource | QuacSource | CnnDailyMailSource | InstructionRowsSource
+    | NaturalInstructionsSource,
+    Field(discriminator="kind"),
+]
 
 
 class RebuildData(Section):
     """Rebuild the mix from its sources, then filter, template, shuffle and split with one seed."""
 
-    sources: tuple[RawSource, ...] = Field(min_length=1)
+    sources: tuple[SourceConfig, ...] = Field(min_length=1)
+    compare_with: str | None = Field(None, description=(
+        "Local folder holding the published train/eval files: report rows in common with the rebuild."))
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RebuildData:
+        names = [s.name for s in self.sources]
+        if len(names) != len(set(names)):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+
+class Benchmark(Section):
+    """One evaluation set of the challenge's HELM run specs, read for n-gram overlap."""
+
+    name: str = Field(min_length=1)
+    origin: HubOrPath
+    text_fields: tuple[str, ...] = Field(min_length=1, description=(
+        "Fields whose text is checked; a list or a {choices: [...]}-style mapping contributes every string."))
+
+
+class ContaminationConfig(Section):
+    """Which evaluation sets training rows are checked against, and how (no benchmarks: no check)."""
+
+    ngram: int = Field(13, gt=0, description="Words per n-gram, on lower-cased text stripped of punctuation.")
+    benchmarks: tuple[Benchmark, ...] = ()
 
 
 class DataConfig(Section):
@@ -44,9 +215,13 @@ class DataConfig(Section):
     rebuild: RebuildData | None = None
     seed: int = Field(description="Seed of every shuffle; two runs with the same seed give identical files.")
     eval_fraction: float = Field(0.02, gt=0.0, lt=1.0, description="Share of rows held out (98/2 upstream).")
-    max_words: int = Field(800, gt=0, description="Keep rows whose instruction+input has fewer words.")
     min_input_words: int = Field(4, ge=0, description="Drop rows whose input has this many words or fewer.")
     dedupe_inputs: bool = Field(True, description="Drop rows whose input was already seen (exact match).")
+    drop_empty_output: bool = Field(False, description=(
+        "Upstream's `len(output.split(' ')) < 1` never fires, so empty outputs were kept; true drops them."))
+    decontaminate: Literal["report", "drop"] = Field("report", description=(
+        "report: count overlaps, keep every row (faithful to the winning data); drop: remove overlapping rows."))
+    contamination: ContaminationConfig = ContaminationConfig()
 
     @model_validator(mode="after")
     def _mode_section(self) -> DataConfig:

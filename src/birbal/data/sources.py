@@ -1,58 +1,125 @@
-"""Readers of row files, checked against the schema each source must have."""
+"""Readers of row files and hub datasets, streamed (bounded memory) and checked against each source's schema."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from birbal.config.data import HubOrPath
 from birbal.errors import DataError
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = PACKAGE_ROOT / "fixtures"
 RAW_FIELDS = ("instruction", "input", "output")
 PUBLISHED_FIELDS = ("question", "answer")
 
 
 def resolve_path(path: str) -> Path:
-    """Absolute or relative to the working directory; else relative to the package's bundled fixtures."""
+    """Absolute or relative to the working directory; else relative to the package (fixtures/, reference/)."""
     candidate = Path(path).expanduser()
     if candidate.is_absolute() or candidate.exists():
         return candidate
-    packaged = FIXTURES.parent / path
+    packaged = PACKAGE_ROOT / path
     return packaged if packaged.exists() else candidate
 
 
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8") as handle:
+        while True:
+            char = handle.read(1)
+            if not char or not char.isspace():
+                return char
+
+
 def read_rows(path: Path, source: str) -> Iterator[dict]:
-    """Rows of a JSON-lines file, or of a file holding one JSON array."""
+    """Rows of a JSON-lines file, or of a file holding one JSON array (streamed with ijson, never loaded whole)."""
     if not path.is_file():
         raise DataError(f"source {source!r}: file not found: {path}")
+    if _first_char(path) == "[":
+        import ijson
+
+        with open(path, "rb") as handle:
+            try:
+                # use_float: plain floats, not Decimal, so rows serialise like json.load's would
+                yield from ijson.items(handle, "item", use_float=True)
+            except ijson.JSONError as err:
+                raise DataError(f"source {source!r}: {path}: not a valid JSON array: {err}") from None
+        return
     with open(path, encoding="utf-8") as handle:
-        first = handle.read(1)
-        while first.isspace():
-            first = handle.read(1)
-        handle.seek(0)
-        try:
-            if first == "[":
-                rows = json.load(handle)
-                yield from rows
-            else:
-                for number, line in enumerate(handle, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise DataError(f"source {source!r}: {path}:{number}: not valid JSON: {err}") from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"source {source!r}: {path}: not valid JSON: {err}") from None
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"source {source!r}: {path}:{number}: not valid JSON: {err}") from None
 
 
-def checked(rows: Iterator[dict], fields: tuple[str, ...], source: str, path: Path) -> Iterator[dict]:
+def read_json(path: Path, source: str) -> Any:
+    """A whole small JSON document (a task file, a predictions file)."""
+    if not path.is_file():
+        raise DataError(f"source {source!r}: file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise DataError(f"source {source!r}: {path}: not valid JSON: {err}") from None
+
+
+def checked(rows: Iterator[dict], fields: dict[str, type] | tuple[str, ...], source: str,
+            where: str | Path) -> Iterator[dict]:
+    """Pass rows through, stopping at the first one that lacks a field of the expected type."""
+    expected = dict.fromkeys(fields, str) if isinstance(fields, tuple) else fields
+    schema = ", ".join(f"{name}: {kind.__name__}" for name, kind in expected.items())
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
-            raise DataError(f"source {source!r}: {path}: row {number} is a {type(row).__name__}, expected an object "
-                            f"with {', '.join(fields)}")
-        missing = [name for name in fields if not isinstance(row.get(name), str)]
-        if missing:
-            raise DataError(f"source {source!r}: {path}: row {number} lacks string field(s) {', '.join(missing)}; "
-                            f"expected schema {{{', '.join(fields)}}}")
+            raise DataError(f"source {source!r}: {where}: row {number} is a {type(row).__name__}, expected an "
+                            f"object {{{schema}}}")
+        wrong = [name for name, kind in expected.items() if not isinstance(row.get(name), kind)]
+        if wrong:
+            raise DataError(f"source {source!r}: {where}: row {number} lacks or mistypes field(s) "
+                            f"{', '.join(wrong)}; expected schema {{{schema}}}")
         yield row
+
+
+def shown_path(path: Path) -> str:
+    """A path as recorded in manifests: relative to the package when bundled, so records match across checkouts."""
+    try:
+        return f"package:{path.resolve().relative_to(PACKAGE_ROOT).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
+def describe(origin: HubOrPath) -> str:
+    if origin.path:
+        return shown_path(resolve_path(origin.path))
+    name = f"{origin.hub_id}" + (f" ({origin.config_name})" if origin.config_name else "")
+    return f"{name} split {origin.split} @ {origin.revision}"
+
+
+def origin_rows(origin: HubOrPath, source: str, cache_dir: Path) -> Iterator[dict]:
+    """Rows from a local file, or streamed from the hub at the pinned revision (token from HF_TOKEN)."""
+    if origin.path:
+        yield from read_rows(resolve_path(origin.path), source)
+        return
+    if origin.revision is None:
+        raise DataError(f"source {source!r}: hub dataset {origin.hub_id} has no pinned revision "
+                        f"({origin.revision_note or 'no note'}); set its revision to a 40-hex commit, or path to a "
+                        f"local file of the same schema")
+    import datasets
+
+    from birbal.models import hub_token
+
+    try:
+        stream = datasets.load_dataset(origin.hub_id, origin.config_name, split=origin.split,
+                                       revision=origin.revision, token=hub_token(), streaming=True,
+                                       cache_dir=str(cache_dir / "hub"))
+        yield from stream
+    except DataError:
+        raise
+    except Exception as err:  # the hub client raises many types (offline, 401, 404): all mean "not fetched"
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise DataError(f"source {source!r}: could not load {describe(origin)} from the Hugging Face hub "
+                        f"({type(err).__name__}: {first}); check network access and HF_TOKEN, or set its path "
+                        f"to a local file of the same schema") from None
