@@ -147,7 +147,8 @@ def choose_transport(url: str, timeout_s: float = 600.0) -> Transport:
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise EvaluateError(f"{HELM_PYTHON_ENV}={helm_python} is not an executable python; create HELM's "
                                 f"environment first (`python -m birbal.evaluate.helm_env` prints the commands)")
-        if path.resolve() != Path(sys.executable).resolve():
+        # venv pythons are symlinks to one interpreter: compare the paths themselves, not their targets
+        if os.path.abspath(path) != os.path.abspath(sys.executable):
             return HelmSubprocess(url=url, python=path, timeout_s=max(timeout_s, 60.0))
     if importlib.util.find_spec("helm") is not None and importlib.util.find_spec("helm.clients") is not None:
         return HelmInProcess(url=url)
