@@ -76,6 +76,7 @@ def mistral_config(cfg: ModelConfig):
         num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_key_value_heads, max_position_embeddings=arch.max_position_embeddings,
         sliding_window=arch.sliding_window, rope_theta=arch.rope_theta, rms_norm_eps=arch.rms_norm_eps,
+        initializer_range=arch.initializer_range,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 

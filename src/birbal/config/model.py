@@ -28,6 +28,7 @@ class MistralArchitecture(Section):
     sliding_window: int | None = Field(4096, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     rms_norm_eps: float = Field(1e-5, gt=0)
+    initializer_range: float = Field(0.02, gt=0, description="Std of the random init (larger: sharper logits).")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> MistralArchitecture:

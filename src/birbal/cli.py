@@ -1,0 +1,126 @@
+"""`python -m birbal <stage> --profile NAME --run-dir DIR [--set key=value ...]`: the one entrypoint.
+
+The containers' ENTRYPOINT and the native path (`invoke` tasks) both call this. Library code raises typed
+errors; only this module turns them into one line on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from birbal.errors import (
+    BirbalError,
+    ConfigError,
+    DataError,
+    EvaluateError,
+    ExportError,
+    ModelError,
+    RunDirError,
+    ServeError,
+    TrainError,
+)
+
+EXIT_CODES = {ConfigError: 2, RunDirError: 3, DataError: 4, ModelError: 5, TrainError: 6, ExportError: 7,
+              ServeError: 8, EvaluateError: 9}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as for a bad config
+        self.exit(2, f"birbal: error: {message}\n")
+
+
+def _common(parser: argparse.ArgumentParser, run_dir: bool = True) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", help="recipe profile name under configs/ (e.g. birbal-4090, smoke)")
+    source.add_argument("--config", help="path to a recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set train.learning_rate=1e-5 (repeatable)")
+    if run_dir:
+        parser.add_argument("--run-dir", required=True, help="the run directory (created if absent)")
+        parser.add_argument("--force", action="store_true", help="run the stage even if it is already complete")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="birbal", description=__doc__.splitlines()[0])
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE", parser_class=_Parser)
+    _common(stages.add_parser("prepare-data", help="build train/eval splits and the data manifest"))
+    train = stages.add_parser("train", help="4-bit QLoRA training inside the wall-clock budget (resumable)")
+    _common(train)
+    train.add_argument("--budget-hours", type=float, help="override train.budget_hours for this run")
+    _common(stages.add_parser("export", help="check the adapter and merge it into a bf16 base"))
+    serve = stages.add_parser("serve", help="start the challenge HTTP API on the exported model")
+    _common(serve)
+    serve.add_argument("--host", help="address to bind (default: serve.host)")
+    serve.add_argument("--port", type=int, help="port to bind (default: serve.port)")
+    evaluate = stages.add_parser("evaluate", help="score the running server (quick offline suite or HELM)")
+    _common(evaluate)
+    evaluate.add_argument("--url", help="base URL of the server (default: http://serve.host:serve.port)")
+    evaluate.add_argument("--suite", choices=["quick", "open"], help="default: evaluate.suite")
+    evaluate.add_argument("--max-eval-instances", type=int, help="cap instances per scenario")
+    report = stages.add_parser("report", help="rebuild report.md and its plots from the run directory alone")
+    report.add_argument("--run-dir", required=True, help="the run directory")
+    validate = stages.add_parser("validate", help="validate a recipe and print it resolved (loads no model)")
+    _common(validate, run_dir=False)
+    return parser
+
+
+def _recipe(args):
+    from birbal.config import load_recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "budget_hours", None) is not None:
+        overrides.append(f"train.budget_hours={args.budget_hours}")
+    return load_recipe(args.config or args.profile, overrides)
+
+
+def _run(args) -> int:
+    from birbal import stages
+    from birbal.rundir import RunDir
+
+    if args.stage == "validate":
+        print(_recipe(args).to_yaml(), end="")
+        return 0
+    if args.stage == "report":
+        from birbal.evaluate.report import build_report
+
+        path = build_report(RunDir(args.run_dir))
+        print(path)
+        return 0
+    recipe = _recipe(args)
+    run_dir = RunDir(args.run_dir)
+    run_dir.save_recipe(recipe.to_yaml())
+    if args.stage == "prepare-data":
+        stages.prepare_data_stage(recipe, run_dir, args.force)
+    elif args.stage == "train":
+        stages.train_stage(recipe, run_dir, args.force)
+    elif args.stage == "export":
+        stages.export_stage(recipe, run_dir, args.force)
+    elif args.stage == "serve":
+        from birbal.serve.app import serve_stage
+
+        serve_stage(recipe, run_dir, args.host, args.port)
+    elif args.stage == "evaluate":
+        from birbal.evaluate.stage import evaluate_stage
+
+        url = args.url or f"http://{recipe.serve.host if recipe.serve.host != '0.0.0.0' else '127.0.0.1'}:{recipe.serve.port}"
+        evaluate_stage(recipe, run_dir, url, args.suite, args.max_eval_instances)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BirbalError as err:
+        code = next((c for cls, c in EXIT_CODES.items() if isinstance(err, cls)), 1)
+        print(f"birbal: error: {err}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("birbal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The export stage: check the adapter against the recipe, merge it into a bf16 base, checksum everything."""

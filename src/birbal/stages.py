@@ -1,0 +1,117 @@
+"""Each stage as a function of (resolved recipe, the previous stage's outputs), with skip / record / fail logic.
+
+The CLI calls these; the containers run the same CLI. A stage is skipped when its record is complete, its inputs
+digest is unchanged and its outputs are present; otherwise it runs (and resumes what it can, e.g. training from
+its last complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from birbal.config import Recipe
+from birbal.errors import BirbalError
+from birbal.fsutil import digest_of
+from birbal.rundir import RunDir, StageRecord
+
+CACHE = "cache"
+
+StageBody = Callable[[Path], tuple[dict[str, str], dict[str, Any], str]]
+
+
+def log(message: str) -> None:
+    print(f"[birbal] {message}", file=sys.stderr, flush=True)
+
+
+def cache_dir(run_dir: RunDir) -> Path:
+    return run_dir.path / CACHE
+
+
+def stage_inputs(recipe: Recipe, run_dir: RunDir, stage: str) -> dict[str, Any]:
+    """What a stage's result depends on: recipe sections, and the outputs digest of the stage before it."""
+    if stage == "prepare-data":
+        return {"recipe": digest_of({"data": recipe.data.model_dump(mode="json"),
+                                     "tokenizer": recipe.model.tokenizer.model_dump(mode="json"),
+                                     "window": recipe.train.sequence_len})}
+    if stage == "train":
+        return {"recipe": recipe.section_digest("model", "quantization", "lora", "train"),
+                "prepare-data": run_dir.outputs_digest("prepare-data")}
+    if stage == "export":
+        return {"recipe": recipe.section_digest("model", "lora", "export"), "train": run_dir.outputs_digest("train")}
+    if stage == "evaluate":
+        return {"recipe": recipe.section_digest("evaluate", "serve"), "export": run_dir.outputs_digest("export")}
+    raise ValueError(stage)
+
+
+def run_stage(run_dir: RunDir, stage: str, inputs: dict[str, Any], body: StageBody,
+              force: bool = False) -> StageRecord | None:
+    """Run `body(stage_dir)` unless the stage is already complete for these inputs. Returns the record, or None
+    when skipped. Any failure is recorded (status failed) and re-raised; the stage is never left complete."""
+    if not force and run_dir.is_complete(stage, digest_of(inputs)):
+        log(f"{stage}: complete with unchanged inputs, skipped ({run_dir.stage_dir(stage)})")
+        return None
+    folder = run_dir.stage_dir(stage)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = run_dir.begin(stage, inputs)
+    log(f"{stage}: running -> {folder}")
+    try:
+        outputs, details, outcome = body(folder)
+    except BaseException as err:
+        reason = str(err) if isinstance(err, BirbalError) else f"{type(err).__name__}: {err}"
+        run_dir.fail(record, reason)
+        raise
+    record = run_dir.finish(record, outputs, details, outcome)
+    log(f"{stage}: {outcome} in {record.duration_s:.1f} s")
+    return record
+
+
+def prepare_data_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRecord | None:
+    from birbal.data.prepare import prepare_data
+    from birbal.fsutil import hash_tree
+    from birbal.models import load_tokenizer
+
+    def body(folder: Path):
+        tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir(run_dir))
+        manifest = prepare_data(recipe, folder, cache_dir(run_dir), tokenizer)
+        log(f"prepare-data: {manifest['rows']['train']} train / {manifest['rows']['eval']} eval rows; "
+            f"projected {manifest['projected_tokens_per_epoch']:,} tokens per epoch")
+        outputs = hash_tree(folder, exclude=("stage.json",))
+        return outputs, {"rows": manifest["rows"], "tokens_per_epoch": manifest["projected_tokens_per_epoch"]}, "finished"
+
+    return run_stage(run_dir, "prepare-data", stage_inputs(recipe, run_dir, "prepare-data"), body, force)
+
+
+def train_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRecord | None:
+    from birbal.train.recipe import QLoRARecipe
+
+    def body(folder: Path):
+        trainer = QLoRARecipe(recipe, run_dir.stage_dir("prepare-data"), folder, cache_dir(run_dir))
+        try:
+            trainer.setup()
+            outcome = trainer.train()
+            result = trainer.finalize(outcome)
+        finally:
+            trainer.cleanup() if hasattr(trainer, "model") else None
+        d = result.details
+        log(f"train: {result.outcome} at step {d['global_step']}/{d['total_steps']}, loss "
+            f"{d['first_train_loss']:.3f} -> {d['final_train_loss']:.3f}, best eval_loss {d['best_eval_loss']:.4f} "
+            f"(step {d['best_step']}), budget used {d['budget_used_s'] / 3600:.3f} of {d['budget_hours']} h")
+        return result.outputs, result.details, result.outcome
+
+    return run_stage(run_dir, "train", stage_inputs(recipe, run_dir, "train"), body, force)
+
+
+def export_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRecord | None:
+    from birbal.export.merge import merge_adapter
+    from birbal.fsutil import hash_tree
+
+    def body(folder: Path):
+        details = merge_adapter(recipe, run_dir.stage_dir("train") / "adapter", folder, cache_dir(run_dir))
+        log(f"export: merged {details['parameters']:,} parameters ({details['dtype']}); max logit difference "
+            f"against base + adapter {details['merge_max_logit_diff']:.2e}")
+        return hash_tree(folder, exclude=("stage.json",)), details, "finished"
+
+    return run_stage(run_dir, "export", stage_inputs(recipe, run_dir, "export"), body, force)

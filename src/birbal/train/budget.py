@@ -1,0 +1,109 @@
+"""The wall-clock budget of training, kept across restarts in an append-only ledger.
+
+Counting rule (stated in docs and the report): each session counts from just before its first training step to
+its last recorded event; the sessions are summed. Model loading before the first step and the gap between a crash
+and the restart are not training and are not counted; the work a crash throws away (from the last checkpoint to
+the last heartbeat) is counted, and reported as `time_lost_to_crashes_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Session:
+    number: int
+    start: float
+    start_step: int
+    last_time: float
+    last_step: int
+    last_checkpoint_time: float | None = None
+    ended: str | None = None  # None when the process died without saying goodbye
+
+
+@dataclass
+class BudgetLedger:
+    path: Path
+    budget_s: float
+    sessions: list[Session] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: Path, budget_hours: float) -> BudgetLedger:
+        ledger = cls(path=path, budget_s=budget_hours * 3600.0)
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash; the events before it still count
+                ledger._replay(event)
+        return ledger
+
+    def _replay(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "session_start":
+            self.sessions.append(Session(event["session"], event["time"], event["step"], event["time"],
+                                         event["step"]))
+            return
+        if not self.sessions:
+            return
+        current = self.sessions[-1]
+        current.last_time = max(current.last_time, event.get("time", current.last_time))
+        current.last_step = event.get("step", current.last_step)
+        if kind == "checkpoint":
+            current.last_checkpoint_time = event["time"]
+        elif kind == "session_end":
+            current.ended = event.get("reason", "ended")
+
+    def _append(self, event: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(event, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._replay(event)
+
+    def start_session(self, step: int) -> None:
+        self._append({"event": "session_start", "session": len(self.sessions) + 1, "step": step,
+                      "time": time.time(), "budget_s": self.budget_s, "used_before_s": round(self.used_s(), 3)})
+
+    def heartbeat(self, step: int, **fields) -> None:
+        self._append({"event": "heartbeat", "step": step, "time": time.time(), **fields})
+
+    def checkpoint(self, step: int) -> None:
+        self._append({"event": "checkpoint", "step": step, "time": time.time()})
+
+    def end_session(self, step: int, reason: str) -> None:
+        self._append({"event": "session_end", "step": step, "time": time.time(), "reason": reason,
+                      "used_s": round(self.used_s(), 3)})
+
+    def used_s(self, now: float | None = None) -> float:
+        total = 0.0
+        for i, session in enumerate(self.sessions):
+            live = i == len(self.sessions) - 1 and session.ended is None and now is not None
+            total += (now if live else session.last_time) - session.start
+        return total
+
+    def left_s(self, now: float | None = None) -> float:
+        return self.budget_s - self.used_s(now if now is not None else time.time())
+
+    def fits(self, predicted_s: float) -> bool:
+        return predicted_s <= self.left_s()
+
+    def time_lost_to_crashes_s(self) -> float:
+        lost = 0.0
+        for session in self.sessions[:-1]:
+            if session.ended is None:
+                since = session.last_checkpoint_time or session.start
+                lost += session.last_time - since
+        return lost
+
+    def summary(self) -> dict:
+        return {"budget_s": self.budget_s, "used_s": round(self.used_s(), 3), "sessions": len(self.sessions),
+                "crashed_sessions": sum(1 for s in self.sessions[:-1] if s.ended is None),
+                "time_lost_to_crashes_s": round(self.time_lost_to_crashes_s(), 3)}

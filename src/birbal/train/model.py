@@ -1,0 +1,66 @@
+"""The QLoRA model: the frozen 4-bit base with LoRA adapters, and the response-only loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from birbal.config import Recipe
+from birbal.models import DTYPES, load_base_model
+from birbal.train.packing import IGNORE_INDEX
+
+LOSS_CHUNK_TOKENS = 2048
+
+
+def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
+    """Load the base (NF4 when the recipe says so), freeze it, and wrap it with the recipe's LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    compute_dtype = DTYPES[recipe.quantization.compute_dtype]
+    quantization = recipe.quantization if recipe.quantization.load_in_4bit else None
+    model = load_base_model(recipe.model, cache_dir, device, compute_dtype, quantization)
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = recipe.lora
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM")
+    torch.manual_seed(recipe.train.seed)  # LoRA A matrices are initialised from the global generator
+    return get_peft_model(model, peft_config)
+
+
+def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled (response) tokens, and how many there are.
+
+    Only labelled positions go through lm_head, in checkpointed chunks: the full logits of a 2 x 8192 batch over
+    a 32k vocabulary would be 2 GiB in fp32, and prompt positions need none.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    outputs = causal_lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    hidden = outputs.last_hidden_state[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = hidden[keep]
+    targets = targets[keep]
+    count = int(targets.numel())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, LOSS_CHUNK_TOKENS):
+        h = hidden[start:start + LOSS_CHUNK_TOKENS]
+        t = targets[start:start + LOSS_CHUNK_TOKENS]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, causal_lm.lm_head, h, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(causal_lm.lm_head, h, t)
+    return total, count

@@ -1,0 +1,354 @@
+"""The QLoRA training recipe: one readable loop, torchtune-style (setup, train, save_checkpoint, cleanup).
+
+Why not HF Trainer: it writes checkpoints in place (a kill mid-save leaves a checkpoint that looks whole), it
+cannot stop *before* a step that would overrun a wall-clock budget, its NEFTune scales noise by packed-row length,
+and its paged-optimizer resume is fragile. transformers (model, scheduler), peft (LoRA) and bitsandbytes (NF4,
+paged AdamW) still do all the numerical work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from birbal.config import Recipe
+from birbal.data.prepare import EVAL_FILE, TRAIN_FILE
+from birbal.data.sources import read_rows
+from birbal.errors import TrainError
+from birbal.fsutil import atomic_directory, atomic_write_json, digest_of, hash_tree
+from birbal.models import load_tokenizer, resolve_device
+from birbal.train import checkpoint as ckpt
+from birbal.train.budget import BudgetLedger
+from birbal.train.metrics import (
+    H200_BF16_TFLOPS_MEASURED,
+    MetricsLog,
+    flops_per_token,
+    mean_attention_context,
+    peak_gpu_memory_gib,
+    plot_loss,
+)
+from birbal.train.model import build_qlora_model, response_loss_sum
+from birbal.train.neftune import PerExampleNEFTune
+from birbal.train.packing import PackedRow, collate, pack_examples, tokenize_example
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "metrics.jsonl"
+LEDGER = "ledger.jsonl"
+LOSS_PLOT = "loss.png"
+# Fields that may differ between a checkpoint and the recipe resuming it: they change no numbers.
+RESUMABLE_DIFFERENCES = ("budget_hours", "max_gpu_memory_gib", "device", "logging_steps")
+
+
+@dataclass
+class TrainResult:
+    outcome: str  # finished | stopped_by_budget
+    outputs: dict[str, str]
+    details: dict
+
+
+def numeric_recipe_digest(recipe: Recipe) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the numbers."""
+    train = recipe.train.model_dump(mode="json", exclude=set(RESUMABLE_DIFFERENCES))
+    return digest_of({"model": recipe.model.model_dump(mode="json"),
+                      "quantization": recipe.quantization.model_dump(mode="json"),
+                      "lora": recipe.lora.model_dump(mode="json"), "train": train})
+
+
+class QLoRARecipe:
+    def __init__(self, recipe: Recipe, data_dir: Path, out_dir: Path, cache_dir: Path):
+        self.cfg = recipe
+        self.train_cfg = recipe.train
+        self.data_dir = data_dir
+        self.out_dir = out_dir
+        self.cache_dir = cache_dir
+        for name in (TRAIN_FILE, EVAL_FILE):
+            if not (data_dir / name).is_file():
+                raise TrainError(f"{data_dir / name} is missing: run the prepare-data stage first")
+        self.device = resolve_device(self.train_cfg.device)
+        self.checkpoint_dir = out_dir / CHECKPOINTS
+        self.metrics = MetricsLog(out_dir / METRICS)
+        self.ledger = BudgetLedger.open(out_dir / LEDGER, self.train_cfg.budget_hours)
+
+    # ---- setup -----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.train_cfg
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+            if cfg.max_gpu_memory_gib is not None:
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                cap = cfg.max_gpu_memory_gib * 2**30
+                if cap < total:
+                    torch.cuda.set_per_process_memory_fraction(cap / total, self.device)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(self.cfg.model.tokenizer, self.cache_dir)
+        self.train_rows = self._packed_rows(TRAIN_FILE, None, shuffle_seed=cfg.seed)
+        self.eval_rows = self._packed_rows(EVAL_FILE, cfg.eval_max_rows, shuffle_seed=None)
+        if not self.train_rows:
+            raise TrainError("no training rows fit the sequence length")
+        self.micro_batches_per_epoch = math.ceil(len(self.train_rows) / cfg.micro_batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / cfg.gradient_accumulation_steps)
+        planned = math.ceil(self.steps_per_epoch * cfg.num_epochs)
+        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+
+        self.model = build_qlora_model(self.cfg, self.cache_dir, self.device)
+        self.neftune = (PerExampleNEFTune(self.model.get_input_embeddings(), cfg.neftune_noise_alpha)
+                        if cfg.neftune_noise_alpha else None)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.state = {"global_step": 0, "tokens_seen": 0, "eval_history": [], "best_step": None,
+                      "best_eval_loss": None, "step_time_s": None, "eval_time_s": None, "save_time_s": None,
+                      "recipe_digest": numeric_recipe_digest(self.cfg)}
+        self._resume_if_possible()
+
+    def _packed_rows(self, name: str, limit: int | None, shuffle_seed: int | None) -> list[PackedRow]:
+        cfg = self.train_cfg
+        examples = []
+        for i, row in enumerate(read_rows(self.data_dir / name, name)):
+            if limit is not None and i >= limit:
+                break
+            examples.append(tokenize_example(self.tokenizer, row["question"], row["answer"], cfg.train_on_inputs))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(examples)
+        if not cfg.sample_packing:
+            rows = []
+            for ex in examples:
+                rows.extend(pack_examples([ex], cfg.sequence_len, self.tokenizer.eos_token_id,
+                                          cfg.pad_to_sequence_len)[0])
+            return rows
+        rows, dropped = pack_examples(examples, cfg.sequence_len, self.tokenizer.eos_token_id,
+                                      cfg.pad_to_sequence_len)
+        self.__dict__.setdefault("dropped_too_long", {})[name] = dropped
+        return rows
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.train_cfg
+        kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                      weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw_torch":
+            return torch.optim.AdamW(self.trainable, **kwargs)
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW32bit if cfg.optimizer == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
+        return cls(self.trainable, **kwargs)
+
+    def _resume_if_possible(self) -> None:
+        checkpoints = ckpt.list_checkpoints(self.checkpoint_dir)
+        if not checkpoints:
+            self.metrics.truncate_after(0)
+            return
+        step, folder = checkpoints[-1]
+        state = ckpt.load_torch(folder / "rng_state.pt")
+        saved = json.loads((folder / ckpt.STATE).read_text())
+        if saved.get("recipe_digest") != self.state["recipe_digest"]:
+            raise TrainError(
+                f"checkpoint {folder} was made by a different recipe (model, LoRA or optimisation values differ; "
+                f"only {', '.join(RESUMABLE_DIFFERENCES)} may change on resume): use a new --run-dir")
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(folder / ckpt.ADAPTER / "adapter_model.safetensors",
+                                                        device=str(self.device)))
+        self.optimizer.load_state_dict(ckpt.load_torch(folder / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_torch(folder / "scheduler.pt"))
+        ckpt.restore_rng_state(state)
+        self.state.update(saved)
+        self.metrics.truncate_after(step)
+        tqdm.write(f"resuming from {folder.name}: step {step}/{self.total_steps}, "
+                   f"budget used {self.ledger.used_s() / 3600:.3f} h of {self.train_cfg.budget_hours} h")
+
+    # ---- training ------------------------------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list[list[PackedRow]]:
+        """The micro-batches of optimiser step `step`: a pure function of (seed, step), so resume needs no cursor."""
+        cfg = self.train_cfg
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.train_rows)))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        first = within * cfg.gradient_accumulation_steps
+        last = min(first + cfg.gradient_accumulation_steps, self.micro_batches_per_epoch)
+        batches = []
+        for mb in range(first, last):
+            idx = order[mb * cfg.micro_batch_size:(mb + 1) * cfg.micro_batch_size]
+            batches.append([self.train_rows[i] for i in idx])
+        return batches
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.train_cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _to_device(self, rows: list[PackedRow]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in collate(rows).items()}
+
+    def train_step(self, step: int) -> dict:
+        self.model.train()
+        micro = [self._to_device(rows) for rows in self._micro_batches(step)]
+        labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total_loss = 0.0
+        for batch in micro:
+            if self.neftune:
+                self.neftune.example_length = batch["example_length"]
+            with self._autocast():
+                loss_sum, _ = response_loss_sum(self.model, batch)
+            (loss_sum / max(labelled, 1)).backward()
+            total_loss += float(loss_sum.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.train_cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        rows = [r for mb in self._micro_batches(step) for r in mb]
+        return {"loss": total_loss / max(labelled, 1), "grad_norm": float(grad_norm),
+                "tokens": sum(r.real_tokens for r in rows), "labelled_tokens": labelled,
+                "lr": self.scheduler.get_last_lr()[0],
+                "mean_context": mean_attention_context([n for r in rows for n in r.example_lengths])}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.train_cfg.micro_batch_size
+        for start in range(0, len(self.eval_rows), bs):
+            batch = self._to_device(self.eval_rows[start:start + bs])
+            with self._autocast():
+                loss_sum, n = response_loss_sum(self.model, batch)
+            total += float(loss_sum)
+            count += n
+        return total / max(count, 1)
+
+    def save_checkpoint(self) -> None:
+        t0 = time.time()
+        step = self.state["global_step"]
+        ckpt.save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.state)
+        self.ledger.checkpoint(step)
+        protect = {step} | ({self.state["best_step"]} if self.state["best_step"] is not None else set())
+        ckpt.prune_checkpoints(self.checkpoint_dir, self.train_cfg.save_total_limit, protect)
+        self.state["save_time_s"] = time.time() - t0
+
+    def _eval_and_record(self) -> None:
+        t0 = time.time()
+        eval_loss = self.evaluate()
+        self.state["eval_time_s"] = time.time() - t0
+        step = self.state["global_step"]
+        self.state["eval_history"].append({"step": step, "eval_loss": eval_loss})
+        if self.state["best_eval_loss"] is None or eval_loss < self.state["best_eval_loss"]:
+            self.state["best_eval_loss"], self.state["best_step"] = eval_loss, step
+        self.metrics.write(event="eval", step=step, eval_loss=eval_loss, eval_time_s=round(self.state["eval_time_s"], 3))
+        tqdm.write(f"step {step}: eval_loss {eval_loss:.4f} (best {self.state['best_eval_loss']:.4f} "
+                   f"at step {self.state['best_step']})")
+
+    def _predicted_s(self, next_step: int) -> float:
+        """Time the next step needs, plus an eval if one is due, plus the final eval and checkpoint."""
+        step_s = self.state["step_time_s"] or 0.0
+        eval_s = self.state["eval_time_s"] or step_s
+        save_s = self.state["save_time_s"] or (60.0 if self.device.type == "cuda" else 5.0)
+        due = eval_s if next_step % self.train_cfg.eval_steps == 0 else 0.0
+        margin = min(0.01 * self.ledger.budget_s, 300.0)
+        return step_s + due + eval_s + save_s + margin
+
+    def train(self) -> str:
+        cfg = self.train_cfg
+        self.ledger.start_session(self.state["global_step"])
+        session_t0 = time.time()
+        session_tokens = 0
+        outcome = "finished"
+        model_config = self.model.get_base_model().config
+        bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="train", unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.state["global_step"] < self.total_steps:
+                next_step = self.state["global_step"] + 1
+                if not self.ledger.fits(self._predicted_s(next_step)):
+                    outcome = "stopped_by_budget"
+                    tqdm.write(f"budget: {self.ledger.left_s() / 60:.1f} min left, not enough for step {next_step} "
+                               f"plus a final eval and checkpoint: stopping")
+                    break
+                t0 = time.time()
+                stats = self.train_step(self.state["global_step"])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_s = time.time() - t0
+                previous = self.state["step_time_s"]
+                self.state["step_time_s"] = step_s if previous is None else max(step_s, 0.8 * previous + 0.2 * step_s)
+                self.state["global_step"] = next_step
+                self.state["tokens_seen"] += stats["tokens"]
+                session_tokens += stats["tokens"]
+                tokens_per_s = stats["tokens"] / step_s
+                mfu = tokens_per_s * flops_per_token(model_config, stats["mean_context"]) / (H200_BF16_TFLOPS_MEASURED * 1e12)
+                self.metrics.write(event="train", step=next_step, loss=stats["loss"], lr=stats["lr"],
+                                   grad_norm=stats["grad_norm"], tokens=stats["tokens"], step_s=round(step_s, 4),
+                                   tokens_per_s=round(tokens_per_s, 1), mfu_vs_h200=round(mfu, 4),
+                                   peak_gpu_memory_gib=peak_gpu_memory_gib())
+                self.ledger.heartbeat(next_step, step_s=round(step_s, 4))
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                budget_left=f"{self.ledger.left_s() / 3600:.2f}h")
+                if next_step % cfg.eval_steps == 0:
+                    self._eval_and_record()
+                if next_step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        step = self.state["global_step"]
+        if step and not any(e["step"] == step for e in self.state["eval_history"]):
+            self._eval_and_record()
+        if step and not any(s == step for s, _ in ckpt.list_checkpoints(self.checkpoint_dir)):
+            self.save_checkpoint()
+        self.ledger.end_session(step, outcome)
+        self.session_tokens_per_s = session_tokens / max(time.time() - session_t0, 1e-9)
+        return outcome
+
+    # ---- outputs -----------------------------------------------------------------------------------------
+    def finalize(self, outcome: str) -> TrainResult:
+        """Copy the best checkpoint's adapter to train/adapter/ (load_best_model_at_end) and write the plot."""
+        checkpoints = dict(ckpt.list_checkpoints(self.checkpoint_dir))
+        if not checkpoints:
+            raise TrainError("training ended without a checkpoint: nothing to export")
+        chosen = self.state["best_step"] if self.train_cfg.load_best_model_at_end else max(checkpoints)
+        if chosen not in checkpoints:
+            chosen = max(checkpoints)
+        import shutil
+
+        with atomic_directory(self.out_dir / ADAPTER) as tmp:
+            for file in (checkpoints[chosen] / ckpt.ADAPTER).iterdir():
+                shutil.copy2(file, tmp / file.name)
+            atomic_write_json(tmp / "birbal_adapter.json", {"step": chosen, "eval_loss": self.state["best_eval_loss"],
+                                                            "recipe": self.cfg.name})
+        records = self.metrics.records()
+        plot_loss(records, self.out_dir / LOSS_PLOT, f"{self.cfg.name}: QLoRA training")
+        train_losses = [r["loss"] for r in records if r.get("event") == "train"]
+        ledger = self.ledger.summary()
+        details = {
+            "outcome": outcome, "global_step": self.state["global_step"], "total_steps": self.total_steps,
+            "tokens_seen": self.state["tokens_seen"], "best_step": chosen,
+            "best_eval_loss": self.state["best_eval_loss"], "eval_history": self.state["eval_history"],
+            "first_train_loss": train_losses[0] if train_losses else None,
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "budget_hours": self.train_cfg.budget_hours, "budget_used_s": ledger["used_s"],
+            "sessions": ledger["sessions"], "time_lost_to_crashes_s": ledger["time_lost_to_crashes_s"],
+            "max_gpu_memory_gib": self.train_cfg.max_gpu_memory_gib, "peak_gpu_memory_gib": peak_gpu_memory_gib(),
+            "device": str(self.device), "train_rows_packed": len(self.train_rows),
+            "dropped_too_long": getattr(self, "dropped_too_long", {}),
+            "session_tokens_per_s": round(getattr(self, "session_tokens_per_s", 0.0), 1),
+            "trainable_parameters": sum(p.numel() for p in self.trainable),
+        }
+        outputs = {f"{ADAPTER}/{k}": v for k, v in hash_tree(self.out_dir / ADAPTER).items()}
+        outputs.update({name: hash_tree(self.out_dir, exclude=(CHECKPOINTS, ADAPTER)).get(name, "")
+                        for name in (METRICS, LEDGER, LOSS_PLOT)})
+        return TrainResult(outcome=outcome, outputs=outputs, details=details)
+
+    def cleanup(self) -> None:
+        if self.neftune:
+            self.neftune.remove()
