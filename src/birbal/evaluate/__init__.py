@@ -1,0 +1,1 @@
+"""Scoring the served model: HELM's open run specs, a quick offline suite, and the report."""

@@ -1,0 +1,104 @@
+"""The quick suite end to end: the real server (birbal.serve) on the smoke profile's tiny random Mistral, scored
+through httpx and, where HELM's client environment exists, through HELM's own client classes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from birbal.config import load_recipe
+from birbal.evaluate.quick import continuation_logprob
+from birbal.evaluate.stage import evaluate_stage
+from birbal.rundir import RunDir
+
+HELM_VENV_PYTHON = Path(os.environ.get("BIRBAL_TEST_HELM_PYTHON", "/tmp/helm-venv/bin/python"))
+
+
+def test_continuation_logprob_sums_the_choice_tokens_only():
+    tokens = [{"text": "<s>", "logprob": 0.0}, {"text": "Answer", "logprob": -1.0}, {"text": ":", "logprob": -2.0},
+              {"text": " Par", "logprob": -0.5}, {"text": "is", "logprob": -0.25}]
+    assert continuation_logprob(tokens, "Paris") == pytest.approx(-0.75)
+    assert continuation_logprob(tokens, "s") == pytest.approx(-0.25)
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    app_module = pytest.importorskip(
+        "birbal.serve.app", reason="birbal.serve.app is not on this branch yet (the serve issue adds it)")
+    import uvicorn
+    from birbal.serve.engine import Engine
+
+    from birbal.models import load_tokenizer, materialise_random_base
+
+    recipe = load_recipe("smoke")
+    root = Path(tempfile.mkdtemp(prefix="birbal-evaluate-tests-"))
+    folder = materialise_random_base(recipe.model, root / "merged")
+    load_tokenizer(recipe.model.tokenizer, root).save_pretrained(folder)
+    serve_cfg = recipe.serve
+    app = app_module.create_app(Engine.from_merged(folder, serve_cfg), serve_cfg)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the server at {url} did not become healthy in 60 s")
+    yield recipe, url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _check_quick_run(run_dir: RunDir, client_word: str) -> dict:
+    record = run_dir.record("evaluate")
+    assert record is not None and record.status == "complete", record and record.error
+    summary = json.loads((run_dir.stage_dir("evaluate") / "summary.json").read_text())
+    assert client_word in summary["client"]
+    assert [r["label"] for r in summary["rows"]][0].startswith("quick: multiple choice")
+    for row in summary["rows"]:
+        assert 0.0 <= row["value"] <= 1.0 and row["instances"] == 2
+    predictions = [json.loads(line) for line in
+                   (run_dir.stage_dir("evaluate") / "quick" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8
+    separate = [p for p in predictions if p["scenario"] == "multiple_choice_separate"]
+    for p in separate:  # echo_prompt gave real log-probabilities for each of the 4 choices
+        assert len(p["choice_logprobs"]) == 4
+        assert all(math.isfinite(x) and x < 0 for x in p["choice_logprobs"])
+    assert set(record.outputs) == {"summary.json", "quick/predictions.jsonl", "quick/results.json"}
+    return summary
+
+
+def test_quick_suite_through_httpx(live_server, tmp_path, monkeypatch):
+    recipe, url = live_server
+    monkeypatch.delenv("BIRBAL_HELM_PYTHON", raising=False)
+    run_dir = RunDir(tmp_path / "run")
+    evaluate_stage(recipe, run_dir, url, "quick", 2)
+    _check_quick_run(run_dir, "httpx")
+
+
+@pytest.mark.skipif(not HELM_VENV_PYTHON.is_file(), reason=f"no HELM client environment at {HELM_VENV_PYTHON} "
+                    "(create one with `python -m birbal.evaluate.helm_env --client-only`)")
+def test_quick_suite_through_helm_client_classes(live_server, tmp_path, monkeypatch):
+    recipe, url = live_server
+    monkeypatch.setenv("BIRBAL_HELM_PYTHON", str(HELM_VENV_PYTHON))
+    run_dir = RunDir(tmp_path / "run")
+    evaluate_stage(recipe, run_dir, url, "quick", 2)
+    _check_quick_run(run_dir, "HTTPModelClient")

@@ -1,0 +1,87 @@
+"""The report, rebuilt from a run directory alone: a realistic smoke-shaped run, and an empty one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from birbal.evaluate.helm_output import figures, summarise_runs
+from birbal.evaluate.report import build_report
+from birbal.evaluate.winners import score_against_published
+from birbal.fsutil import atomic_write_json, atomic_write_text, hash_tree
+from birbal.rundir import RECORD, RunDir
+
+FIXTURE = Path(__file__).parent / "fixtures" / "helm_output" / "runs" / "birbal-open"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _smoke_like_run(root: Path) -> RunDir:
+    run_dir = RunDir(root)
+    data = run_dir.stage_dir("prepare-data")
+    record = run_dir.begin("prepare-data", {"data": "x"})
+    atomic_write_json(data / "manifest.json", {
+        "mode": "rebuild", "seed": 1234, "rows": {"train": 90, "eval": 10},
+        "tokens": {"train": {"rows": 90, "total_tokens": 12345, "mean_tokens": 137.2, "rows_over_window": 0},
+                   "eval": {"rows": 10, "total_tokens": 1400, "mean_tokens": 140.0, "rows_over_window": 1}}})
+    run_dir.finish(record, hash_tree(data, exclude=(RECORD,)))
+
+    train = run_dir.stage_dir("train")
+    record = run_dir.begin("train", {"train": "y"})
+    lines = [{"event": "train", "step": s, "loss": 10.4 - 0.2 * s, "lr": 2e-3, "tokens_per_s": 900.0 + s}
+             for s in range(1, 37)]
+    lines += [{"event": "eval", "step": s, "eval_loss": 10.0 - 0.15 * s} for s in (12, 24, 36)]
+    atomic_write_text(train / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in lines) + '{"event": "tr')
+    run_dir.finish(record, hash_tree(train, exclude=(RECORD,)), outcome="finished", details={
+        "budget_hours": 0.25, "budget_used_s": 540.0, "peak_gpu_memory_gib": 26.5, "max_gpu_memory_gib": 24,
+        "global_step": 36, "tokens_seen": 294912, "outcome": "finished"})
+
+    evaluate = run_dir.stage_dir("evaluate")
+    record = run_dir.begin("evaluate", {"suite": "open"})
+    summary = summarise_runs(FIXTURE)
+    summary.update({"suite": "open", "url": "http://127.0.0.1:8089", "max_eval_instances": 5,
+                    "client": "helm-run (.cache/helm-venv/bin/helm-run)",
+                    "score": score_against_published(figures(summary))})
+    atomic_write_json(evaluate / "summary.json", summary)
+    run_dir.finish(record, hash_tree(evaluate, exclude=(RECORD,)))
+    atomic_write_json(root / "build" / "manifest.json",
+                      {"images": {"birbal-serve": {"digest": "sha256:" + "ab" * 32}}})
+    return run_dir
+
+
+def test_report_from_a_full_run_dir(tmp_path):
+    run_dir = _smoke_like_run(tmp_path / "run-1")
+    path = build_report(run_dir)
+    text = path.read_text()
+    assert path == run_dir.path / "report.md"
+    assert "| MMLU - EM | 0.500 | 0.629 |" in text  # ours beside the winners'
+    assert "0.127 (sam_sum - ROUGE-2)" in text
+    assert "rank " in text and "of 9" in text  # the win-rate score against the published pool
+    assert "| optimiser steps | 36 |" in text
+    assert "tokens/s (mean of logged steps) | 918" in text  # (901 + ... + 936) / 36
+    assert "Budget used: 0.6% of the challenge's 24 h" in text
+    assert "OVER the 4090 limit" in text  # 26.5 GiB > 24 GiB
+    assert "| train | 90 | 12345 |" in text
+    assert "Contamination check: not run" in text
+    assert "sha256:" + "ab" * 32 in text
+    assert "| torch |" in text
+    for png in ("loss.png", "scores.png"):
+        assert (run_dir.path / "report" / png).read_bytes().startswith(PNG)
+
+
+def test_report_of_an_empty_run_dir_says_not_run(tmp_path):
+    text = build_report(tmp_path / "empty").read_text()
+    assert "Evaluation: not run" in text
+    assert "Training: not run" in text
+    assert "Data preparation: not run" in text
+    assert "Image build: not run" in text
+    assert "| MMLU - EM | 0.629 |" in text  # the winners' figures are still shown
+    assert not (tmp_path / "empty" / "report" / "loss.png").exists()
+
+
+def test_failed_evaluation_is_reported_not_hidden(tmp_path):
+    run_dir = RunDir(tmp_path / "run-2")
+    record = run_dir.begin("evaluate", {"suite": "open"})
+    run_dir.fail(record, "HELM could not download its datasets")
+    text = build_report(run_dir).read_text()
+    assert "The evaluate stage failed: HELM could not download its datasets" in text
+    assert "Evaluation: not run" in text
