@@ -1,0 +1,326 @@
+"""User verbs for birbal-repro: `invoke --list`, `invoke <task> --help`.
+
+Tasks hold no ML logic: each calls the one CLI (`python -m birbal <stage> ...`), natively or through
+`docker run` (see `birbal.containers`). Every task prints the exact commands it runs; `--dry-run` prints them
+and runs nothing (no server is started, no file is written).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "src"))  # tasks import the package's pure helpers; the CLI runs in subprocesses
+
+STAGES = ("prepare-data", "train", "export", "serve", "evaluate")
+HUB_CACHE = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+
+PROFILE_HELP = "recipe profile under configs/ (birbal-4090, smoke)"
+RUN_DIR_HELP = "run directory (default: runs/<profile>)"
+SET_HELP = "override a recipe value, e.g. train.learning_rate=1e-5 (repeatable)"
+RUNTIME_HELP = "where stages run: local, docker, or auto (docker when an engine and a GPU are there)"
+DRY_HELP = "print every command without running anything"
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-m", "birbal"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+
+
+def _run_dir(profile: str, run_dir: str | None) -> Path:
+    return Path(run_dir) if run_dir else REPO / "runs" / profile
+
+
+def _echo(command: list[str]) -> None:
+    print(f"$ {shlex.join(command)}", file=sys.stderr, flush=True)
+
+
+def _call(command: list[str], dry_run: bool) -> None:
+    _echo(command)
+    if dry_run:
+        return
+    code = subprocess.call(command, env=_env(), cwd=REPO)
+    if code != 0:
+        raise Exit(f"failed ({code}): {shlex.join(command[:6])}{' ...' if len(command) > 6 else ''}", code=code)
+
+
+def _runtime(runtime: str) -> str:
+    if runtime not in ("auto", "local", "docker"):
+        raise Exit(f"--runtime must be local, docker or auto, got {runtime!r}", code=2)
+    if runtime != "auto":
+        return runtime
+    from birbal.containers import docker_available
+
+    return "docker" if docker_available() is None and _gpu_present() else "local"
+
+
+def _gpu_present() -> bool:
+    from birbal.preflight import query_nvidia_smi
+
+    return query_nvidia_smi() is not None
+
+
+def _stage_command(stage: str, profile: str, run_dir: Path, overrides: list[str], runtime: str,
+                   extra: list[str] | None = None) -> list[str]:
+    if runtime == "docker":
+        from birbal import __version__
+        from birbal.containers import STAGE_IMAGE, image_tags, run_command
+        from birbal.versions import software_versions
+
+        image = image_tags(STAGE_IMAGE[stage], __version__, software_versions()["git_revision"])[-1]
+        return run_command(stage, image=image, profile=profile, run_dir=run_dir.resolve(), hub_cache=HUB_CACHE,
+                           overrides=overrides, user=f"{os.getuid()}:{os.getgid()}",
+                           network="host" if stage == "evaluate" else None,
+                           gpus=None if stage == "evaluate" else "all") + (extra or [])
+    return [*_python(), stage, "--profile", profile, "--run-dir", str(run_dir),
+            *[arg for o in overrides for arg in ("--set", o)], *(extra or [])]
+
+
+def _stage_task(stage: str, c, profile: str, run_dir: str | None, set_: list[str], runtime: str, dry_run: bool,
+                extra: list[str] | None = None) -> None:
+    where = _runtime(runtime)
+    _call(_stage_command(stage, profile, _run_dir(profile, run_dir), list(set_ or []), where, extra), dry_run)
+
+
+COMMON_HELP = {"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP, "set": SET_HELP, "runtime": RUNTIME_HELP,
+               "dry-run": DRY_HELP}
+
+
+@task(help=COMMON_HELP, iterable=["set_"])
+def prepare_data(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", dry_run=False):
+    """Build the train/eval splits, the data manifest and the contamination report."""
+    _stage_task("prepare-data", c, profile, run_dir, set_, runtime, dry_run)
+
+
+@task(help={**COMMON_HELP, "budget-hours": "override train.budget_hours for this run"}, iterable=["set_"])
+def train(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", budget_hours=None, dry_run=False):
+    """4-bit QLoRA training inside its wall-clock budget; resumes from the last complete checkpoint."""
+    extra = ["--budget-hours", str(budget_hours)] if budget_hours is not None else []
+    _stage_task("train", c, profile, run_dir, set_, runtime, dry_run, extra)
+
+
+@task(help=COMMON_HELP, iterable=["set_"])
+def export(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", dry_run=False):
+    """Check the adapter against the recipe and merge it into a bf16 copy of the base."""
+    _stage_task("export", c, profile, run_dir, set_, runtime, dry_run)
+
+
+@task(help={**COMMON_HELP, "host": "address to bind (default: serve.host)", "port": "port (default: serve.port)"},
+      iterable=["set_"])
+def serve(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", host=None, port=None, dry_run=False):
+    """Start the challenge HTTP API on the run's exported model (foreground; Ctrl-C stops it)."""
+    extra = (["--host", host] if host else []) + (["--port", str(port)] if port else [])
+    if _runtime(runtime) == "docker":
+        extra = []  # the container listens on 0.0.0.0:8080; the host port is published by `docker run`
+    _stage_task("serve", c, profile, run_dir, set_, runtime, dry_run, extra)
+
+
+@task(help={**COMMON_HELP, "url": "server base URL (default: from the recipe's serve section)",
+            "suite": "quick (offline, minutes) or open (HELM with the challenge's run specs)",
+            "max-eval-instances": "cap the instances per scenario"}, iterable=["set_"])
+def evaluate(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", url=None, suite=None,
+             max_eval_instances=None, dry_run=False):
+    """Score the running server and write the evaluation summary."""
+    extra = (["--url", url] if url else []) + (["--suite", suite] if suite else []) + (
+        ["--max-eval-instances", str(max_eval_instances)] if max_eval_instances else [])
+    _stage_task("evaluate", c, profile, run_dir, set_, runtime, dry_run, extra)
+
+
+@task(help={"run-dir": "the run directory", "dry-run": DRY_HELP})
+def report(c, run_dir, dry_run=False):
+    """Rebuild report.md and its plots from the run directory alone."""
+    _call([*_python(), "report", "--run-dir", run_dir], dry_run)
+
+
+def _wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if server is not None and server.poll() is not None:
+            raise Exit(f"the server exited ({server.returncode}) before becoming healthy", code=1)
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise Exit(f"the server at {url} was not healthy within {timeout_s:.0f} s", code=1)
+
+
+def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, dry_run: bool,
+               budget_hours: float | None) -> None:
+    from birbal.config import load_recipe
+
+    recipe = load_recipe(profile, overrides)  # fails fast, before any stage, on a bad profile or override
+    for stage in ("prepare-data", "train", "export"):
+        extra = ["--budget-hours", str(budget_hours)] if stage == "train" and budget_hours is not None else []
+        _call(_stage_command(stage, profile, run_dir, overrides, runtime, extra), dry_run)
+    if runtime == "docker":
+        from birbal.containers import stop_command
+
+        port = 8080
+        serve_cmd = _stage_command("serve", profile, run_dir, overrides, runtime)
+        _call(serve_cmd, dry_run)
+        url = f"http://127.0.0.1:{port}"
+        stop = stop_command(run_dir.name)
+        server = None
+    else:
+        host = "127.0.0.1"
+        url = f"http://{host}:{recipe.serve.port}"
+        serve_cmd = _stage_command("serve", profile, run_dir, overrides, runtime, ["--host", host])
+        _echo(serve_cmd + ["&"])
+        server = None if dry_run else subprocess.Popen(serve_cmd, env=_env(), cwd=REPO)
+        stop = None
+    try:
+        print(f"waiting for {url}/health (up to {recipe.serve.startup_timeout_s:.0f} s)", file=sys.stderr)
+        if not dry_run:
+            _wait_healthy(url, recipe.serve.startup_timeout_s, server)
+        _call(_stage_command("evaluate", profile, run_dir, overrides, runtime, ["--url", url]), dry_run)
+    finally:
+        if stop is not None:
+            _call(stop, dry_run)
+        elif server is not None and server.poll() is None:
+            _echo(["kill", "-TERM", str(server.pid)])
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    _call([*_python(), "report", "--run-dir", str(run_dir)], dry_run)
+    if not dry_run:
+        print(f"\nrun directory: {run_dir.resolve()}\nmanifest:      {run_dir.resolve() / 'manifest.json'}\n"
+              f"report:        {run_dir.resolve() / 'report.md'}")
+
+
+@task(help={"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP, "set": SET_HELP, "runtime": RUNTIME_HELP,
+            "budget-hours": "override train.budget_hours for this run", "dry-run": DRY_HELP}, iterable=["set_"])
+def reproduce(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", budget_hours=None, dry_run=False):
+    """The whole chain: prepare-data, train, export, serve, evaluate, report. Completed stages are skipped."""
+    where = _runtime(runtime)
+    if where == "docker" and not dry_run:
+        from birbal.containers import docker_available
+
+        reason = docker_available()
+        if reason:
+            raise Exit(f"--runtime docker: {reason}", code=1)
+    _reproduce(profile, _run_dir(profile, run_dir), list(set_ or []), where, dry_run, budget_hours)
+
+
+@task(help={"run-dir": "run directory (default: runs/smoke)", "dry-run": DRY_HELP})
+def smoke(c, run_dir=None, dry_run=False):
+    """The whole chain on a laptop CPU in minutes: tiny random Mistral, real tokenizer, 4-bit, fixture data."""
+    _reproduce("smoke", _run_dir("smoke", run_dir), [], "local", dry_run, None)
+
+
+@task(help={"run-dir": "the run directory to check",
+            "against": "a manifest.json (or run directory) whose outputs must match"})
+def verify(c, run_dir, against=None):
+    """Re-hash every recorded output and check the training stayed inside its budget and memory cap."""
+    from birbal.verify import verify_run
+
+    problems = verify_run(run_dir, against)
+    if problems:
+        for problem in problems:
+            print(f"- {problem}", file=sys.stderr)
+        raise Exit(f"{len(problems)} problem(s) in {run_dir}", code=1)
+    print(f"{run_dir}: every recorded output matches; budget and memory cap respected")
+
+
+@task(help={"no-cache": "build without Docker's layer cache", "tag": "an extra tag for both images",
+            "dry-run": DRY_HELP})
+def build(c, no_cache=False, tag=None, dry_run=False):
+    """Build Dockerfile.train and Dockerfile.serve, tagged with version and git revision; record their digests."""
+    from birbal import __version__
+    from birbal.containers import (
+        IMAGES,
+        build_command,
+        docker_available,
+        image_tags,
+        inspect_command,
+        parse_inspect,
+        write_build_manifest,
+    )
+    from birbal.versions import software_versions
+
+    revision = software_versions()["git_revision"]
+    if not dry_run:
+        reason = docker_available()
+        if reason:
+            raise Exit(f"invoke build: {reason}", code=1)
+    built = {}
+    for image in IMAGES:
+        extra = [f"birbal-repro-{image}:{tag}"] if tag else []
+        _call(build_command(image, version=__version__, revision=revision, source=str(REPO), context=REPO,
+                            no_cache=no_cache, extra_tags=extra), dry_run)
+        ref = image_tags(image, __version__, revision)[-1]
+        _echo(inspect_command(ref))
+        if not dry_run:
+            out = subprocess.run(inspect_command(ref), capture_output=True, text=True, check=True).stdout
+            built[image] = parse_inspect(image, ref, out)
+    if not dry_run:
+        path = REPO / "build" / "manifest.json"
+        write_build_manifest(path, built)
+        print(f"build manifest: {path}")
+
+
+@task(help={"dry-run": DRY_HELP, "upgrade": "let the resolver move to newer versions"})
+def lock(c, dry_run=False, upgrade=False):
+    """Regenerate requirements/train.txt and requirements/serve.txt (hash-locked) from pyproject.toml."""
+    _call([sys.executable, "-m", "birbal.lock", *(["--dry-run"] if dry_run else []),
+           *(["--upgrade"] if upgrade else [])], False)
+
+
+@task(help={"profile": PROFILE_HELP, "set": SET_HELP}, iterable=["set_"])
+def validate(c, profile="birbal-4090", set_=None):
+    """Validate a recipe and print it resolved, loading no model."""
+    _call([*_python(), "validate", "--profile", profile, *[a for o in (set_ or []) for a in ("--set", o)]], False)
+
+
+@task(help={"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP})
+def preflight(c, profile="birbal-4090", run_dir=None):
+    """Before a long run: GPU and memory, driver for the image's CUDA, disk space, hub token."""
+    from birbal.config import load_recipe
+    from birbal.preflight import failures, query_nvidia_smi, run_preflight
+
+    checks = run_preflight(load_recipe(profile), nvidia_smi_output=query_nvidia_smi(),
+                           run_dir=_run_dir(profile, run_dir), hub_cache=HUB_CACHE)
+    for check in checks:
+        print(check.line())
+    if failures(checks):
+        raise Exit(f"preflight: {len(failures(checks))} check(s) failed", code=1)
+
+
+@task(help={"k": "only tests matching this expression", "gpu": "run only the GPU tests (needs CUDA)"})
+def test(c, k=None, gpu=False):
+    """Run the test suite (what CI runs)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if gpu:
+        command += ["-m", "gpu"]
+    if k:
+        command += ["-k", k]
+    _call(command, False)
+
+
+@task
+def lint(c):
+    """ruff on the code, hadolint on both Dockerfiles."""
+    _call([sys.executable, "-m", "ruff", "check", "src", "tests", "tasks.py", "benchmarks"], False)
+    hadolint = Path(sys.executable).parent / "hadolint"
+    for dockerfile in ("Dockerfile.train", "Dockerfile.serve"):
+        _call([str(hadolint) if hadolint.exists() else "hadolint", dockerfile], False)
+
+
+ns = Collection(prepare_data, train, export, serve, evaluate, report, reproduce, smoke, verify, build, lock,
+                validate, preflight, test, lint)
