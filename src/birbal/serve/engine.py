@@ -115,8 +115,8 @@ class Engine:
 
         device = device or resolve_serve_device(serve_cfg.device)
         t0 = time.perf_counter()
-        tokenizer = load_tokenizer_folder(Path(folder))
         model = load_merged(Path(folder), serve_cfg.dtype, device)
+        tokenizer = load_tokenizer_folder(Path(folder))
         return cls(model, tokenizer, serve_cfg, source=str(folder), load_s=time.perf_counter() - t0)
 
     @classmethod
@@ -206,7 +206,7 @@ class Engine:
         elapsed = time.perf_counter() - t0
         self.stats.requests += 1
         self.stats.prompt_tokens += len(ids)
-        self.stats.generated_tokens += generated
+        self.stats.generated_tokens += len(generated)
         self.stats.busy_s += elapsed
         return ProcessResponse(text=text, tokens=tokens, logprob=math.fsum(t.logprob for t in tokens),
                                request_time=elapsed)
@@ -229,12 +229,14 @@ class Engine:
         return DynamicCache(config=self.model.config)
 
     @torch.inference_mode()
-    def _run(self, ids: list[int], request: ProcessRequest, stops: list[str]) -> tuple[list[Token], int]:
+    def _run(self, ids: list[int], request: ProcessRequest, stops: list[str]) -> tuple[list[Token], list[int]]:
+        """(returned tokens, the ids generated, before any stop cut)."""
         echo, k = request.echo_prompt, request.top_k_per_token
         detok = IncrementalDetokenizer(self.tokenizer)
         tokens: list[Token] = []
+        generated: list[int] = []
         if request.max_new_tokens == 0 and not echo:
-            return tokens, 0
+            return tokens, generated
         cache = self._new_cache()
         logits = self._forward(torch.tensor([ids], device=self.device), cache, all_positions=echo)
         if echo:
@@ -243,12 +245,11 @@ class Engine:
         sampling = self._sampling(request)
         longest_stop = max((len(s) for s in stops), default=0)
         last = logits[-1]
-        generated = 0
         for step in range(request.max_new_tokens):
             chosen = self._choose(last, sampling, k)
             if chosen.token_id in self._eos_ids:
                 break
-            generated += 1
+            generated.append(chosen.token_id)
             scanned_to = len(detok.text) - prompt_chars
             tokens.append(Token(text=detok.push(chosen.token_id), logprob=chosen.logprob, top_logprob=chosen.top))
             if stops and self._cut_at_stop(tokens, first_generated, detok.text[prompt_chars:],
@@ -314,7 +315,7 @@ class Engine:
 
     def _top_dict(self, ids: list[int], values: list[float]) -> dict[str, float]:
         top: dict[str, float] = {}
-        for token_id, value in zip(ids, values):
+        for token_id, value in zip(ids, values, strict=True):
             if math.isfinite(value):
                 top.setdefault(self._surface(token_id), value)  # two ids may share a text: keep the likelier
         return top

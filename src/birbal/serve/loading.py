@@ -33,7 +33,10 @@ def load_tokenizer_folder(folder: Path):
 
     if not (folder / "tokenizer_config.json").is_file():
         raise ServeError(f"{folder} has no tokenizer_config.json: the export writes the tokenizer beside the weights")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ServeError(f"tokenizer in {folder} could not be loaded: {err}") from None
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ServeError(f"tokenizer in {folder} has no BOS or EOS token")
     return tokenizer
