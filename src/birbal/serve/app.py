@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from birbal.config.serve import ServeConfig
+from birbal.errors import ServeError
 from birbal.serve.engine import Engine
 from birbal.serve.errors import NotReadyError, PayloadTooLargeError, RequestError
 from birbal.serve.schemas import (
@@ -52,8 +53,9 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class EngineSlot:
     """The engine, or why there is none yet: loading in the background, or failed to load."""
 
-    def __init__(self, engine_or_factory: Engine | EngineFactory):
+    def __init__(self, engine_or_factory: Engine | EngineFactory, serve_cfg: ServeConfig):
         self._factory: EngineFactory | None = None
+        self._cfg = serve_cfg
         self.engine: Engine | None = None
         self.error: str | None = None
         self.loaded = threading.Event()
@@ -72,7 +74,10 @@ class EngineSlot:
         assert self._factory is not None
         try:
             t0 = time.perf_counter()
-            self.engine = self._factory()
+            engine = self._factory()
+            if engine.cfg != self._cfg:
+                raise ServeError("the engine factory built an engine with another ServeConfig than the app's")
+            self.engine = engine
             log.info("model loaded in %.1f s from %s", time.perf_counter() - t0, self.engine.source)
         except BaseException as err:  # noqa: BLE001 - a failed load is reported by /health, not lost in a thread
             self.error = f"{type(err).__name__}: {err}"
@@ -167,8 +172,13 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAP
     """The FastAPI app around a loaded `Engine`, or around a factory that loads one in the background.
 
     With a factory, /health answers 503 until the model is loaded and /process answers 503 meanwhile.
+    `serve_cfg` must be the one the engine was built with: the engine enforces its token limits, the app its
+    body size limit.
     """
-    slot = EngineSlot(engine)
+    if isinstance(engine, Engine) and engine.cfg != serve_cfg:
+        raise ServeError("create_app: the engine was built with another ServeConfig than the app's; the limits "
+                         "would disagree (build the engine with the same serve config)")
+    slot = EngineSlot(engine, serve_cfg)
     generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="birbal-generate")
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="birbal-tokenize")
     counts: Counter = Counter()
