@@ -8,6 +8,7 @@ A model that fails to load stops the server and leaves the record `failed` with 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -60,6 +61,26 @@ def _digest(run_dir: RunDir, stage: str) -> str | None:
         return None  # served from files another way (copied in by hand): recorded as unknown, not refused
 
 
+def _server_class():
+    import uvicorn
+
+    class RecordingServer(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM/SIGINT end `run()` normally instead of being re-raised after the
+        graceful shutdown (uvicorn >= 0.29 re-raises them, which would kill the process before the record is
+        completed)."""
+
+        stop_signal: str | None = None
+
+        def handle_exit(self, sig: int, frame) -> None:
+            self.stop_signal = signal.Signals(sig).name
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+            else:
+                self.should_exit = True
+
+    return RecordingServer
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -89,7 +110,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     bound_port = sock.getsockname()[1]
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{bound_port}"
     app = create_app(factory, cfg)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
+    server = _server_class()(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
 
     record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
     record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess})
@@ -114,7 +135,8 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
         run_dir.fail(record, f"model failed to load: {slot.error}")
         raise ServeError(f"the model failed to load: {slot.error}")
     engine = slot.engine
-    details = {"requests": dict(sorted(app.state.request_counts.items())), "url": url}
+    details = {"requests": dict(sorted(app.state.request_counts.items())), "url": url,
+               "stopped_by": server.stop_signal}
     if engine is not None:
         details.update({"load_s": engine.load_s, "generation_requests": engine.stats.requests,
                         "prompt_tokens": engine.stats.prompt_tokens,
