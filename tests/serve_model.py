@@ -15,7 +15,7 @@ from birbal.models import load_tokenizer, materialise_random_base
 
 
 @functools.cache
-def smoke_recipe():
+def smoke():
     return load_recipe("smoke")
 
 
@@ -23,14 +23,14 @@ def smoke_recipe():
 def merged_folder() -> Path:
     """A folder like `export/merged/`: config.json, model.safetensors and the tokenizer files."""
     root = Path(tempfile.mkdtemp(prefix="birbal-serve-tests-"))
-    recipe = smoke_recipe()
+    recipe = smoke()
     folder = materialise_random_base(recipe.model, root / "merged")
     load_tokenizer(recipe.model.tokenizer, root).save_pretrained(folder)
     return folder
 
 
 def serve_cfg(**changes) -> ServeConfig:
-    return smoke_recipe().serve.model_copy(update=changes)
+    return smoke().serve.model_copy(update=changes)
 
 
 @functools.cache

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from serve_model import engine, merged_folder, serve_cfg, smoke_recipe
+from serve_model import engine, merged_folder, serve_cfg, smoke
 
 from birbal.serve.engine import Engine
 from birbal.serve.errors import ValidationError
@@ -202,7 +202,7 @@ def test_base_plus_adapter_equals_merged_and_4bit_loads(tmp_path):
     import bitsandbytes as bnb
 
     quantized = Engine.from_adapter(str(merged_folder()), tmp_path / "adapter", tokenizer, cfg,
-                                    quantization=smoke_recipe().quantization)
+                                    quantization=smoke().quantization)
     layers = [m for m in quantized.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
     response = quantized.process(request)

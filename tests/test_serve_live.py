@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_model import merged_folder, smoke_recipe
+from serve_model import merged_folder, smoke
 
 from birbal.errors import ServeError
 from birbal.fsutil import sha256_file
@@ -149,7 +149,7 @@ def test_a_model_that_fails_to_load_fails_the_stage(tmp_path):
     (merged / "config.json").write_text('{"model_type": "mistral"}')
     (merged / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ServeError, match="failed to load"):
-        serve_stage(smoke_recipe(), run_dir, host="127.0.0.1", port=0)
+        serve_stage(smoke(), run_dir, host="127.0.0.1", port=0)
     record = run_dir.record("serve")
     assert record.status == "failed" and "failed to load" in record.error
 
@@ -158,4 +158,4 @@ def test_serving_without_an_export_says_what_to_run(tmp_path):
     from birbal.serve.stage import serve_stage
 
     with pytest.raises(ServeError, match="run the export stage first"):
-        serve_stage(smoke_recipe(), RunDir(tmp_path / "run"), host="127.0.0.1", port=0)
+        serve_stage(smoke(), RunDir(tmp_path / "run"), host="127.0.0.1", port=0)

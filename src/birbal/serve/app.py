@@ -255,3 +255,10 @@ def jsonable_errors(err: RequestValidationError) -> list[dict[str, Any]]:
         out.append({"loc": [str(p) for p in item.get("loc", ())], "msg": str(item.get("msg", "")),
                     "type": str(item.get("type", ""))})
     return out
+
+
+def serve_stage(recipe, run_dir, host: str | None = None, port: int | None = None, cache_dir=None) -> None:
+    """The serve stage (the CLI's entry point); defined in `birbal.serve.stage`, which imports this module."""
+    from birbal.serve.stage import serve_stage as run_stage
+
+    run_stage(recipe, run_dir, host, port, cache_dir)
