@@ -17,6 +17,7 @@ class ServeConfig(Section):
     )
     quantize: Literal["none", "4bit"] = Field("none", description="4bit: load the base in NF4 (adapter only).")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when one is visible.")
     postprocess: Literal["birbal", "none"] = Field(
         "birbal", description="birbal: the winners' prompt wrapping and output cutting rules; none: raw."
     )

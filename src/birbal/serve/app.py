@@ -1,0 +1,264 @@
+"""The challenge API over HTTP: POST /process, /tokenize, /decode; GET /health; the OpenAPI page at /docs.
+
+Every error body is `{error, error_type}` with a message naming the field, the limit and the value (TGI style);
+the status table is `birbal.serve.errors.STATUS_TABLE` (422 validation, 413 body too large, 503 loading or out
+of memory). Bad input never gets a 500: a 500 means a bug in this server, and it keeps serving after one.
+
+Concurrency: one worker thread runs every generation, so concurrent requests queue in arrival order on the one
+GPU; tokenize and decode run on a second thread so they do not wait behind a long generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from birbal.config.serve import ServeConfig
+from birbal.errors import ServeError
+from birbal.serve.engine import Engine
+from birbal.serve.errors import NotReadyError, PayloadTooLargeError, RequestError
+from birbal.serve.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    ErrorResponse,
+    ProcessRequest,
+    ProcessResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+log = logging.getLogger("birbal.serve")
+
+EngineFactory = Callable[[], Engine]
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((413, "Body over serve.max_body_bytes"), (503, "Model loading, or out of GPU memory"))
+}
+
+
+class EngineSlot:
+    """The engine, or why there is none yet: loading in the background, or failed to load."""
+
+    def __init__(self, engine_or_factory: Engine | EngineFactory, serve_cfg: ServeConfig):
+        self._factory: EngineFactory | None = None
+        self._cfg = serve_cfg
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.loaded = threading.Event()
+        if isinstance(engine_or_factory, Engine):
+            self.engine = engine_or_factory
+            self.loaded.set()
+        else:
+            self._factory = engine_or_factory
+
+    def start_loading(self) -> None:
+        if self._factory is None or self.loaded.is_set():
+            return
+        threading.Thread(target=self._load, name="birbal-model-load", daemon=True).start()
+
+    def _load(self) -> None:
+        assert self._factory is not None
+        try:
+            t0 = time.perf_counter()
+            engine = self._factory()
+            if engine.cfg != self._cfg:
+                raise ServeError("the engine factory built an engine with another ServeConfig than the app's")
+            self.engine = engine
+            log.info("model loaded in %.1f s from %s", time.perf_counter() - t0, self.engine.source)
+        except BaseException as err:  # noqa: BLE001 - a failed load is reported by /health, not lost in a thread
+            self.error = f"{type(err).__name__}: {err}"
+            log.error("model failed to load: %s", self.error)
+        finally:
+            self.loaded.set()
+
+    def ready(self) -> Engine:
+        if self.engine is not None:
+            return self.engine
+        if self.error is not None:
+            raise NotReadyError(f"the model failed to load: {self.error}")
+        raise NotReadyError("the model is still loading; poll GET /health until it answers 200")
+
+
+class BodySizeLimit:
+    """413 for a body over `max_bytes`: at once from Content-Length, or as soon as a chunked body passes it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self, size: str) -> str:
+        return f"request body must be at most {self.max_bytes} bytes (serve.max_body_bytes); given {size}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = _error_response(PayloadTooLargeError(self._message(f"{int(declared)} bytes"), field="body"))
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes through FastAPI's body parsing unchanged (anything else becomes 400).
+                    raise StarletteHTTPException(413, self._message(f"more than {self.max_bytes} bytes"))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class RequestCounter:
+    """Counts responses by path and status, for the stage record and GET /health."""
+
+    def __init__(self, app: ASGIApp, counts: Counter):
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.counts[f"{scope['path']} {message['status']}"] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting)
+
+
+def _error_response(err: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=err.status, content={"error": str(err), "error_type": err.error_type})
+
+
+def _describe_validation(err: RequestValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        loc = [str(p) for p in item.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        given = item.get("input")
+        shown = ""
+        if item.get("type") != "missing" and not isinstance(given, dict):
+            text = repr(given)
+            shown = f" (given {text[:80]}{'...' if len(text) > 80 else ''})"
+        message = item.get("msg", "invalid")
+        if item.get("type") == "json_invalid":
+            message = f"body is not valid JSON: {item.get('ctx', {}).get('error', message)}"
+        problems.append(f"{where}: {message}{shown}")
+    return "; ".join(problems)
+
+
+def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAPI:
+    """The FastAPI app around a loaded `Engine`, or around a factory that loads one in the background.
+
+    With a factory, /health answers 503 until the model is loaded and /process answers 503 meanwhile.
+    `serve_cfg` must be the one the engine was built with: the engine enforces its token limits, the app its
+    body size limit.
+    """
+    if isinstance(engine, Engine) and engine.cfg != serve_cfg:
+        raise ServeError("create_app: the engine was built with another ServeConfig than the app's; the limits "
+                         "would disagree (build the engine with the same serve config)")
+    slot = EngineSlot(engine, serve_cfg)
+    generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="birbal-generate")
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="birbal-tokenize")
+    counts: Counter = Counter()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        slot.start_loading()
+        try:
+            yield
+        finally:
+            generation.shutdown(wait=True, cancel_futures=True)
+            tokenizing.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="birbal submission server", version="1", lifespan=lifespan,
+                  description="The NeurIPS 2023 LLM Efficiency Challenge API (POST /process, /tokenize, /decode).")
+    app.state.slot = slot
+    app.state.request_counts = counts
+    app.state.serve_cfg = serve_cfg
+
+    async def run(executor: ThreadPoolExecutor, fn: Callable, request: Any):
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, request)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_, err: RequestError) -> JSONResponse:
+        log.info("request refused (%s): %s", err.error_type, err)
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, err: RequestValidationError) -> JSONResponse:
+        message = _describe_validation(err)
+        log.info("request refused (validation): %s", message)
+        return JSONResponse(status_code=422, content={"error": message, "error_type": "validation",
+                                                      "detail": jsonable_errors(err)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, err: StarletteHTTPException) -> JSONResponse:
+        error_type = _HTTP_ERROR_TYPES.get(err.status_code, "http")
+        return JSONResponse(status_code=err.status_code, content={"error": str(err.detail), "error_type": error_type})
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_, err: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(status_code=500, content={"error": f"internal server error: {type(err).__name__}: {err}",
+                                                      "error_type": "internal"})
+
+    @app.post("/process", response_model=ProcessResponse, responses=_ERROR_RESPONSES)
+    async def process(request: ProcessRequest) -> ProcessResponse:
+        return await run(generation, slot.ready().process, request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        return await run(tokenizing, slot.ready().tokenize, request)
+
+    @app.post("/decode", response_model=DecodeResponse, responses=_ERROR_RESPONSES)
+    async def decode(request: DecodeRequest) -> DecodeResponse:
+        return await run(tokenizing, slot.ready().decode, request)
+
+    @app.get("/health", responses=_ERROR_RESPONSES)
+    async def health() -> dict[str, Any]:
+        engine = slot.ready()
+        return {"status": "ready", "model": engine.source, "load_s": engine.load_s,
+                "device": str(engine.device), "postprocess": engine.policy.name,
+                "requests": engine.stats.requests}
+
+    app.add_middleware(BodySizeLimit, max_bytes=serve_cfg.max_body_bytes)
+    app.add_middleware(RequestCounter, counts=counts)  # added last = outermost: it sees the 413s too
+    return app
+
+
+def jsonable_errors(err: RequestValidationError) -> list[dict[str, Any]]:
+    """FastAPI's own `detail` list (the spec's HTTPValidationError), made JSON-safe."""
+    out = []
+    for item in err.errors():
+        out.append({"loc": [str(p) for p in item.get("loc", ())], "msg": str(item.get("msg", "")),
+                    "type": str(item.get("type", ""))})
+    return out
+
+
+def serve_stage(recipe, run_dir, host: str | None = None, port: int | None = None, cache_dir=None) -> None:
+    """The serve stage (the CLI's entry point); defined in `birbal.serve.stage`, which imports this module."""
+    from birbal.serve.stage import serve_stage as run_stage
+
+    run_stage(recipe, run_dir, host, port, cache_dir)

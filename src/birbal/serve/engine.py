@@ -1,0 +1,340 @@
+"""The generation engine: one model, one request at a time, a plain decode loop over a KV cache.
+
+Why not `model.generate`: the winners' server asked it for `output_scores` and took a full-vocabulary softmax
+of every stored step afterwards; here each step does only what the response needs (the chosen token's logprob
+and the `top_k_per_token` best), on the device, with one device-to-host copy per step.
+
+Which distribution a logprob is under (HELM reads `logprob` as the model's log-probability of the text):
+- greedy (temperature <= 1e-5): the model's own distribution, log_softmax of the raw logits. Greedy is the
+  temperature -> 0 limit, whose distribution is a point mass that says nothing; the raw distribution is what
+  HELM's scoring means and what a reference forward pass gives (tests/test_serve_engine.py checks both).
+- sampling: the distribution the token was actually drawn from, after temperature, top-k and top-p (as
+  HELM's own Hugging Face client reports it). `top_logprob` is under the same distribution, finite entries only.
+- echoed prompt tokens: the model's own distribution (nothing was drawn). Mistral's BOS is not echoed (it is not
+  text); every prompt token after it is scored given everything before it. A tokenizer without BOS gives its
+  first token logprob 0.0 and an empty `top_logprob`, as HELM's Hugging Face client does.
+
+`logprob` of the response is the sum over the returned tokens. An end-of-sequence token ends generation and is
+not returned (it has no text). A stop sequence ends generation; the text is cut before it and tokens after the
+cut are dropped (a token straddling it keeps the part before), so `"".join(token texts)` is the text before
+the postprocess policy's answer rule.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from birbal.config.model import QuantizationConfig
+from birbal.config.serve import ServeConfig
+from birbal.errors import ServeError
+from birbal.serve.detok import IncrementalDetokenizer, surface_cache
+from birbal.serve.errors import OverloadedError, ValidationError
+from birbal.serve.postprocess import BLANK_LINE, get_policy
+from birbal.serve.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    ProcessRequest,
+    ProcessResponse,
+    Token,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+GREEDY_TEMPERATURE = 1e-5  # at or below: greedy (HELM sends 1e-7 when it wants temperature 0)
+
+
+def resolve_serve_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ServeError("serve.device is 'cuda' but no CUDA GPU is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class _Sampling:
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+
+
+@dataclass
+class _Step:
+    token_id: int
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    busy_s: float = 0.0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Serves one causal LM and its tokenizer under `serve_cfg`'s limits and postprocess policy.
+
+    Not thread-safe by design: the app runs every call on one worker thread, so requests queue on the GPU.
+    """
+
+    def __init__(self, model, tokenizer, serve_cfg: ServeConfig, *, source: str = "", load_s: float | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = serve_cfg
+        self.policy = get_policy(serve_cfg.postprocess)
+        self.source = source
+        self.load_s = load_s
+        self.device = next(model.parameters()).device
+        self.vocab_size = len(tokenizer)
+        self.stats = EngineStats()
+        self._surface = surface_cache(tokenizer)
+        self._eos_ids = self._end_ids(model, tokenizer)
+        self._bos_id = tokenizer.bos_token_id
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns).
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_kw = "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_merged(cls, folder: str | Path, serve_cfg: ServeConfig, device: torch.device | None = None) -> Engine:
+        """The export's `merged/` folder: safetensors weights plus tokenizer files (the fast path)."""
+        from birbal.serve.loading import load_merged, load_tokenizer_folder
+
+        device = device or resolve_serve_device(serve_cfg.device)
+        t0 = time.perf_counter()
+        model = load_merged(Path(folder), serve_cfg.dtype, device)
+        tokenizer = load_tokenizer_folder(Path(folder))
+        return cls(model, tokenizer, serve_cfg, source=str(folder), load_s=time.perf_counter() - t0)
+
+    @classmethod
+    def from_adapter(cls, base: str, adapter: str | Path, tokenizer, serve_cfg: ServeConfig, *,
+                     revision: str | None = None, quantization: QuantizationConfig | None = None,
+                     device: torch.device | None = None) -> Engine:
+        """`base` (folder, or hub id at `revision`) plus the unmerged PEFT adapter; 4-bit base with `quantization`."""
+        from birbal.serve.loading import load_base_with_adapter
+
+        device = device or resolve_serve_device(serve_cfg.device)
+        t0 = time.perf_counter()
+        model = load_base_with_adapter(base, Path(adapter), serve_cfg.dtype, device, revision=revision,
+                                       quantization=quantization)
+        return cls(model, tokenizer, serve_cfg, source=f"{base} + {adapter}", load_s=time.perf_counter() - t0)
+
+    @staticmethod
+    def _end_ids(model, tokenizer) -> frozenset[int]:
+        ids = {tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif isinstance(configured, (list, tuple)):
+            ids.update(configured)
+        return frozenset(i for i in ids if i is not None)
+
+    # ---- tokenizer endpoints ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        # Truncation is done by slicing, not by the tokenizer's truncation state, which is shared mutable state
+        # and so not safe to change while the generation thread encodes.
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        t0 = time.perf_counter()
+        ids = self.encode(request.text)
+        if request.truncation:
+            ids = ids[: request.max_length]  # the same ids the tokenizer's own truncation keeps for one text
+        return TokenizeResponse(tokens=ids, request_time=time.perf_counter() - t0)
+
+    def decode(self, request: DecodeRequest) -> DecodeResponse:
+        t0 = time.perf_counter()
+        for position, token_id in enumerate(request.tokens):
+            if token_id >= self.vocab_size:
+                raise ValidationError(
+                    f"tokens[{position}] = {token_id} is not a token id: ids run from 0 to {self.vocab_size - 1}",
+                    field="tokens")
+        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return DecodeResponse(text=text, request_time=time.perf_counter() - t0)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    def check_lengths(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """TGI's order: the deployment's max_new_tokens cap, the prompt alone, then prompt + new tokens."""
+        limit, context = self.cfg.max_new_tokens_limit, self.cfg.max_context
+        if max_new_tokens > limit:
+            raise ValidationError(f"max_new_tokens must be <= {limit} (serve.max_new_tokens_limit); "
+                                  f"given {max_new_tokens}", field="max_new_tokens")
+        if prompt_tokens > context:
+            raise ValidationError(f"prompt must be at most {context} tokens (serve.max_context); given "
+                                  f"{prompt_tokens} tokens after the '{self.policy.name}' prompt policy",
+                                  field="prompt")
+        if prompt_tokens + max_new_tokens > context:
+            raise ValidationError(
+                f"prompt tokens + max_new_tokens must be <= {context} (serve.max_context); given "
+                f"{prompt_tokens} prompt tokens + {max_new_tokens} max_new_tokens = "
+                f"{prompt_tokens + max_new_tokens}", field="max_new_tokens")
+
+    def process(self, request: ProcessRequest) -> ProcessResponse:
+        t0 = time.perf_counter()
+        echo = request.echo_prompt
+        prompt = request.prompt if echo else self.policy.prompt(request.prompt)
+        ids = self.encode(prompt)
+        self.check_lengths(len(ids), request.max_new_tokens)
+        stops = list(request.stop_sequences)
+        if not echo and self.policy.name == "birbal" and BLANK_LINE not in stops:
+            stops.append(BLANK_LINE)  # the policy cuts the output there anyway: stop generating at it
+        try:
+            tokens, generated = self._run(ids, request, stops)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OverloadedError(f"out of GPU memory for {len(ids)} prompt tokens + {request.max_new_tokens} "
+                                  "max_new_tokens; retry later or ask for fewer tokens") from None
+        text = "".join(t.text for t in tokens)
+        if not echo:
+            text = self.policy.output(text)
+        elapsed = time.perf_counter() - t0
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(ids)
+        self.stats.generated_tokens += len(generated)
+        self.stats.busy_s += elapsed
+        return ProcessResponse(text=text, tokens=tokens, logprob=math.fsum(t.logprob for t in tokens),
+                               request_time=elapsed)
+
+    def _sampling(self, request: ProcessRequest) -> _Sampling:
+        if request.temperature <= GREEDY_TEMPERATURE:
+            return _Sampling(True, request.temperature, request.top_k, request.top_p, None)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+        return _Sampling(False, request.temperature, request.top_k, request.top_p, generator)
+
+    def _forward(self, input_ids: torch.Tensor, cache, all_positions: bool) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_positions else 1,
+                         **{self._cache_kw: cache})
+        return out.logits[0].float()
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def _run(self, ids: list[int], request: ProcessRequest, stops: list[str]) -> tuple[list[Token], list[int]]:
+        """(returned tokens, the ids generated, before any stop cut)."""
+        echo, k = request.echo_prompt, request.top_k_per_token
+        detok = IncrementalDetokenizer(self.tokenizer)
+        tokens: list[Token] = []
+        generated: list[int] = []
+        if request.max_new_tokens == 0 and not echo:
+            return tokens, generated
+        cache = self._new_cache()
+        logits = self._forward(torch.tensor([ids], device=self.device), cache, all_positions=echo)
+        if echo:
+            tokens.extend(self._prompt_tokens(ids, logits, detok, k))
+        prompt_chars, first_generated = len(detok.text), len(tokens)
+        sampling = self._sampling(request)
+        longest_stop = max((len(s) for s in stops), default=0)
+        last = logits[-1]
+        for step in range(request.max_new_tokens):
+            chosen = self._choose(last, sampling, k)
+            if chosen.token_id in self._eos_ids:
+                break
+            generated.append(chosen.token_id)
+            scanned_to = len(detok.text) - prompt_chars
+            tokens.append(Token(text=detok.push(chosen.token_id), logprob=chosen.logprob, top_logprob=chosen.top))
+            if stops and self._cut_at_stop(tokens, first_generated, detok.text[prompt_chars:],
+                                           max(0, scanned_to - longest_stop + 1), stops):
+                return tokens, generated
+            if step + 1 < request.max_new_tokens:
+                next_ids = torch.tensor([[chosen.token_id]], device=self.device)
+                last = self._forward(next_ids, cache, all_positions=False)[-1]
+        held_back = detok.flush()
+        if held_back and len(tokens) > first_generated:
+            last_token = tokens[-1]
+            tokens[-1] = Token(text=last_token.text + held_back, logprob=last_token.logprob,
+                               top_logprob=last_token.top_logprob)
+        return tokens, generated
+
+    def _prompt_tokens(self, ids: list[int], logits: torch.Tensor, detok: IncrementalDetokenizer,
+                       k: int) -> list[Token]:
+        """Echo: each prompt token with its logprob given the tokens before it (logits[i] predicts ids[i+1])."""
+        if len(ids) > 1:
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            targets = torch.tensor(ids[1:], device=logits.device).unsqueeze(1)
+            chosen = logprobs.gather(1, targets).squeeze(1).tolist()
+            top_values, top_ids = (t.tolist() for t in torch.topk(logprobs, k, dim=-1))
+        out: list[Token] = []
+        for position, token_id in enumerate(ids):
+            piece = detok.push(token_id)
+            if position == 0:
+                if token_id != self._bos_id:
+                    out.append(Token(text=piece, logprob=0.0, top_logprob={}))
+                continue
+            top = self._top_dict(top_ids[position - 1], top_values[position - 1])
+            out.append(Token(text=piece, logprob=chosen[position - 1], top_logprob=top))
+        return out
+
+    def _choose(self, logits: torch.Tensor, sampling: _Sampling, k: int) -> _Step:
+        if sampling.greedy:
+            token = torch.argmax(logits)  # on the logits, exactly as `generate` does
+            logprobs = torch.log_softmax(logits, dim=-1)
+        else:
+            logprobs = torch.log_softmax(self._processed_scores(logits, sampling), dim=-1)
+            token = torch.multinomial(logprobs.exp(), 1, generator=sampling.generator)[0]
+        top_values, top_ids = torch.topk(logprobs, k)
+        # One device-to-host copy per step: the token, its logprob and the top-k, packed (ids < 2**24 are exact).
+        packed = torch.cat([token.view(1).to(torch.float64), logprobs[token].view(1).to(torch.float64),
+                            top_values.to(torch.float64), top_ids.to(torch.float64)]).tolist()
+        top = self._top_dict([int(i) for i in packed[2 + k:]], packed[2:2 + k])
+        return _Step(token_id=int(packed[0]), logprob=packed[1], top=top)
+
+    def _processed_scores(self, logits: torch.Tensor, sampling: _Sampling) -> torch.Tensor:
+        """Temperature, then top-k, then top-p (the order of transformers' warpers)."""
+        scores = logits / sampling.temperature
+        if 0 < sampling.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, sampling.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if sampling.top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            # Drop a token once the tokens before it already hold top_p of the mass; the best is always kept.
+            drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= sampling.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        return scores
+
+    def _top_dict(self, ids: list[int], values: list[float]) -> dict[str, float]:
+        top: dict[str, float] = {}
+        for token_id, value in zip(ids, values, strict=True):
+            if math.isfinite(value):
+                top.setdefault(self._surface(token_id), value)  # two ids may share a text: keep the likelier
+        return top
+
+    @staticmethod
+    def _cut_at_stop(tokens: list[Token], first: int, generated_text: str, search_from: int,
+                     stops: list[str]) -> bool:
+        """Cut the generated tokens before the earliest stop sequence; True when one was found."""
+        hits = [i for i in (generated_text.find(s, search_from) for s in stops) if i >= 0]
+        if not hits:
+            return False
+        cut, start = min(hits), 0
+        kept = tokens[:first]
+        for token in tokens[first:]:
+            if start >= cut:
+                break
+            if start + len(token.text) > cut:
+                token = Token(text=token.text[: cut - start], logprob=token.logprob, top_logprob=token.top_logprob)
+            kept.append(token)
+            start += len(token.text)
+        tokens[:] = kept
+        return True

@@ -1,0 +1,145 @@
+"""The serve stage: load the run's exported model, serve the challenge API until told to stop, record it.
+
+`serve/stage.json` says `running` (with the URL and pid) while the server is up, and `complete` with outcome
+`stopped` and the request counts after a graceful SIGTERM/SIGINT (uvicorn finishes the requests in flight).
+A model that fails to load stops the server and leaves the record `failed` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from birbal.config import Recipe
+from birbal.errors import RunDirError, ServeError
+from birbal.rundir import RunDir
+from birbal.serve.app import create_app
+from birbal.serve.engine import Engine
+
+log = logging.getLogger("birbal.serve")
+
+MERGED_FOLDER = "merged"
+ADAPTER_FOLDER = "adapter"
+
+
+def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path | None = None):
+    """(a function that loads the engine, the inputs it reads) for `recipe.serve.model`."""
+    cfg = recipe.serve
+    cache_dir = cache_dir or run_dir.path / "cache"
+    if cfg.model == "merged":
+        if cfg.quantize != "none":
+            raise ServeError("serve.quantize: 4bit needs serve.model: adapter (the merged weights are served as is)")
+        folder = run_dir.stage_dir("export") / MERGED_FOLDER
+        if not (folder / "config.json").is_file():
+            raise ServeError(f"{folder} holds no merged model: run the export stage first "
+                             "(or set serve.model=adapter to serve the base plus the trained adapter)")
+        return (lambda: Engine.from_merged(folder, cfg)), {"model": str(folder), "upstream": _digest(run_dir, "export")}
+
+    from birbal.models import base_model_location, load_tokenizer
+
+    adapter = run_dir.stage_dir("train") / ADAPTER_FOLDER
+    if not adapter.is_dir():
+        raise ServeError(f"{adapter} holds no adapter: run the train stage first")
+    base, revision = base_model_location(recipe.model, cache_dir)
+    quantization = recipe.quantization if cfg.quantize == "4bit" else None
+
+    def load() -> Engine:
+        tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir)
+        return Engine.from_adapter(base, adapter, tokenizer, cfg, revision=revision, quantization=quantization)
+
+    return load, {"model": f"{base}@{revision}" if revision else base, "adapter": str(adapter),
+                  "upstream": _digest(run_dir, "train")}
+
+
+def _digest(run_dir: RunDir, stage: str) -> str | None:
+    try:
+        return run_dir.outputs_digest(stage)
+    except RunDirError:
+        return None  # served from files another way (copied in by hand): recorded as unknown, not refused
+
+
+def _server_class():
+    import uvicorn
+
+    class RecordingServer(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM/SIGINT end `run()` normally instead of being re-raised after the
+        graceful shutdown (uvicorn >= 0.29 re-raises them, which would kill the process before the record is
+        completed)."""
+
+        stop_signal: str | None = None
+
+        def handle_exit(self, sig: int, frame) -> None:
+            self.stop_signal = signal.Signals(sig).name
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+            else:
+                self.should_exit = True
+
+    return RecordingServer
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: int | None = None,
+                cache_dir: Path | None = None) -> None:
+    """Serve `run_dir`'s exported model on host:port (default `serve.host`/`serve.port`; port 0: any free one).
+
+    Blocks until SIGTERM/SIGINT; then records the stage complete. Raises ServeError when the model cannot load.
+    """
+    import uvicorn
+
+    cfg = recipe.serve
+    host = cfg.host if host is None else host
+    port = cfg.port if port is None else port
+    factory, sources = engine_factory(recipe, run_dir, cache_dir)
+    sock = _bind(host, port)
+    bound_port = sock.getsockname()[1]
+    url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{bound_port}"
+    app = create_app(factory, cfg)
+    server = _server_class()(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
+
+    record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
+    record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess})
+    run_dir.write_record(record)
+    slot = app.state.slot
+
+    def stop_if_load_fails() -> None:
+        slot.loaded.wait()
+        if slot.error is not None:
+            server.should_exit = True
+
+    threading.Thread(target=stop_if_load_fails, name="birbal-load-watch", daemon=True).start()
+    log.info("serving %s on %s (health: %s/health)", sources["model"], url, url)
+    try:
+        server.run(sockets=[sock])
+    except BaseException as err:
+        run_dir.fail(record, f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        sock.close()
+    if slot.error is not None:
+        run_dir.fail(record, f"model failed to load: {slot.error}")
+        raise ServeError(f"the model failed to load: {slot.error}")
+    engine = slot.engine
+    details = {"requests": dict(sorted(app.state.request_counts.items())), "url": url,
+               "stopped_by": server.stop_signal}
+    if engine is not None:
+        details.update({"load_s": engine.load_s, "generation_requests": engine.stats.requests,
+                        "prompt_tokens": engine.stats.prompt_tokens,
+                        "generated_tokens": engine.stats.generated_tokens,
+                        "busy_s": round(engine.stats.busy_s, 3)})
+    run_dir.finish(record, outputs={}, details=details, outcome="stopped")

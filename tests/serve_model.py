@@ -1,0 +1,40 @@
+"""Shared by tests/test_serve_*.py: the smoke profile's tiny random Mistral, laid out as an export's merged folder.
+
+Built once per test process (the weights are seeded, so every build is the same) under a temporary folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+from birbal.config import load_recipe
+from birbal.config.serve import ServeConfig
+from birbal.models import load_tokenizer, materialise_random_base
+
+
+@functools.cache
+def smoke():
+    return load_recipe("smoke")
+
+
+@functools.cache
+def merged_folder() -> Path:
+    """A folder like `export/merged/`: config.json, model.safetensors and the tokenizer files."""
+    root = Path(tempfile.mkdtemp(prefix="birbal-serve-tests-"))
+    recipe = smoke()
+    folder = materialise_random_base(recipe.model, root / "merged")
+    load_tokenizer(recipe.model.tokenizer, root).save_pretrained(folder)
+    return folder
+
+
+def serve_cfg(**changes) -> ServeConfig:
+    return smoke().serve.model_copy(update=changes)
+
+
+@functools.cache
+def engine(postprocess: str = "none"):
+    from birbal.serve.engine import Engine
+
+    return Engine.from_merged(merged_folder(), serve_cfg(postprocess=postprocess))
