@@ -44,8 +44,13 @@ def tokenizer(smoke_recipe, shared_cache):
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
-    """A run dir with prepare-data, train and export complete (the uninterrupted reference run)."""
+    """The README's `invoke smoke`, run once: every stage through the real CLI, the server started, queried by
+    the evaluate stage and stopped, the report written. Also the uninterrupted reference for the resume test."""
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
-    for stage in ("prepare-data", "train", "export"):
-        run_cli(stage, "--profile", "smoke", "--run-dir", str(run_dir))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-m", "invoke", "smoke", "--run-dir", str(run_dir)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"invoke smoke exited {result.returncode}:\n{result.stderr[-4000:]}")
+    (run_dir / "invoke-smoke.out").write_text(result.stdout)
     return run_dir

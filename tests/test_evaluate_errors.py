@@ -20,7 +20,8 @@ from birbal.evaluate.quick import run_quick
 from birbal.evaluate.stage import evaluate_stage
 from birbal.rundir import RunDir
 
-HELM_VENV_PYTHON = Path(os.environ.get("BIRBAL_TEST_HELM_PYTHON", "/tmp/helm-venv/bin/python"))
+HELM_VENV_PYTHON = Path(os.environ.get("BIRBAL_TEST_HELM_PYTHON") or os.environ.get("BIRBAL_HELM_PYTHON")
+                        or "/tmp/helm-venv/bin/python")
 
 
 def _closed_port_url() -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from birbal.config import Recipe
 from birbal.errors import BirbalError, EvaluateError
+from birbal.evaluate.api_check import check_api
 from birbal.evaluate.client import check_server, choose_transport
 from birbal.evaluate.helm_output import figures
 from birbal.evaluate.quick import run_quick, scenario_files
@@ -48,6 +49,8 @@ def evaluate_stage(recipe: Recipe, run_dir: RunDir, url: str, suite: str | None 
     folder = run_dir.stage_dir(STAGE)
     try:
         check_server(url)
+        api = check_api(url, recipe.evaluate.request_timeout_s)
+        atomic_write_json(folder / "api_check.json", api)
         if suite == "quick":
             shutil.rmtree(folder / "quick", ignore_errors=True)
             transport = choose_transport(url, recipe.evaluate.request_timeout_s)
@@ -61,7 +64,7 @@ def evaluate_stage(recipe: Recipe, run_dir: RunDir, url: str, suite: str | None 
         summary.update({"suite": suite, "url": url, "max_eval_instances": limit})
         atomic_write_json(folder / SUMMARY, summary)
         outputs = hash_tree(folder, exclude=(RECORD,))
-        details = {"suite": suite, "client": summary.get("client"),
+        details = {"suite": suite, "client": summary.get("client"), "api_check": "passed",
                    "figures": {row["label"]: row["value"] for row in summary["rows"]}}
         run_dir.finish(record, outputs, details)
     except BirbalError as err:

@@ -1,0 +1,498 @@
+"""Training throughput and memory of the 4-bit QLoRA recipe: the plain stack (baseline) against birbal.train.
+
+Run on a GPU machine, from the repository root, with `src` on PYTHONPATH:
+
+    PYTHONPATH=src python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+
+What it does, all in one run so the figures compare like with like:
+1. builds a random-weight model of the real Mistral-7B-v0.1 shape (bf16, built on the GPU) and saves it once as
+   safetensors under --workdir; every variant reloads it in 4-bit NF4 (double quant, bf16 compute);
+2. runs each variant in its own subprocess (a clean CUDA context: an OOM or a crash in one cannot leak memory or
+   state into the next, and each reports its own peak), under a per-process GPU memory cap of --cap-gib (24 GiB,
+   an RTX 4090) except the one baseline run that is left uncapped to show its peak;
+3. times --timed optimiser steps after --warmup steps, grad accumulation 1 micro batch of 2 x 8192 for the full
+   rows; on the length mix both sides train on the same examples per optimiser step (see `mix_steps`).
+
+Variants
+- baseline: what the challenge's sample submissions ran: AutoModelForCausalLM in 4-bit, peft
+  `prepare_model_for_kbit_training` (non-reentrant checkpointing), LoRA r=128/alpha=256 on the 7 projections,
+  `model(input_ids, attention_mask, labels).loss` over full logits, bf16 autocast, bnb PagedAdamW32bit.
+  On the length mix it pads each micro batch of 2 examples to its longest example (no packing).
+- ours: `birbal.train.model.build_qlora_model` + `response_loss_sum` + per-example NEFTune + bf16 autocast +
+  PagedAdamW32bit on rows packed by `birbal.train.packing.pack_examples` (position ids reset per example).
+- *_flex: ours with the attention switched to transformers' flex_attention after loading (the recipe schema only
+  offers sdpa / flash_attention_2 / eager): an investigation of the packed-mask cost, not the recipe.
+
+Synthetic data (no tokenizer needed): random token ids; example lengths lognormal with median 350 tokens and
+sigma 0.9 (mean ~525), clipped to [24, 8192]; the first 35-65% of each example is the prompt (masked), the rest
+the response (labelled). The full-row variants use single examples of exactly 8192 tokens, half labelled.
+
+MFU: birbal.train.metrics.flops_per_token (4N per token for the frozen base plus causal attention over each
+token's own example; recomputation and padding not counted) x useful tokens/s / 790 TFLOP/s (the H200's
+measured bf16 matmul rate here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+RESULT_MARK = "@@RESULT "
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MIX_MEDIAN, MIX_SIGMA, MIX_MIN = 350, 0.9, 24
+PROMPT_FRACTION = (0.35, 0.65)
+
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, rope_theta=10000.0,
+                  max_position_embeddings=32768, rms_norm_eps=1e-5)
+TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=256, rope_theta=10000.0, max_position_embeddings=4096,
+            rms_norm_eps=1e-5)
+
+# name -> (implementation, data, capped, attention); run in this order, most important first
+VARIANTS = {
+    "ours_full": ("ours", "full", True, "sdpa"),
+    "ours_mix": ("ours", "mix", True, "sdpa"),
+    "baseline_full_uncapped": ("baseline", "full", False, "sdpa"),
+    "baseline_mix": ("baseline", "mix", True, "sdpa"),
+    "baseline_full": ("baseline", "full", True, "sdpa"),
+    "ours_mix_flex": ("ours", "mix", True, "flex_attention"),
+    "ours_full_flex": ("ours", "full", True, "flex_attention"),
+}
+
+
+# ---- synthetic data ------------------------------------------------------------------------------------------
+def synthetic_example(rng, length: int, vocab: int):
+    import numpy as np
+
+    from birbal.train.packing import IGNORE_INDEX, Example
+
+    ids = rng.integers(3, vocab, size=length, dtype=np.int32)
+    ids[0], ids[-1] = 1, 2  # BOS ... EOS
+    labels = ids.copy()
+    prompt = max(1, int(round(length * rng.uniform(*PROMPT_FRACTION))))
+    labels[:prompt] = IGNORE_INDEX
+    return Example(ids, labels)
+
+
+def mix_examples(seed: int, count: int, seq_len: int, vocab: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.round(rng.lognormal(math.log(MIX_MEDIAN), MIX_SIGMA, size=count)), MIX_MIN, seq_len)
+    return [synthetic_example(rng, int(n), vocab) for n in lengths]
+
+
+def full_rows(seed: int, count: int, seq_len: int, vocab: int):
+    """Rows of one example each, exactly seq_len tokens, about half of them labelled."""
+    import numpy as np
+
+    from birbal.train.packing import IGNORE_INDEX, Example, pack_examples
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        ex = synthetic_example(rng, seq_len, vocab)
+        labels = ex.labels.copy()
+        labels[: seq_len // 2] = IGNORE_INDEX
+        labels[seq_len // 2:] = ex.input_ids[seq_len // 2:]
+        rows.extend(pack_examples([Example(ex.input_ids, labels)], seq_len, pad_id=2)[0])
+    return rows
+
+
+def mix_steps(seed: int, steps: int, micro_batch: int, seq_len: int, vocab: int):
+    """Packed rows per step (ours: one micro batch of `micro_batch` packed rows per optimiser step), and the same
+    examples, in the same order, for the baseline (micro batches of `micro_batch` examples, each padded to its
+    longest, all accumulated into one optimiser step): both sides see the same tokens per optimiser step."""
+    from birbal.train.packing import Example, pack_examples
+
+    need = steps * micro_batch
+    count = max(64, need * seq_len // 300)
+    rows, dropped = pack_examples(mix_examples(seed, count, seq_len, vocab), seq_len, pad_id=2)
+    assert len(rows) >= need + 1, (len(rows), need)
+    rows = rows[:need]  # the last row of a packing is part-filled; it is never among the first `need`
+    out = []
+    for s in range(steps):
+        step_rows = rows[s * micro_batch:(s + 1) * micro_batch]
+        examples = []
+        for row in step_rows:
+            start_of = 0
+            for n in row.example_lengths:
+                examples.append(Example(row.input_ids[start_of:start_of + n], row.labels[start_of:start_of + n]))
+                start_of += n
+        out.append((step_rows, examples))
+    return out, dropped
+
+
+def pad_batch(pairs, device):
+    """Right-padded batch of (input_ids, labels) arrays with a 2D attention mask, as a plain collator builds it."""
+    import torch
+
+    width = max(len(ids) for ids, _ in pairs)
+    input_ids = torch.full((len(pairs), width), 2, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(pairs):
+        input_ids[i, :len(ids)] = torch.from_numpy(ids)
+        labels[i, :len(ids)] = torch.from_numpy(lab)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+# ---- models --------------------------------------------------------------------------------------------------
+def build_checkpoint(folder: Path, arch: dict, device: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    if (folder / "config.json").is_file():
+        return {"checkpoint_build_s": 0.0, "checkpoint": str(folder), "reused": True}
+    t0 = time.perf_counter()
+    config = MistralConfig(**arch, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(folder)
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    return {"checkpoint_build_s": round(time.perf_counter() - t0, 1), "checkpoint": str(folder),
+            "checkpoint_gib": round(size / 2**30, 2), "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def load_baseline(checkpoint: Path, device, attn: str):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": str(device)}, attn_implementation=attn)
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_ours(checkpoint: Path, workdir: Path, device, attn: str):
+    from birbal.config import load_recipe
+    from birbal.train.model import build_qlora_model
+    from birbal.train.neftune import PerExampleNEFTune
+
+    recipe = load_recipe("birbal-4090", [f"model.name_or_path={checkpoint}"])
+    model = build_qlora_model(recipe, workdir / "cache", device)
+    if attn != recipe.model.attn_implementation:
+        # not a recipe value (the schema offers sdpa / flash_attention_2 / eager): an investigation only
+        model.get_base_model().set_attn_implementation(attn)
+    neftune = PerExampleNEFTune(model.get_input_embeddings(), recipe.train.neftune_noise_alpha)
+    return model, neftune, recipe
+
+
+# ---- one variant, in its own process ---------------------------------------------------------------------------
+def memory(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+            # device-wide: PyTorch's pool + CUDA context + bnb's paged (managed) optimizer state when resident
+            "device_used_gib_at_end": round((total - free) / 2**30, 2)}
+
+
+def run_variant(name: str, args) -> dict:
+    import numpy as np
+    import torch
+
+    impl, data, capped, attn = VARIANTS[name]
+    from birbal.train.metrics import flops_per_token, mean_attention_context
+
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    arch = MISTRAL_7B if args.arch == "7b" else TINY
+    seq, mb = args.seq_len, args.micro_batch
+    result: dict = {"variant": name, "implementation": impl, "data": data, "attention": attn,
+                    "cap_gib": args.cap_gib if capped else None, "micro_batch": mb, "sequence_len": seq,
+                    "warmup_steps": args.warmup, "timed_steps": args.timed}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        result["gpu"] = torch.cuda.get_device_name(device)
+        if capped:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+    torch.manual_seed(1234)
+    steps = args.warmup + args.timed
+    if impl == "baseline" and data == "mix":
+        steps = max(2, args.warmup_mix_baseline + args.timed)
+        result["warmup_steps"] = steps - args.timed
+
+    # data first: cheap, and the same for both implementations (same seeds)
+    if data == "full":
+        rows = full_rows(7, steps * mb, seq, arch["vocab_size"])
+        plan = [(rows[s * mb:(s + 1) * mb], None) for s in range(steps)]
+        result["grad_accum"] = 1
+    else:
+        plan, dropped = mix_steps(11, steps, mb, seq, arch["vocab_size"])
+        result["mix"] = {"lengths": f"lognormal median {MIX_MEDIAN} sigma {MIX_SIGMA}, clipped [{MIX_MIN}, {seq}]",
+                         "dropped_too_long": dropped,
+                         "examples_per_step": [len(ex) for _, ex in plan]}
+        result["grad_accum"] = (f"ours 1 (one micro batch of {mb} packed rows); baseline ceil(examples/{mb}) "
+                                f"micro batches of {mb} examples padded to their longest, same examples per step")
+
+    t0 = time.perf_counter()
+    phase = "load"
+    done: list[dict] = []
+    try:
+        if impl == "baseline":
+            model = load_baseline(args.checkpoint, device, attn)
+            neftune = None
+        else:
+            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn)
+        result["load_s"] = round(time.perf_counter() - t0, 1)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        result["trainable_parameters"] = sum(p.numel() for p in trainable)
+        result["trainable_dtypes"] = sorted({str(p.dtype) for p in trainable})
+        if device.type == "cuda":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.PagedAdamW32bit(trainable, lr=2e-5, betas=(0.9, 0.999), eps=1e-8,
+                                                  weight_decay=0.01)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.01)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        model.train()
+        from birbal.train.model import response_loss_sum
+        from birbal.train.packing import collate
+
+        for s, (step_rows, step_examples) in enumerate(plan):
+            phase = f"step {s}"
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts = time.perf_counter()
+            if impl == "ours":
+                batch = {k: v.to(device) for k, v in collate(step_rows).items()}
+                neftune.example_length = batch["example_length"]
+                with autocast:
+                    loss_sum, labelled = response_loss_sum(model, batch)
+                loss = loss_sum / max(labelled, 1)
+                loss.backward()
+                slots = int(batch["input_ids"].numel())
+                lengths = [n for r in step_rows for n in r.example_lengths]
+                loss_value = float(loss.detach())
+            else:
+                if step_examples is None:  # full rows: one micro batch of the single-example rows
+                    micro = [pad_batch([(r.input_ids, r.labels) for r in step_rows], device)]
+                    lengths = [n for r in step_rows for n in r.example_lengths]
+                else:
+                    micro = [pad_batch([(e.input_ids, e.labels) for e in step_examples[i:i + mb]], device)
+                             for i in range(0, len(step_examples), mb)]
+                    lengths = [len(e) for e in step_examples]
+                slots, loss_value = 0, 0.0
+                for batch in micro:
+                    with autocast:
+                        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    labels=batch["labels"])
+                    (out.loss / len(micro)).backward()
+                    slots += int(batch["input_ids"].numel())
+                    loss_value += float(out.loss.detach()) / len(micro)
+                    del out
+            torch.nn.utils.clip_grad_norm_(trainable, 0.3)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            done.append({"step_s": time.perf_counter() - ts, "slots": slots, "useful": sum(lengths),
+                         "lengths": lengths, "loss": loss_value})
+            print(f"  [{name}] step {s}: {done[-1]['step_s']:.2f} s, loss {loss_value:.3f}, "
+                  f"{sum(lengths)}/{slots} useful tokens", file=sys.stderr, flush=True)
+        result["status"] = "ok"
+    except torch.OutOfMemoryError as err:
+        result["status"] = "oom"
+        result["error"] = f"{phase}: " + str(err).splitlines()[0][:300]
+    except Exception as err:  # recorded, not raised: the next variants still run
+        result["status"] = "error"
+        result["error"] = f"{phase}: {type(err).__name__}: {str(err)[:400]}"
+        result["traceback_tail"] = traceback.format_exc()[-1500:]
+    result.update(memory(device))
+    if device.type == "cuda" and capped:
+        result["fits_cap"] = result["status"] == "ok"
+        result["device_used_within_cap"] = result.get("device_used_gib_at_end", 1e9) <= args.cap_gib
+    elif device.type == "cuda":
+        result["would_fit_cap"] = result["status"] == "ok" and result["peak_reserved_gib"] <= args.cap_gib
+    result["steps_completed"] = len(done)
+    timed = done[result["warmup_steps"]:] if result["status"] == "ok" else []
+    if timed:
+        secs = sum(d["step_s"] for d in timed)
+        useful = sum(d["useful"] for d in timed)
+        context = mean_attention_context([n for d in timed for n in d["lengths"]])
+        from transformers import MistralConfig
+
+        config = MistralConfig(**arch)
+        tps_useful = useful / secs
+        result.update({
+            "s_per_step": round(secs / len(timed), 3),
+            "step_s_each": [round(d["step_s"], 3) for d in done],
+            "tokens_per_s": round(sum(d["slots"] for d in timed) / secs, 1),
+            "useful_tokens_per_s": round(tps_useful, 1),
+            "useful_fraction": round(useful / sum(d["slots"] for d in timed), 4),
+            "mean_attention_context": round(context, 1),
+            "flops_per_token": flops_per_token(config, context),
+            "mfu_vs_790": round(tps_useful * flops_per_token(config, context) / 790e12, 4),
+            "losses": [round(d["loss"], 4) for d in done],
+        })
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    if result.get("losses") and not all(np.isfinite(result["losses"])):
+        result["status"] = "error"
+        result["error"] = "non-finite loss"
+    return result
+
+
+# ---- driver ------------------------------------------------------------------------------------------------------
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        out["nvidia_smi"] = smi.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out["nvidia_smi"] = None
+    return out
+
+
+def table(results: list[dict]) -> str:
+    head = ("| variant | status | s/step | tokens/s | useful tokens/s | MFU (790) | peak alloc / reserved GiB "
+            "| device used GiB | cap |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    def cell(r: dict, key: str, fmt: str) -> str:
+        return fmt.format(r[key]) if r.get(key) is not None else "—"
+
+    for r in results:
+        def f(key, fmt, r=r):
+            return cell(r, key, fmt)
+        cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else "none"
+        lines.append(f"| {r['variant']} | {r['status']} | {f('s_per_step', '{:.2f}')} | {f('tokens_per_s', '{:,.0f}')} "
+                     f"| {f('useful_tokens_per_s', '{:,.0f}')} | {f('mfu_vs_790', '{:.1%}')} "
+                     f"| {f('peak_allocated_gib', '{:.2f}')} / {f('peak_reserved_gib', '{:.2f}')} "
+                     f"| {f('device_used_gib_at_end', '{:.2f}')} | {cap} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def worker_argv(args, extra: list[str]) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--workdir", str(args.workdir), "--arch", args.arch,
+            "--device", args.device, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+            "--warmup", str(args.warmup), "--timed", str(args.timed), "--cap-gib", str(args.cap_gib),
+            "--warmup-mix-baseline", str(args.warmup_mix_baseline), *extra]
+
+
+def call_worker(argv: list[str], timeout: float) -> dict | None:
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    return {"status": "error", "error": f"worker exited {proc.returncode} without a result"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="write the JSON results here (rewritten after every variant)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/birbal-bench"))
+    ap.add_argument("--arch", choices=["7b", "tiny"], default="7b", help="tiny: a CPU dry run of the code paths")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup-mix-baseline", type=int, default=1)
+    ap.add_argument("--timed", type=int, default=3)
+    ap.add_argument("--cap-gib", type=float, default=24.0)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, run in this order")
+    ap.add_argument("--deadline-s", type=float, default=540.0, help="skip variants that cannot finish by then")
+    ap.add_argument("--variant-timeout-s", type=float, default=200.0)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.checkpoint = args.workdir / f"mistral-{args.arch}-random-bf16"
+
+    if args.build:
+        arch = MISTRAL_7B if args.arch == "7b" else TINY
+        print(RESULT_MARK + json.dumps(build_checkpoint(args.checkpoint, arch, args.device)), flush=True)
+        return 0
+    if args.worker:
+        result = run_variant(args.worker, args)
+        print(RESULT_MARK + json.dumps(result), flush=True)
+        gc.collect()
+        return 0
+
+    start = time.perf_counter()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"), "argv": sys.argv,
+               "versions": versions(), "arch": MISTRAL_7B if args.arch == "7b" else TINY,
+               "settings": {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "warmup": args.warmup,
+                            "timed": args.timed, "cap_gib": args.cap_gib,
+                            "mix": f"lognormal median {MIX_MEDIAN}, sigma {MIX_SIGMA}, clip [{MIX_MIN}, seq_len]; "
+                                   f"prompt fraction uniform {PROMPT_FRACTION}",
+                            "mfu": "flops_per_token (4N + 12*L*d*c, c = mean causal context within the example) "
+                                   "x useful tokens/s / 790 TFLOP/s"},
+               "results": [], "skipped": []}
+    print(json.dumps(payload["versions"]), file=sys.stderr, flush=True)
+    build = call_worker(worker_argv(args, ["--build"]), timeout=max(60.0, args.deadline_s - 60))
+    payload["checkpoint"] = build
+    write_json(args.out, payload)
+    print(f"checkpoint: {build}", file=sys.stderr, flush=True)
+    if not build or "checkpoint" not in build:
+        print(json.dumps(payload))
+        return 1
+    for name in [v for v in args.variants.split(",") if v]:
+        left = args.deadline_s - (time.perf_counter() - start)
+        if left < 45:
+            payload["skipped"].append({"variant": name, "reason": f"deadline ({left:.0f} s left)"})
+            continue
+        print(f"== {name} ({left:.0f} s left)", file=sys.stderr, flush=True)
+        result = call_worker(worker_argv(args, ["--worker", name]), timeout=min(args.variant_timeout_s, left - 5))
+        if result is None:
+            result = {"variant": name, "status": "timeout", "error": f"no result within {min(args.variant_timeout_s, left - 5):.0f} s"}
+        result.setdefault("variant", name)
+        payload["results"].append(result)
+        write_json(args.out, payload)
+        print(f"   -> {result.get('status')} {result.get('s_per_step')} s/step, "
+              f"{result.get('useful_tokens_per_s')} useful tok/s, peak {result.get('peak_allocated_gib')}/"
+              f"{result.get('peak_reserved_gib')} GiB {result.get('error', '')}", file=sys.stderr, flush=True)
+    payload["total_s"] = round(time.perf_counter() - start, 1)
+    write_json(args.out, payload)
+    print(json.dumps(payload))
+    print(table(payload["results"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
