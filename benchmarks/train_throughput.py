@@ -198,6 +198,48 @@ def load_ours(checkpoint: Path, workdir: Path, device, attn: str):
     return model, neftune, recipe
 
 
+KERNEL_GROUPS = (  # first match wins; lower-case substrings of CUDA kernel names
+    ("4-bit dequantize", ("dequantize", "kdequant", "bnb")),
+    ("attention", ("flex", "fmha", "flash", "attention", "efficient", "triton_tem")),
+    ("matmul (GEMM)", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "splitk")),
+    ("optimizer", ("optimizer", "adam")),
+    ("cross-entropy / softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
+    ("copies / casts / elementwise", ("elementwise", "copy", "vectorized", "unrolled", "cat", "fill", "reduce",
+                                      "triton_", "index", "memcpy", "memset")),
+)
+
+
+def profile_step(step, path: Path) -> dict:
+    """One more step under torch.profiler: GPU time by kernel group, and the top kernels (written to `path`)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        stats = step()
+    kernels: dict[str, float] = {}
+    for evt in prof.events():  # device-side kernel events only: CPU ops would count their kernels twice
+        if evt.device_type == DeviceType.CUDA:
+            kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.device_time_total
+    busy = sum(kernels.values())
+    groups: dict[str, float] = {}
+    for key, t in kernels.items():
+        low = key.lower()
+        group = next((g for g, subs in KERNEL_GROUPS if any(x in low for x in subs)), "other")
+        groups[group] = groups.get(group, 0.0) + t
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(f"step wall {stats['step_s']:.3f} s (profiler on), GPU kernel time {busy / 1e6:.3f} s\n\n")
+        for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
+            handle.write(f"{t / 1e6:8.3f} s {t / busy:6.1%}  {g}\n")
+        handle.write("\n")
+        for key, t in top:
+            handle.write(f"{t / 1e6:8.3f} s {t / busy:6.1%}  {key[:160]}\n")
+    return {"step_s_profiled": round(stats["step_s"], 3), "gpu_kernel_s": round(busy / 1e6, 3),
+            "by_group_s": {g: round(t / 1e6, 3) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_kernels_s": [[k[:120], round(t / 1e6, 3)] for k, t in top[:12]]}
+
+
 # ---- one variant, in its own process ---------------------------------------------------------------------------
 def memory(device) -> dict:
     import torch
@@ -276,8 +318,7 @@ def run_variant(name: str, args) -> dict:
         from birbal.train.model import response_loss_sum
         from birbal.train.packing import collate
 
-        for s, (step_rows, step_examples) in enumerate(plan):
-            phase = f"step {s}"
+        def one_step(step_rows, step_examples) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ts = time.perf_counter()
@@ -313,10 +354,17 @@ def run_variant(name: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            done.append({"step_s": time.perf_counter() - ts, "slots": slots, "useful": sum(lengths),
-                         "lengths": lengths, "loss": loss_value})
-            print(f"  [{name}] step {s}: {done[-1]['step_s']:.2f} s, loss {loss_value:.3f}, "
-                  f"{sum(lengths)}/{slots} useful tokens", file=sys.stderr, flush=True)
+            return {"step_s": time.perf_counter() - ts, "slots": slots, "useful": sum(lengths),
+                    "lengths": lengths, "loss": loss_value}
+
+        for s, (step_rows, step_examples) in enumerate(plan):
+            phase = f"step {s}"
+            done.append(one_step(step_rows, step_examples))
+            print(f"  [{name}] step {s}: {done[-1]['step_s']:.2f} s, loss {done[-1]['loss']:.3f}, "
+                  f"{done[-1]['useful']}/{done[-1]['slots']} useful tokens", file=sys.stderr, flush=True)
+        if args.profile_dir is not None and device.type == "cuda":
+            phase = "profiled step"
+            result["profile"] = profile_step(lambda: one_step(*plan[-1]), args.profile_dir / f"profile_{name}.txt")
         result["status"] = "ok"
     except torch.OutOfMemoryError as err:
         result["status"] = "oom"
@@ -409,7 +457,8 @@ def worker_argv(args, extra: list[str]) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--workdir", str(args.workdir), "--arch", args.arch,
             "--device", args.device, "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
             "--warmup", str(args.warmup), "--timed", str(args.timed), "--cap-gib", str(args.cap_gib),
-            "--warmup-mix-baseline", str(args.warmup_mix_baseline), *extra]
+            "--warmup-mix-baseline", str(args.warmup_mix_baseline),
+            *(["--profile-dir", str(args.profile_dir)] if args.profile_dir else []), *extra]
 
 
 def call_worker(argv: list[str], timeout: float) -> dict | None:
@@ -438,6 +487,7 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, run in this order")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="skip variants that cannot finish by then")
     ap.add_argument("--variant-timeout-s", type=float, default=200.0)
+    ap.add_argument("--profile-dir", type=Path, help="profile one extra step per variant; tables written here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600):
     """`python -m birbal ...` in a subprocess, as a user (and a container) runs it."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"),
+                                                                         os.environ.get("PYTHONPATH")])),
+                **(env or {})}
     result = subprocess.run([sys.executable, "-m", "birbal", *args], capture_output=True, text=True,
                             env=full_env, timeout=timeout, cwd=REPO)
     if check and result.returncode != 0:
@@ -47,7 +49,7 @@ def smoke_run(tmp_path_factory) -> Path:
     """The README's `invoke smoke`, run once: every stage through the real CLI, the server started, queried by
     the evaluate stage and stopped, the report written. Also the uninterrupted reference for the resume test."""
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "invoke", "smoke", "--run-dir", str(run_dir)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
     if result.returncode != 0:

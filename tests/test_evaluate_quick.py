@@ -83,7 +83,7 @@ def _check_quick_run(run_dir: RunDir, client_word: str) -> dict:
     for p in separate:  # echo_prompt gave real log-probabilities for each of the 4 choices
         assert len(p["choice_logprobs"]) == 4
         assert all(math.isfinite(x) and x < 0 for x in p["choice_logprobs"])
-    assert set(record.outputs) == {"summary.json", "quick/predictions.jsonl", "quick/results.json"}
+    assert set(record.outputs) == {"api_check.json", "summary.json", "quick/predictions.jsonl", "quick/results.json"}
     return summary
 
 

@@ -70,7 +70,7 @@ class ModelConfig(Section):
     revision_note: str | None = Field(None, description="Where the pinned revision comes from.")
     architecture: MistralArchitecture | None = None
     init_seed: int = Field(0, description="Seed of the random initialisation (source: random).")
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "flex_attention", "flash_attention_2", "eager"] = "sdpa"
     tokenizer: TokenizerConfig
 
     @model_validator(mode="after")

@@ -51,7 +51,9 @@ def merge_adapter(recipe: Recipe, adapter_dir: Path, out_dir: Path, cache_dir: P
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = DTYPES[recipe.export.dtype]
     tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir)
-    base = load_base_model(recipe.model, cache_dir, device, dtype, quantization=None)
+    # The merge needs one probe forward, not training kernels: SDPA works on every device.
+    model_cfg = recipe.model.model_copy(update={"attn_implementation": "sdpa"})
+    base = load_base_model(model_cfg, cache_dir, device, dtype, quantization=None)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
     probe = tokenizer(PROBE_TEXT, return_tensors="pt").to(device)
     with torch.no_grad():

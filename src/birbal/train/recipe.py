@@ -55,6 +55,18 @@ class TrainResult:
     details: dict
 
 
+def cap_gpu_memory(device: torch.device, gib: float) -> float:
+    """Cap this process's share of the GPU (PyTorch's caching allocator) at `gib`; returns the fraction set.
+
+    bitsandbytes' paged optimizer state lives in CUDA managed memory, outside this cap: its size (8 bytes per
+    trainable parameter for 32-bit AdamW) is reported separately, and the benchmark adds it when checking a fit.
+    """
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def numeric_recipe_digest(recipe: Recipe) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers."""
     train = recipe.train.model_dump(mode="json", exclude=set(RESUMABLE_DIFFERENCES))
@@ -85,10 +97,7 @@ class QLoRARecipe:
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
             if cfg.max_gpu_memory_gib is not None:
-                total = torch.cuda.get_device_properties(self.device).total_memory
-                cap = cfg.max_gpu_memory_gib * 2**30
-                if cap < total:
-                    torch.cuda.set_per_process_memory_fraction(cap / total, self.device)
+                cap_gpu_memory(self.device, cfg.max_gpu_memory_gib)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer, self.cache_dir)

@@ -1,0 +1,119 @@
+"""GPU tests: the smoke recipe on real CUDA 4-bit kernels, resume after kill -9, and the memory cap.
+
+Run on a CUDA machine with `invoke test --gpu` (or `pytest -m gpu tests/test_gpu_train.py`); skipped elsewhere.
+The data is the smoke profile's learnable fixture alone, so the GPU machine needs no data-only dependencies.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GPU = ["--set", "train.device=cuda", "--set", "quantization.compute_dtype=bfloat16", "--set", "train.bf16=true",
+       "--set", "train.max_gpu_memory_gib=24",
+       "--set", "data.rebuild.sources=[{name: fixture-mix, kind: instruction_rows, "
+                "origin: {path: fixtures/raw_mix.jsonl}}]",
+       "--set", "data.contamination.benchmarks=[]"]
+
+
+def _prepare(run):
+    run_cli("prepare-data", "--profile", "smoke", "--run-dir", str(run), *GPU)
+
+
+def _train_metrics(run):
+    return [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_training_on_cuda_4bit(tmp_path):
+    import bitsandbytes as bnb
+
+    from birbal.config import load_recipe
+    from birbal.train.model import build_qlora_model
+
+    run = tmp_path / "run"
+    _prepare(run)
+    run_cli("train", "--profile", "smoke", "--run-dir", str(run), *GPU)
+    details = json.loads((run / "train" / "stage.json").read_text())["details"]
+    assert details["device"].startswith("cuda")
+    assert details["final_train_loss"] < details["first_train_loss"] - 2.0
+    assert 0 < details["peak_gpu_memory_gib"] < 24
+    recipe = load_recipe("smoke", [a for a in GPU if a != "--set"])
+    model = build_qlora_model(recipe, run / "cache", torch.device("cuda"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * recipe.model.architecture.num_hidden_layers
+    assert all(m.weight.device.type == "cuda" and m.weight.quant_state.quant_type == "nf4" for m in layers)
+
+
+def test_resume_after_kill_on_cuda(tmp_path):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    for folder in (reference, run):
+        _prepare(folder)
+    run_cli("train", "--profile", "smoke", "--run-dir", str(reference), *GPU)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "birbal", "train", "--profile", "smoke", "--run-dir", str(run),
+                             *GPU], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run / "train" / "checkpoints" / "step-00000020"
+    deadline = time.time() + 300
+    while not checkpoint.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.is_dir()
+    run_cli("train", "--profile", "smoke", "--run-dir", str(run), *GPU)  # resumes from the paged optimizer state
+    ours = [m for m in _train_metrics(run) if m["event"] == "train"]
+    ref = [m for m in _train_metrics(reference) if m["event"] == "train"]
+    assert ours[-1]["step"] == ref[-1]["step"]
+    # CUDA kernels are not bit-deterministic; the resumed run must still follow the same trajectory closely
+    assert abs(ours[-1]["loss"] - ref[-1]["loss"]) < 0.05 * abs(ref[-1]["loss"])
+
+
+def test_memory_cap_is_enforced():
+    from birbal.train.recipe import cap_gpu_memory
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.empty_cache()
+    try:
+        cap_gpu_memory(device, 1.0)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+        small = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # under the cap: fine
+        del small
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_packed_loss_equals_separate_losses_on_cuda(attention, tokenizer, tmp_path):
+    """The packing isolation of tests/test_train_model.py, on the GPU attention paths the benchmark measures."""
+    from birbal.config import load_recipe
+    from birbal.train.model import build_qlora_model, response_loss_sum
+    from birbal.train.packing import collate, pack_examples, tokenize_example
+
+    recipe = load_recipe("smoke", ["train.device=cuda", "quantization.compute_dtype=float32",
+                                   f"model.attn_implementation={attention}"])
+    model = build_qlora_model(recipe, tmp_path, torch.device("cuda")).eval()
+    pairs = [("### Input:\nWhat is 2 plus 3?\n\n### Response:\n", "5"),
+             ("### Input:\nWords: apple river stone\n\n### Response:\n", "stone river apple"),
+             ("### Input:\nWhich city is the capital of Peru?\n\n### Response:\n", "Lima")]
+    examples = [tokenize_example(tokenizer, q, a) for q, a in pairs]
+    rows, _ = pack_examples(examples, 128, tokenizer.eos_token_id)
+
+    def on_gpu(batch):
+        return {k: v.cuda() for k, v in batch.items()}
+
+    with torch.no_grad():
+        packed, n = response_loss_sum(model, on_gpu(collate(rows)))
+        alone = [response_loss_sum(model, on_gpu(collate(pack_examples([e], len(e), 2)[0]))) for e in examples]
+    assert n == sum(k for _, k in alone)
+    torch.testing.assert_close(packed, sum(loss for loss, _ in alone), rtol=1e-3, atol=1e-3)
