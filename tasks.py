@@ -42,8 +42,8 @@ def _run_dir(profile: str, run_dir: str | None) -> Path:
     return Path(run_dir) if run_dir else REPO / "runs" / profile
 
 
-def _echo(command: list[str]) -> None:
-    print(f"$ {shlex.join(command)}", file=sys.stderr, flush=True)
+def _echo(command: list[str], background: bool = False) -> None:
+    print(f"$ {shlex.join(command)}{' &' if background else ''}", file=sys.stderr, flush=True)
 
 
 def _call(command: list[str], dry_run: bool) -> None:
@@ -52,7 +52,7 @@ def _call(command: list[str], dry_run: bool) -> None:
         return
     code = subprocess.call(command, env=_env(), cwd=REPO)
     if code != 0:
-        raise Exit(f"failed ({code}): {shlex.join(command[:6])}{' ...' if len(command) > 6 else ''}", code=code)
+        raise Exit(code=code)  # the command has already said why, in one line
 
 
 def _runtime(runtime: str) -> str:
@@ -143,6 +143,16 @@ def report(c, run_dir, dry_run=False):
     _call([*_python(), "report", "--run-dir", run_dir], dry_run)
 
 
+def _load_recipe(profile: str, overrides: list[str]):
+    from birbal.config import load_recipe
+    from birbal.errors import ConfigError
+
+    try:
+        return load_recipe(profile, overrides)
+    except ConfigError as err:
+        raise Exit(f"birbal: error: {err}", code=2) from None
+
+
 def _wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None) -> None:
     import httpx
 
@@ -161,9 +171,10 @@ def _wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None) -
 
 def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, dry_run: bool,
                budget_hours: float | None) -> None:
-    from birbal.config import load_recipe
-
-    recipe = load_recipe(profile, overrides)  # fails fast, before any stage, on a bad profile or override
+    recipe = _load_recipe(profile, overrides)  # fails fast, before any stage, on a bad profile or override
+    if runtime == "docker" and not dry_run:
+        for folder in (run_dir, HUB_CACHE):  # `docker run --mount` does not create them
+            folder.mkdir(parents=True, exist_ok=True)
     for stage in ("prepare-data", "train", "export"):
         extra = ["--budget-hours", str(budget_hours)] if stage == "train" and budget_hours is not None else []
         _call(_stage_command(stage, profile, run_dir, overrides, runtime, extra), dry_run)
@@ -180,7 +191,7 @@ def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, 
         host = "127.0.0.1"
         url = f"http://{host}:{recipe.serve.port}"
         serve_cmd = _stage_command("serve", profile, run_dir, overrides, runtime, ["--host", host])
-        _echo(serve_cmd + ["&"])
+        _echo(serve_cmd, background=True)
         server = None if dry_run else subprocess.Popen(serve_cmd, env=_env(), cwd=REPO)
         stop = None
     try:
@@ -291,10 +302,9 @@ def validate(c, profile="birbal-4090", set_=None):
 @task(help={"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP})
 def preflight(c, profile="birbal-4090", run_dir=None):
     """Before a long run: GPU and memory, driver for the image's CUDA, disk space, hub token."""
-    from birbal.config import load_recipe
     from birbal.preflight import failures, query_nvidia_smi, run_preflight
 
-    checks = run_preflight(load_recipe(profile), nvidia_smi_output=query_nvidia_smi(),
+    checks = run_preflight(_load_recipe(profile, []), nvidia_smi_output=query_nvidia_smi(),
                            run_dir=_run_dir(profile, run_dir), hub_cache=HUB_CACHE)
     for check in checks:
         print(check.line())

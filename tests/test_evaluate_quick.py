@@ -36,9 +36,9 @@ def live_server():
     app_module = pytest.importorskip(
         "birbal.serve.app", reason="birbal.serve.app is not on this branch yet (the serve issue adds it)")
     import uvicorn
-    from birbal.serve.engine import Engine
 
     from birbal.models import load_tokenizer, materialise_random_base
+    from birbal.serve.engine import Engine
 
     recipe = load_recipe("smoke")
     root = Path(tempfile.mkdtemp(prefix="birbal-evaluate-tests-"))

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

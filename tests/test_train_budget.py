@@ -3,8 +3,9 @@
 import json
 import time
 
-from birbal.train.budget import BudgetLedger
 from conftest import run_cli
+
+from birbal.train.budget import BudgetLedger
 
 
 def test_ledger_counts_sessions_and_time_lost_to_a_crash(tmp_path):

@@ -87,9 +87,9 @@ def plot_loss(records: list[dict], path: Path, title: str) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss (response tokens)")
     ax.set_title(title)

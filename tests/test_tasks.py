@@ -1,0 +1,73 @@
+"""The invoke tasks as a user runs them: `--dry-run` command lines, and bad input as one line."""
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+           "HF_HOME": "/hub-cache", "HF_TOKEN": "hf_secret_never_printed"}
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_docker_reproduce_dry_run_prints_every_stage(tmp_path):
+    run = tmp_path / "r1"
+    result = invoke("reproduce", "--profile", "birbal-4090", "--runtime", "docker", "--run-dir", str(run),
+                    "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = [line[2:] for line in result.stderr.splitlines() if line.startswith("$ ")]
+    mounts = (f"--mount type=bind,source={run},target=/runs/r1 "
+              "--mount type=bind,source=/hub-cache,target=/cache/huggingface --env HF_TOKEN")
+    for stage, line in zip(("prepare-data", "train", "export"), lines[:3], strict=True):
+        assert line.startswith("docker run --rm --gpus all --user ")
+        assert mounts in line and "birbal-repro-train:0.1.0" in line
+        assert line.endswith(f"{stage} --profile birbal-4090 --run-dir /runs/r1")
+    serve = lines[3]
+    assert serve.startswith("docker run --rm --detach --name birbal-serve-r1 --publish 127.0.0.1:8080:8080 --gpus all")
+    assert "birbal-repro-serve:0.1.0" in serve and serve.endswith("serve --profile birbal-4090 --run-dir /runs/r1")
+    evaluate = lines[4]
+    assert "--network host" in evaluate and "--gpus" not in evaluate
+    assert evaluate.endswith("evaluate --profile birbal-4090 --run-dir /runs/r1 --url http://127.0.0.1:8080")
+    assert lines[5] == "docker stop --time 30 birbal-serve-r1"
+    assert lines[6].endswith(f"-m birbal report --run-dir {run}")
+    assert "hf_secret_never_printed" not in result.stderr + result.stdout
+    assert not run.exists()  # a dry run writes nothing
+
+
+def test_local_dry_run_and_budget_override(tmp_path):
+    result = invoke("reproduce", "--profile", "smoke", "--runtime", "local", "--run-dir", str(tmp_path / "r"),
+                    "--budget-hours", "0.5", "--set", "train.learning_rate=0.001", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = [line[2:] for line in result.stderr.splitlines() if line.startswith("$ ")]
+    assert "-m birbal train --profile smoke" in lines[1]
+    assert lines[1].endswith("--set train.learning_rate=0.001 --budget-hours 0.5")
+    assert lines[3].endswith("--host 127.0.0.1 &")
+
+
+def test_build_dry_run_tags_with_version_and_revision():
+    result = invoke("build", "--dry-run", "--no-cache")
+    assert result.returncode == 0, result.stderr
+    builds = [line for line in result.stderr.splitlines() if line.startswith("$ docker build")]
+    assert len(builds) == 2 and all("--no-cache" in b and "--tag birbal-repro-" in b for b in builds)
+    assert "Dockerfile.train" in builds[0] and "Dockerfile.serve" in builds[1]
+
+
+def test_bad_profile_is_one_line(tmp_path):
+    for args in (["reproduce", "--profile", "nope", "--runtime", "local"],
+                 ["train", "--profile", "nope", "--runtime", "local"]):
+        result = invoke(*args, "--run-dir", str(tmp_path / "r"))
+        assert result.returncode == 2
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "unknown profile 'nope'" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_build_without_docker_engine_says_so():
+    result = invoke("build")
+    if result.returncode == 0:  # a machine with a working engine built the images: nothing to check here
+        return
+    assert result.returncode == 1 and "invoke build:" in result.stderr and "Traceback" not in result.stderr
