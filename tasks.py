@@ -143,6 +143,22 @@ def report(c, run_dir, dry_run=False):
     _call([*_python(), "report", "--run-dir", run_dir], dry_run)
 
 
+def _record_images(run_dir: Path) -> None:
+    """Write the ids and digests of the images this run uses to <run-dir>/images.json (the manifest includes it)."""
+    from birbal import __version__
+    from birbal.containers import IMAGES, image_tags, inspect_command, parse_inspect, write_build_manifest
+    from birbal.versions import software_versions
+
+    built = {}
+    for image in IMAGES:
+        ref = image_tags(image, __version__, software_versions()["git_revision"])[-1]
+        result = subprocess.run(inspect_command(ref), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise Exit(f"image {ref} is not built: run `invoke build` first", code=1)
+        built[image] = parse_inspect(image, ref, result.stdout)
+    write_build_manifest(run_dir / "images.json", built)
+
+
 def _load_recipe(profile: str, overrides: list[str]):
     from birbal.config import load_recipe
     from birbal.errors import ConfigError
@@ -175,6 +191,7 @@ def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, 
     if runtime == "docker" and not dry_run:
         for folder in (run_dir, HUB_CACHE):  # `docker run --mount` does not create them
             folder.mkdir(parents=True, exist_ok=True)
+        _record_images(run_dir)
     for stage in ("prepare-data", "train", "export"):
         extra = ["--budget-hours", str(budget_hours)] if stage == "train" and budget_hours is not None else []
         _call(_stage_command(stage, profile, run_dir, overrides, runtime, extra), dry_run)

@@ -26,6 +26,10 @@ def hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).expanduser().exists()
 
@@ -59,7 +63,8 @@ def load_tokenizer(cfg: TokenizerConfig, cache_dir: Path):
                 cfg.name_or_path, revision=None if _is_local(cfg.name_or_path) else cfg.revision,
                 token=hub_token(), trust_remote_code=False)
         except OSError as err:
-            raise ModelError(f"tokenizer {cfg.name_or_path}@{cfg.revision} could not be loaded: {err}") from None
+            raise ModelError(f"could not fetch the tokenizer of {cfg.name_or_path}@{cfg.revision} from the Hugging Face "
+                             f"hub ({_first_line(err)}); check network access and HF_TOKEN (the model is gated)") from None
     if len(tokenizer) != 32000 or tokenizer.bos_token_id != 1 or tokenizer.eos_token_id != 2:
         raise ModelError(f"tokenizer is not Mistral-7B-v0.1's: vocab {len(tokenizer)}, bos {tokenizer.bos_token_id}, "
                          f"eos {tokenizer.eos_token_id} (expected 32000, 1, 2)")
@@ -140,7 +145,8 @@ def load_base_model(cfg: ModelConfig, cache_dir: Path, device: torch.device, dty
             attn_implementation=cfg.attn_implementation, use_safetensors=True, trust_remote_code=False, **kwargs)
     except OSError as err:
         where = f"{name}@{revision}" if revision else name
-        raise ModelError(f"base model {where} could not be loaded: {err}") from None
+        raise ModelError(f"base model {where} could not be loaded ({_first_line(err)}); for a hub id check network "
+                         "access and HF_TOKEN") from None
     if quantization is not None and quantization.load_in_4bit and device.type == "cpu":
         disable_cpu_4bit_repack(model)
     return model

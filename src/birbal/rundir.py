@@ -24,6 +24,7 @@ STAGE_FOLDERS = {"prepare-data": "data", "train": "train", "export": "export", "
                  "evaluate": "evaluate"}
 RECORD = "stage.json"
 MANIFEST = "manifest.json"
+IMAGES = "images.json"  # written by `invoke reproduce --runtime docker`: the images' ids and digests
 SCHEMA_VERSION = 1
 
 
@@ -152,7 +153,9 @@ class RunDir:
                 "duration_s": record.duration_s, "details": record.details, "error": record.error,
             }
         recipe = self.path / "recipe.yaml"
-        return {"run_id": self.run_id, "schema_version": SCHEMA_VERSION, "updated_at": utc_now(),
+        images = self.path / IMAGES
+        return {"images": json.loads(images.read_text()).get("images") if images.is_file() else None,
+                "run_id": self.run_id, "schema_version": SCHEMA_VERSION, "updated_at": utc_now(),
                 "recipe": recipe.name if recipe.is_file() else None, "versions": software_versions(),
                 "stages": stages}
 

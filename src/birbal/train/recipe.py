@@ -268,9 +268,22 @@ class QLoRARecipe:
         margin = min(0.01 * self.ledger.budget_s, 300.0)
         return step_s + due + eval_s + save_s + margin
 
+    def _print_projection(self, step: int, tokens_per_s: float) -> None:
+        """Planned tokens (this data's packed rows x epochs) against the measured rate and the budget left."""
+        per_epoch = sum(r.real_tokens for r in self.train_rows)
+        planned = per_epoch * min(self.train_cfg.num_epochs, self.total_steps / self.steps_per_epoch)
+        hours = planned / max(tokens_per_s, 1e-9) / 3600
+        left_h = self.ledger.left_s() / 3600
+        verdict = "fits" if hours <= left_h + self.ledger.used_s() / 3600 else \
+            f"does not fit: the budget stops it near epoch {tokens_per_s * self.ledger.budget_s / per_epoch:.2f}"
+        tqdm.write(file=sys.stderr, s=f"projection at step {step}: {per_epoch:,} tokens per epoch at "
+                   f"{tokens_per_s:,.0f} tokens/s -> {hours:.2f} h for the planned {planned:,.0f} tokens; "
+                   f"budget {self.train_cfg.budget_hours} h ({verdict})")
+
     def train(self) -> str:
         cfg = self.train_cfg
         self.ledger.start_session(self.state["global_step"])
+        session_start_step = self.state["global_step"]
         session_t0 = time.time()
         session_tokens = 0
         outcome = "finished"
@@ -302,6 +315,8 @@ class QLoRARecipe:
                                    tokens_per_s=round(tokens_per_s, 1), mfu_vs_h200=round(mfu, 4),
                                    peak_gpu_memory_gib=peak_gpu_memory_gib())
                 self.ledger.heartbeat(next_step, step_s=round(step_s, 4))
+                if next_step - session_start_step == 3 or next_step % cfg.eval_steps == 0:
+                    self._print_projection(next_step, tokens_per_s)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                 budget_left=f"{self.ledger.left_s() / 3600:.2f}h")

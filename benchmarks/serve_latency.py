@@ -1,0 +1,450 @@
+"""Serving latency: the winners' server logic against birbal.serve.engine.Engine, on the same weights, one run.
+
+Run on a GPU machine, from the repository root, with `src` on PYTHONPATH:
+
+    PYTHONPATH=src python benchmarks/serve_latency.py --out benchmarks/results/serve_latency.json
+
+A CPU check of the script itself (tiny shape, short prompts): `--arch tiny --device cpu --prompt-scale 0.1`.
+
+What it does, in one process:
+1. times a large device-to-device copy with CUDA events (the card's copy bandwidth; a copy reads and writes
+   every byte, so bandwidth = 2 x bytes / time);
+2. builds a random bf16 model of the Mistral-7B-v0.1 shape on the device and saves it (the "base"), wraps it in a
+   random LoRA (r=128, alpha=256, the 7 projections; lora_B randomised so the adapter changes the output) and
+   saves the adapter, then merges it and saves the merged folder with the real Mistral-7B-v0.1 tokenizer (from
+   mistral-common, as the smoke recipe does);
+3. (a) "winners": a re-implementation of Upaya's submission server (inference/submission_2/main.py): bf16 base
+   from disk + the unmerged PeftModel, `model.generate(do_sample=True, temperature, top_k,
+   return_dict_in_generate=True, output_scores=True)`, then a full-vocabulary softmax and log over every stored
+   step, per-token decode and the same output cutting; (b) "ours": `Engine.from_merged(merged folder)` and
+   `Engine.process(ProcessRequest)`. Each loads from disk (load time reported), serves one warm-up request,
+   then replays the mix; (a) is freed before (b) loads.
+
+The mix (prompt tokens / max new tokens x count), shaped like the open run specs
+(run_specs_full_coarse_600_budget.conf) as PLATFORM_NOTES.md measured it: MMLU 700/1 x8, TruthfulQA 500/1 x4,
+BBQ 400/1 x4, BIG-bench 350/16 x4, GSM8K 1000/128 x2, CNN/DM 1500/128 x2. Prompts are random whole-word
+vocabulary pieces (they re-tokenize to about the stated length; the JSON has the exact counts, template
+included). Every request is greedy as HELM asks for it: temperature 1e-7, top_k 200 (the challenge's default).
+On decode-heavy rows the same prompt is also timed with max_new_tokens=1, so the marginal per-token decode time
+(t_N - t_1) / (N - 1) is reported beside t_N / N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, rope_theta=10000.0,
+                  max_position_embeddings=32768, rms_norm_eps=1e-5)
+TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=4096, rope_theta=10000.0, max_position_embeddings=4096,
+            rms_norm_eps=1e-5)
+# (scenario, prompt tokens, max new tokens, count)
+MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("bigbench", 350, 16, 4),
+       ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
+HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
+TEMPERATURE, TOP_K = 1e-7, 200
+SMOKE_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, gib: float = 4.0, repeats: int = 10) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"copy_bytes": n, "repeats": repeats, "copy_s": round(seconds / repeats, 6),
+            "bandwidth_gb_s": round(2 * n * repeats / seconds / 1e9, 1)}
+
+
+# ---- weights ---------------------------------------------------------------------------------------------------
+def build_folders(work: Path, arch: dict, device, tokenizer) -> dict:
+    """base/ (bf16), adapter/ (PEFT, random), merged/ (base + adapter merged, with the tokenizer)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    t0 = time.perf_counter()
+    config = MistralConfig(**arch, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.pad_token_id = 2
+    model.save_pretrained(work / "base", safe_serialization=True)
+    tokenizer.save_pretrained(work / "base")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed_bytes = model.get_input_embeddings().weight.numel() * 2
+    t1 = time.perf_counter()
+    lora = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    gen = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op adapter); give it weight so the adapter matters
+                param.normal_(0.0, 0.02, generator=gen)
+    model.save_pretrained(work / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(work / "merged", safe_serialization=True)
+    tokenizer.save_pretrained(work / "merged")
+    parameters = sum(p.numel() for p in merged.parameters())
+    del model, merged
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"build_and_save_base_s": round(t1 - t0, 1), "lora_merge_and_save_s": round(time.perf_counter() - t1, 1),
+            "parameters": parameters, "weight_bytes": weight_bytes,
+            "weight_bytes_without_input_embedding": weight_bytes - embed_bytes,
+            "merged_folder_gib": round(sum(f.stat().st_size for f in (work / "merged").glob("*.safetensors"))
+                                       / 2**30, 2)}
+
+
+def load_tokenizer(cache: Path, folder: Path | None):
+    """The smoke recipe's tokenizer (mistral-common's Mistral-7B-v0.1 file), or one saved from it earlier.
+
+    `folder` exists for machines where the mistral-common package cannot stay installed: with it importable but
+    its dependency jsonschema missing, transformers' AutoTokenizer fails on import (seen on the H200 image)."""
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    from birbal.config.model import TokenizerConfig
+    from birbal.models import load_tokenizer as load
+
+    return load(TokenizerConfig(source="mistral-common", sha256=SMOKE_TOKENIZER_SHA256), cache)
+
+
+# ---- the request mix -------------------------------------------------------------------------------------------
+def make_mix(tokenizer, seed: int, prompt_scale: float, new_scale: float) -> list[dict]:
+    """Prompts of random whole-word pieces ("▁" + ASCII letters), which re-tokenize one piece to one token."""
+    import numpy as np
+
+    words = [i for piece, i in tokenizer.get_vocab().items()
+             if piece.startswith("▁") and len(piece) > 2 and piece[1:].isascii() and piece[1:].isalpha()]
+    words.sort()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for scenario, prompt_tokens, new_tokens, count in MIX:
+        n_prompt = max(8, int(prompt_tokens * prompt_scale))
+        n_new = max(1, int(round(new_tokens * new_scale))) if new_tokens > 1 else 1
+        for _ in range(count):
+            ids = [int(words[j]) for j in rng.integers(0, len(words), size=n_prompt)]
+            text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            rows.append({"scenario": scenario, "prompt": text, "max_new_tokens": n_new,
+                         "stated_prompt_tokens": prompt_tokens, "stated_new_tokens": new_tokens})
+    order = rng.permutation(len(rows))  # interleaved, as a HELM run sends its scenarios
+    return [rows[i] for i in order]
+
+
+# ---- (a) the winners' server logic -----------------------------------------------------------------------------
+class WinnersServer:
+    """Upaya's submission_2/main.py, re-implemented: the same calls in the same order, no FastAPI around them."""
+
+    def __init__(self, base: Path, adapter: Path, device):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_float32_matmul_precision("high")
+        t0 = time.perf_counter()
+        base_model = AutoModelForCausalLM.from_pretrained(str(base), return_dict=True, dtype=torch.bfloat16,
+                                                          device_map={"": str(device)})
+        self.model = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base))
+        self.tokenizer.pad_token = self.tokenizer.eos_token
+        sync(device)
+        self.load_s = time.perf_counter() - t0
+        self.device = device
+
+    def process(self, prompt_in: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
+        import torch
+
+        prompt = prompt_in.strip()
+        if prompt.count("\n\n") < 2:
+            prompt = "### Input:\n" + prompt_in + "\n\n### Response:\n"
+        encoded = self.tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+        prompt_length = encoded["input_ids"][0].size(0)
+        assert prompt_length + max_new_tokens <= 4096
+        t0 = time.perf_counter()
+        encoded = {k: v.to(self.device) for k, v in encoded.items()}
+        with torch.no_grad():
+            outputs = self.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=True,
+                                          temperature=temperature, top_k=top_k, return_dict_in_generate=True,
+                                          output_scores=True, pad_token_id=self.tokenizer.eos_token_id)
+        output = self.tokenizer.decode(outputs.sequences[0][prompt_length:], skip_special_tokens=True)
+        raw = output
+        output = output.split("\n\n")[0]
+        if output.lower().strip().startswith("the answer is"):
+            output = output.strip()[13:].strip()[:1]
+        log_probs = torch.log(torch.stack(outputs.scores, dim=1).softmax(-1))
+        gen_sequences = outputs.sequences[:, encoded["input_ids"].shape[-1]:]
+        gen_logprobs = torch.gather(log_probs, 2, gen_sequences[:, :, None]).squeeze(-1)
+        top_indices = torch.argmax(log_probs, dim=-1)
+        top_logprobs = torch.gather(log_probs, 2, top_indices[:, :, None]).squeeze(-1)
+        tokens = []
+        for t, lp, (idx, val) in zip(gen_sequences.tolist()[0], gen_logprobs.tolist()[0],
+                                     zip(top_indices.tolist()[0], top_logprobs.tolist()[0], strict=True),
+                                     strict=True):
+            tokens.append({"text": self.tokenizer.decode(t), "logprob": lp,
+                           "top_logprob": {self.tokenizer.decode(idx): val}})
+        logprob = gen_logprobs.sum().item()
+        request_time = time.perf_counter() - t0
+        # diagnostics, not part of the server (their time is taken off the request's): steps whose processed
+        # scores hold more than one token at the maximum, where sampling at 1e-7 is a draw among equals
+        d0 = time.perf_counter()
+        scores = torch.stack(outputs.scores, dim=1)[0]
+        tied = int(((scores == scores.max(-1, keepdim=True).values).sum(-1) > 1).sum().item())
+        return {"text": output, "raw": raw, "ids": gen_sequences[0].tolist(), "tokens": tokens,
+                "logprob": logprob, "prompt_tokens": prompt_length, "request_time": request_time,
+                "tied_steps": tied, "diag_s": time.perf_counter() - d0}
+
+
+# ---- (b) ours --------------------------------------------------------------------------------------------------
+class OursServer:
+    def __init__(self, merged: Path | None, device, model=None, tokenizer=None):
+        """The merged folder through `Engine.from_merged`, or (a check of numerics) an already loaded model."""
+        from birbal.config.serve import ServeConfig
+        from birbal.serve.engine import Engine
+
+        t0 = time.perf_counter()
+        cfg = ServeConfig(device=device.type)
+        self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
+                       else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
+        sync(device)
+        self.load_s = time.perf_counter() - t0
+        self.engine_load_s = self.engine.load_s
+
+    def process(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
+        from birbal.serve.schemas import ProcessRequest
+
+        before = self.engine.stats.generated_tokens
+        prompt_before = self.engine.stats.prompt_tokens
+        response = self.engine.process(ProcessRequest(prompt=prompt, max_new_tokens=max_new_tokens,
+                                                      temperature=temperature, top_k=top_k))
+        return {"text": response.text, "raw": "".join(t.text for t in response.tokens),
+                "generated": self.engine.stats.generated_tokens - before,
+                "prompt_tokens": self.engine.stats.prompt_tokens - prompt_before, "logprob": response.logprob,
+                "request_time": response.request_time}
+
+
+# ---- replay ----------------------------------------------------------------------------------------------------
+def replay(server, mix: list[dict], device, marginal: bool = True) -> dict:
+    rows = []
+    sync(device)
+    t0 = time.perf_counter()
+    for req in mix:
+        s = time.perf_counter()
+        out = server.process(req["prompt"], req["max_new_tokens"], TEMPERATURE, TOP_K)
+        sync(device)
+        wall = time.perf_counter() - s - out.get("diag_s", 0.0)
+        generated = out["generated"] if "generated" in out else len(out["ids"])
+        rows.append({"scenario": req["scenario"], "prompt_tokens": out["prompt_tokens"],
+                     "max_new_tokens": req["max_new_tokens"], "generated": generated, "wall_s": round(wall, 4),
+                     "text": out["text"], "raw": out["raw"], "logprob": out["logprob"]})
+        if "tied_steps" in out:
+            rows[-1]["tied_steps"] = out["tied_steps"]
+    total = time.perf_counter() - t0
+    # prefill-only timings of the decode-heavy prompts: the marginal decode cost per new token
+    for row, req in zip(rows, mix, strict=True):
+        if marginal and req["max_new_tokens"] > 1:
+            s = time.perf_counter()
+            one = server.process(req["prompt"], 1, TEMPERATURE, TOP_K)
+            sync(device)
+            row["wall_1_token_s"] = round(time.perf_counter() - s - one.get("diag_s", 0.0), 4)
+            if row["generated"] > 1:
+                row["ms_per_token"] = round(1e3 * row["wall_s"] / row["generated"], 2)
+                row["marginal_ms_per_token"] = round(
+                    1e3 * (row["wall_s"] - row["wall_1_token_s"]) / (row["generated"] - 1), 2)
+    return {"total_s": round(total, 3), "rows": rows}
+
+
+def summarise(result: dict) -> dict:
+    rows = result["rows"]
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["scenario"], []).append(r["wall_s"])
+    heavy = [r for r in rows if r["scenario"] in HEAVY and "ms_per_token" in r]
+    return {"total_s": result["total_s"], "mean_s_by_scenario": {k: round(sum(v) / len(v), 4) for k, v in by.items()},
+            "mmlu_like_request_s": round(sum(by["mmlu"]) / len(by["mmlu"]), 4),
+            "decode_heavy_ms_per_token": [min(r["ms_per_token"] for r in heavy),
+                                          max(r["ms_per_token"] for r in heavy)] if heavy else None,
+            "decode_heavy_marginal_ms_per_token": [min(r["marginal_ms_per_token"] for r in heavy),
+                                                   max(r["marginal_ms_per_token"] for r in heavy)] if heavy else None,
+            "generated_tokens": sum(r["generated"] for r in rows)}
+
+
+def compare(a_rows: list[dict], b_rows: list[dict]) -> dict:
+    same_text = sum(a["text"] == b["text"] for a, b in zip(a_rows, b_rows, strict=True))
+    same_raw = 0
+    first_diff = []
+    for i, (a, b) in enumerate(zip(a_rows, b_rows, strict=True)):
+        if a["raw"] == b["raw"]:
+            same_raw += 1
+        else:
+            at = next((j for j, (x, y) in enumerate(zip(a["raw"], b["raw"], strict=False)) if x != y),
+                      min(len(a["raw"]), len(b["raw"])))
+            first_diff.append({"row": i, "scenario": a["scenario"], "first_differing_char": at,
+                               "winners": a["raw"][max(0, at - 20):at + 20], "ours": b["raw"][max(0, at - 20):at + 20]})
+    return {"rows": len(a_rows), "same_text": same_text, "same_raw_generation": same_raw,
+            "match_rate": round(same_raw / len(a_rows), 4), "differences": first_diff[:8],
+            "winners_rows_with_logprob_0": sum(1 for a in a_rows if a["logprob"] == 0.0),
+            "ours_logprob_range": [min(b["logprob"] for b in b_rows), max(b["logprob"] for b in b_rows)],
+            "a_rows_with_tied_steps": sum(1 for a in a_rows if a.get("tied_steps")),
+            "a_tied_steps": sum(a.get("tied_steps", 0) for a in a_rows)}
+
+
+def table(res: dict) -> str:
+    lines = ["| server | load s | mix total s | MMLU-like request s | ms/token, decode-heavy rows (t/N) | "
+             "marginal ms/token | tokens generated |", "|---|---|---|---|---|---|---|"]
+    for key, label in (("winners", "(a) winners: bf16 + unmerged PeftModel, generate, sampling at 1e-7"),
+                       ("ours", "(b) ours: Engine on merged bf16, greedy"),
+                       ("ours_unmerged", "(c) check: our Engine on (a)'s unmerged PeftModel, greedy")):
+        if key not in res or "summary" not in res[key]:
+            continue
+        s, load = res[key]["summary"], res[key].get("load_s", float("nan"))
+        rng = s["decode_heavy_ms_per_token"] or ["-", "-"]
+        mrg = s["decode_heavy_marginal_ms_per_token"] or ["-", "-"]
+        lines.append(f"| {label} | {load:.1f} | {s['total_s']:.2f} | {s['mmlu_like_request_s'] * 1e3:.0f} ms | "
+                     f"{rng[0]}-{rng[1]} | {mrg[0]}-{mrg[1]} | {s['generated_tokens']} |")
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "peft": peft.__version__}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_memory_mib"] = torch.cuda.get_device_properties(0).total_memory // 2**20
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/serve_bench"))
+    parser.add_argument("--arch", choices=["mistral-7b", "tiny"], default="mistral-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prompt-scale", type=float, default=1.0, help="shrink prompt lengths (CPU checks)")
+    parser.add_argument("--new-scale", type=float, default=1.0, help="shrink multi-token max_new_tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-folder", type=Path, default=None,
+                        help="a folder the smoke tokenizer was saved to (instead of mistral-common)")
+    parser.add_argument("--skip-unmerged-check", action="store_true",
+                        help="skip (c), our engine on the unmerged PeftModel (a numerics check, not a server)")
+    args = parser.parse_args()
+
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    arch = MISTRAL_7B if args.arch == "mistral-7b" else TINY
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    res: dict = {"benchmark": "serve_latency", "argv": sys.argv[1:], "versions": versions(), "arch": args.arch,
+                 "temperature": TEMPERATURE, "top_k": TOP_K,
+                 "mix": [{"scenario": s, "prompt_tokens": p, "max_new_tokens": n, "count": c} for s, p, n, c in MIX]}
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+
+    try:
+        res["copy_bandwidth"] = copy_bandwidth(device)
+        tokenizer = load_tokenizer(args.workdir / "cache", args.tokenizer_folder)
+        res["weights"] = build_folders(args.workdir, arch, device, tokenizer)
+        save()
+        mix = make_mix(tokenizer, args.seed, args.prompt_scale, args.new_scale)
+        warm = mix[0]
+        for key in ("winners", "ours"):
+            server = (WinnersServer(args.workdir / "base", args.workdir / "adapter", device) if key == "winners"
+                      else OursServer(args.workdir / "merged", device))
+            res[key] = {"load_s": round(server.load_s, 2)}
+            if hasattr(server, "engine_load_s"):
+                res[key]["engine_reported_load_s"] = round(server.engine_load_s, 2)
+            s = time.perf_counter()
+            server.process(warm["prompt"], 16, TEMPERATURE, TOP_K)
+            sync(device)
+            res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)
+            res[key].update(replay(server, mix, device))
+            if key == "winners" and not args.skip_unmerged_check:
+                # (c) our engine on the winners' own unmerged model: separates what merging the adapter into
+                # bf16 changes from what the engine changes
+                check = OursServer(None, device, model=server.model, tokenizer=server.tokenizer)
+                res["ours_unmerged"] = replay(check, mix, device, marginal=False)
+                res["ours_unmerged"]["summary"] = summarise(res["ours_unmerged"])
+                del check
+            res[key]["summary"] = summarise(res[key])
+            if device.type == "cuda":
+                res[key]["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                torch.cuda.reset_peak_memory_stats(device)
+            save()
+            print(f"{key}: {json.dumps(res[key]['summary'])}", flush=True)
+            del server
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        res["text_match"] = compare(res["winners"]["rows"], res["ours"]["rows"])
+        if "ours_unmerged" in res:
+            res["text_match_unmerged_engine_vs_winners"] = compare(res["winners"]["rows"],
+                                                                   res["ours_unmerged"]["rows"])
+            res["text_match_unmerged_engine_vs_ours"] = compare(res["ours_unmerged"]["rows"], res["ours"]["rows"])
+        a, b = res["winners"]["summary"], res["ours"]["summary"]
+        targets: dict = {"total_ratio_ours_over_winners": round(b["total_s"] / a["total_s"], 3),
+                         "total_target_met": b["total_s"] <= a["total_s"] / 3,
+                         "identical_greedy_text_met": res["text_match"]["same_raw_generation"] == len(mix)}
+        bw = res["copy_bandwidth"].get("bandwidth_gb_s")
+        if bw and b["decode_heavy_marginal_ms_per_token"]:
+            bound_ms = res["weights"]["weight_bytes"] / (bw * 1e9) * 1e3
+            worst = b["decode_heavy_marginal_ms_per_token"][1]
+            targets.update({"bandwidth_bound_ms_per_token": round(bound_ms, 3),
+                            "ours_worst_marginal_ms_per_token": worst,
+                            "ours_over_bound": round(worst / bound_ms, 2),
+                            "decode_within_2x_bound_met": worst <= 2 * bound_ms})
+        res["targets"] = targets
+    except Exception:
+        res["error"] = traceback.format_exc()
+        save()
+        print(res["error"], file=sys.stderr)
+        return 1
+    save()
+    slim = {k: v for k, v in res.items() if k not in ("winners", "ours", "ours_unmerged")}
+    slim.update({k: {kk: vv for kk, vv in res[k].items() if kk != "rows"} for k in ("winners", "ours", "ours_unmerged")
+                 if k in res})
+    print(json.dumps(slim, indent=1))
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
