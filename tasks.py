@@ -243,7 +243,20 @@ def reproduce(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto",
         reason = docker_available()
         if reason:
             raise Exit(f"--runtime docker: {reason}", code=1)
-    _reproduce(profile, _run_dir(profile, run_dir), list(set_ or []), where, dry_run, budget_hours)
+    folder = _run_dir(profile, run_dir)
+    _preflight(_load_recipe(profile, list(set_ or [])), folder, stop=not dry_run)
+    _reproduce(profile, folder, list(set_ or []), where, dry_run, budget_hours)
+
+
+def _preflight(recipe, run_dir: Path, stop: bool) -> None:
+    """GPU and memory, driver, disk, token: each failure one line, before hours of work start."""
+    from birbal.preflight import failures, query_nvidia_smi, run_preflight
+
+    checks = run_preflight(recipe, nvidia_smi_output=query_nvidia_smi(), run_dir=run_dir, hub_cache=HUB_CACHE)
+    for check in checks:
+        print(check.line(), file=sys.stderr)
+    if stop and failures(checks):
+        raise Exit(f"preflight: {len(failures(checks))} check(s) failed (see above)", code=1)
 
 
 @task(help={"run-dir": "run directory (default: runs/smoke)", "dry-run": DRY_HELP})
@@ -319,14 +332,8 @@ def validate(c, profile="birbal-4090", set_=None):
 @task(help={"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP})
 def preflight(c, profile="birbal-4090", run_dir=None):
     """Before a long run: GPU and memory, driver for the image's CUDA, disk space, hub token."""
-    from birbal.preflight import failures, query_nvidia_smi, run_preflight
 
-    checks = run_preflight(_load_recipe(profile, []), nvidia_smi_output=query_nvidia_smi(),
-                           run_dir=_run_dir(profile, run_dir), hub_cache=HUB_CACHE)
-    for check in checks:
-        print(check.line())
-    if failures(checks):
-        raise Exit(f"preflight: {len(failures(checks))} check(s) failed", code=1)
+    _preflight(_load_recipe(profile, []), _run_dir(profile, run_dir), stop=True)
 
 
 @task(help={"k": "only tests matching this expression", "gpu": "run only the GPU tests (needs CUDA)"})

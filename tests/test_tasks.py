@@ -71,3 +71,18 @@ def test_build_without_docker_engine_says_so():
     if result.returncode == 0:  # a machine with a working engine built the images: nothing to check here
         return
     assert result.returncode == 1 and "invoke build:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reproduce_stops_at_preflight_without_a_gpu(tmp_path):
+    import shutil
+
+    import pytest
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU machine would start the real 7B run")
+    run = tmp_path / "r"
+    result = invoke("reproduce", "--profile", "birbal-4090", "--runtime", "local", "--run-dir", str(run))
+    assert result.returncode == 1
+    assert "FAIL gpu: no NVIDIA GPU visible" in result.stderr and "preflight: " in result.stderr
+    assert "ok   hf-token: HF_TOKEN is set" in result.stderr and "hf_secret_never_printed" not in result.stderr
+    assert not (run / "manifest.json").exists()  # no stage started
