@@ -8,10 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"train": ROOT / "Dockerfile.train", "serve": ROOT / "Dockerfile.serve"}
