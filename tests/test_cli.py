@@ -47,3 +47,15 @@ def test_smoke_run_manifest_lists_complete_stages_and_a_falling_loss(smoke_run):
     # a second invocation skips every complete stage
     again = run_cli("train", "--profile", "smoke", "--run-dir", str(smoke_run))
     assert "skipped" in again.stderr
+
+
+def test_4090_published_data_without_hub_names_what_it_tried_to_fetch(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("prepare-data", "--profile", "birbal-4090", "--run-dir", str(run), check=False,
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 4
+    errors = [line for line in result.stderr.splitlines() if line.startswith("birbal: error:")]
+    assert len(errors) == 1
+    assert "train_dataset.json of dataset upaya07/NeurIPS-LLM-data at revision 5d3ce1ca" in errors[0]
+    record = json.loads((run / "data" / "stage.json").read_text())
+    assert record["status"] == "failed" and not (run / "data" / "train.jsonl").exists()

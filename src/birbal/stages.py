@@ -74,6 +74,11 @@ def prepare_data_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> 
     from birbal.models import load_tokenizer
 
     def body(folder: Path):
+        if recipe.data.mode == "published":
+            from birbal.data.published import fetch_published
+
+            # The data first: without hub access the stage then fails naming the dataset it tried to fetch.
+            fetch_published(recipe.data.published, cache_dir(run_dir))
         tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir(run_dir))
         manifest = prepare_data(recipe, folder, cache_dir(run_dir), tokenizer)
         log(f"prepare-data: {manifest['rows']['train']} train / {manifest['rows']['eval']} eval rows; "
