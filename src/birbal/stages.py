@@ -99,7 +99,7 @@ def train_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRe
             outcome = trainer.train()
             result = trainer.finalize(outcome)
         finally:
-            trainer.cleanup() if hasattr(trainer, "model") else None
+            trainer.cleanup()
         d = result.details
         log(f"train: {result.outcome} at step {d['global_step']}/{d['total_steps']}, loss "
             f"{d['first_train_loss']:.3f} -> {d['final_train_loss']:.3f}, best eval_loss {d['best_eval_loss']:.4f} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ class QLoRARecipe:
         self.device = resolve_device(self.train_cfg.device)
         self.checkpoint_dir = out_dir / CHECKPOINTS
         self.metrics = MetricsLog(out_dir / METRICS)
+        self.dropped_too_long: dict[str, int] = {}
+        self.session_tokens_per_s = 0.0
         self.ledger = BudgetLedger.open(out_dir / LEDGER, self.train_cfg.budget_hours)
 
     # ---- setup -----------------------------------------------------------------------------------------
@@ -141,7 +144,7 @@ class QLoRARecipe:
             return rows
         rows, dropped = pack_examples(examples, cfg.sequence_len, self.tokenizer.eos_token_id,
                                       cfg.pad_to_sequence_len)
-        self.__dict__.setdefault("dropped_too_long", {})[name] = dropped
+        self.dropped_too_long[name] = dropped
         return rows
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -205,7 +208,8 @@ class QLoRARecipe:
 
     def train_step(self, step: int) -> dict:
         self.model.train()
-        micro = [self._to_device(rows) for rows in self._micro_batches(step)]
+        micro_rows = self._micro_batches(step)
+        micro = [self._to_device(rows) for rows in micro_rows]
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         total_loss = 0.0
         for batch in micro:
@@ -219,7 +223,7 @@ class QLoRARecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        rows = [r for mb in self._micro_batches(step) for r in mb]
+        rows = [r for mb in micro_rows for r in mb]
         return {"loss": total_loss / max(labelled, 1), "grad_norm": float(grad_norm),
                 "tokens": sum(r.real_tokens for r in rows), "labelled_tokens": labelled,
                 "lr": self.scheduler.get_last_lr()[0],
@@ -241,6 +245,10 @@ class QLoRARecipe:
     def save_checkpoint(self) -> None:
         t0 = time.time()
         step = self.state["global_step"]
+        # As HF Trainer does, the best model is chosen among saved checkpoints only (by the eval at their step).
+        evaluated = [e["eval_loss"] for e in self.state["eval_history"] if e["step"] == step]
+        if evaluated and (self.state["best_eval_loss"] is None or evaluated[-1] < self.state["best_eval_loss"]):
+            self.state["best_eval_loss"], self.state["best_step"] = evaluated[-1], step
         ckpt.save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.state)
         self.ledger.checkpoint(step)
         protect = {step} | ({self.state["best_step"]} if self.state["best_step"] is not None else set())
@@ -253,11 +261,8 @@ class QLoRARecipe:
         self.state["eval_time_s"] = time.time() - t0
         step = self.state["global_step"]
         self.state["eval_history"].append({"step": step, "eval_loss": eval_loss})
-        if self.state["best_eval_loss"] is None or eval_loss < self.state["best_eval_loss"]:
-            self.state["best_eval_loss"], self.state["best_step"] = eval_loss, step
         self.metrics.write(event="eval", step=step, eval_loss=eval_loss, eval_time_s=round(self.state["eval_time_s"], 3))
-        tqdm.write(file=sys.stderr, s=f"step {step}: eval_loss {eval_loss:.4f} (best {self.state['best_eval_loss']:.4f} "
-                   f"at step {self.state['best_step']})")
+        tqdm.write(file=sys.stderr, s=f"step {step}: eval_loss {eval_loss:.4f}")
 
     def _predicted_s(self, next_step: int) -> float:
         """Time the next step needs, plus an eval if one is due, plus the final eval and checkpoint."""
@@ -344,12 +349,11 @@ class QLoRARecipe:
         chosen = self.state["best_step"] if self.train_cfg.load_best_model_at_end else max(checkpoints)
         if chosen not in checkpoints:
             chosen = max(checkpoints)
-        import shutil
-
         with atomic_directory(self.out_dir / ADAPTER) as tmp:
             for file in (checkpoints[chosen] / ckpt.ADAPTER).iterdir():
                 shutil.copy2(file, tmp / file.name)
-            atomic_write_json(tmp / "birbal_adapter.json", {"step": chosen, "eval_loss": self.state["best_eval_loss"],
+            chosen_loss = next((e["eval_loss"] for e in self.state["eval_history"] if e["step"] == chosen), None)
+            atomic_write_json(tmp / "birbal_adapter.json", {"step": chosen, "eval_loss": chosen_loss,
                                                             "recipe": self.cfg.name})
         records = self.metrics.records()
         plot_loss(records, self.out_dir / LOSS_PLOT, f"{self.cfg.name}: QLoRA training")
@@ -365,15 +369,15 @@ class QLoRARecipe:
             "sessions": ledger["sessions"], "time_lost_to_crashes_s": ledger["time_lost_to_crashes_s"],
             "max_gpu_memory_gib": self.train_cfg.max_gpu_memory_gib, "peak_gpu_memory_gib": peak_gpu_memory_gib(),
             "device": str(self.device), "train_rows_packed": len(self.train_rows),
-            "dropped_too_long": getattr(self, "dropped_too_long", {}),
-            "session_tokens_per_s": round(getattr(self, "session_tokens_per_s", 0.0), 1),
+            "dropped_too_long": self.dropped_too_long,
+            "session_tokens_per_s": round(self.session_tokens_per_s, 1),
             "trainable_parameters": sum(p.numel() for p in self.trainable),
         }
         outputs = {f"{ADAPTER}/{k}": v for k, v in hash_tree(self.out_dir / ADAPTER).items()}
-        outputs.update({name: hash_tree(self.out_dir, exclude=(CHECKPOINTS, ADAPTER)).get(name, "")
-                        for name in (METRICS, LEDGER, LOSS_PLOT)})
+        records_and_plot = hash_tree(self.out_dir, exclude=(CHECKPOINTS, ADAPTER))
+        outputs.update({name: records_and_plot[name] for name in (METRICS, LEDGER, LOSS_PLOT)})
         return TrainResult(outcome=outcome, outputs=outputs, details=details)
 
     def cleanup(self) -> None:
-        if self.neftune:
+        if getattr(self, "neftune", None):  # absent when setup() failed before building the model
             self.neftune.remove()
