@@ -40,10 +40,9 @@ import time
 import traceback
 from pathlib import Path
 
+from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, rope_theta=10000.0,
-                  max_position_embeddings=32768, rms_norm_eps=1e-5)
 TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, sliding_window=4096, rope_theta=10000.0, max_position_embeddings=4096,
             rms_norm_eps=1e-5)

@@ -45,14 +45,13 @@ import time
 import traceback
 from pathlib import Path
 
+from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
+
 RESULT_MARK = "@@RESULT "
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIX_MEDIAN, MIX_SIGMA, MIX_MIN = 350, 0.9, 24
 PROMPT_FRACTION = (0.35, 0.65)
 
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, sliding_window=4096, rope_theta=10000.0,
-                  max_position_embeddings=32768, rms_norm_eps=1e-5)
 TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, sliding_window=256, rope_theta=10000.0, max_position_embeddings=4096,
             rms_norm_eps=1e-5)

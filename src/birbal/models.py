@@ -152,9 +152,10 @@ def load_base_model(cfg: ModelConfig, cache_dir: Path, device: torch.device, dty
     return model
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, key: str = "train.device", error: type[Exception] = ModelError) -> torch.device:
+    """`auto` -> the current CUDA device when there is one, else the CPU; `cuda` without a GPU raises `error`."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ModelError("train.device is 'cuda' but no CUDA GPU is visible")
+            raise error(f"{key} is 'cuda' but no CUDA GPU is visible")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -51,11 +51,9 @@ GREEDY_TEMPERATURE = 1e-5  # at or below: greedy (HELM sends 1e-7 when it wants 
 
 
 def resolve_serve_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ServeError("serve.device is 'cuda' but no CUDA GPU is visible")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    from birbal.models import resolve_device
+
+    return resolve_device(requested, "serve.device", ServeError)
 
 
 @dataclass
