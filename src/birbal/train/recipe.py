@@ -57,11 +57,7 @@ class TrainResult:
 
 
 def cap_gpu_memory(device: torch.device, gib: float) -> float:
-    """Cap this process's share of the GPU (PyTorch's caching allocator) at `gib`; returns the fraction set.
-
-    bitsandbytes' paged optimizer state lives in CUDA managed memory, outside this cap: its size (8 bytes per
-    trainable parameter for 32-bit AdamW) is reported separately, and the benchmark adds it when checking a fit.
-    """
+    """Cap this process's share of the GPU (PyTorch's caching allocator) at `gib`; returns the fraction set."""
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = min(1.0, gib * 2**30 / total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
@@ -99,8 +95,6 @@ class QLoRARecipe:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
-            if cfg.max_gpu_memory_gib is not None:
-                cap_gpu_memory(self.device, cfg.max_gpu_memory_gib)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer, self.cache_dir)
@@ -118,6 +112,13 @@ class QLoRARecipe:
                         if cfg.neftune_noise_alpha else None)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
+        if self.device.type == "cuda" and cfg.max_gpu_memory_gib is not None:
+            # bitsandbytes' paged optimizer state lives in CUDA managed memory, which PyTorch's cap does not see:
+            # take its size (8 bytes per trainable parameter for 32-bit AdamW, 2 for 8-bit) off the cap, so the
+            # whole process stays within max_gpu_memory_gib.
+            per_param = {"paged_adamw_32bit": 8, "paged_adamw_8bit": 2}.get(cfg.optimizer, 0)
+            paged_gib = per_param * sum(p.numel() for p in self.trainable) / 2**30
+            cap_gpu_memory(self.device, cfg.max_gpu_memory_gib - paged_gib)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
