@@ -12,7 +12,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from invoke import Collection, Exit, task
@@ -170,19 +169,13 @@ def _load_recipe(profile: str, overrides: list[str]):
 
 
 def _wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None) -> None:
-    import httpx
+    from birbal.errors import EvaluateError
+    from birbal.evaluate.client import wait_until_healthy
 
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if server is not None and server.poll() is not None:
-            raise Exit(f"the server exited ({server.returncode}) before becoming healthy", code=1)
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise Exit(f"the server at {url} was not healthy within {timeout_s:.0f} s", code=1)
+    try:
+        wait_until_healthy(url, timeout_s, server, poll_s=1.0)
+    except EvaluateError as err:
+        raise Exit(f"birbal: error: {err}", code=1) from None
 
 
 def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, dry_run: bool,

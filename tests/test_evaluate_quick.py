@@ -9,13 +9,12 @@ import os
 import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from birbal.config import load_recipe
+from birbal.evaluate.client import wait_until_healthy
 from birbal.evaluate.quick import continuation_logprob
 from birbal.evaluate.stage import evaluate_stage
 from birbal.rundir import RunDir
@@ -53,16 +52,7 @@ def live_server():
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"the server at {url} did not become healthy in 60 s")
+    wait_until_healthy(url, 60, poll_s=0.2)
     yield recipe, url
     server.should_exit = True
     thread.join(timeout=10)

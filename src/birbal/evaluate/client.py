@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +42,22 @@ def check_server(url: str, timeout_s: float = 10.0) -> None:
     if response.status_code != 200:
         raise EvaluateError(f"the model server at {url} is not ready: GET /health answered {response.status_code} "
                             f"{response.text[:200]!r}")
+
+
+def wait_until_healthy(url: str, timeout_s: float, process=None, poll_s: float = 0.5) -> None:
+    """Poll GET /health until it answers 200; fail when `timeout_s` passes or `process` (the server) exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise EvaluateError(f"the model server exited ({process.returncode}) before {url} became healthy")
+        try:
+            check_server(url, timeout_s=min(5.0, timeout_s))
+            return
+        except EvaluateError as err:
+            if time.monotonic() >= deadline:
+                raise EvaluateError(f"the model server at {url} was not healthy within {timeout_s:.0f} s: {err}") \
+                    from None
+        time.sleep(poll_s)
 
 
 def helm_raw_request(item: dict[str, Any]) -> dict[str, Any]:
