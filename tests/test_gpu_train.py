@@ -116,3 +116,15 @@ def test_packed_loss_equals_separate_losses_on_cuda(attention, tokenizer, tmp_pa
         alone = [response_loss_sum(model, on_gpu(collate(pack_examples([e], len(e), 2)[0]))) for e in examples]
     assert n == sum(k for _, k in alone)
     torch.testing.assert_close(packed, sum(loss for loss, _ in alone), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_compiled_layers_match_eager_on_cuda(attention, tokenizer, tmp_path):
+    """train.torch_compile on the GPU kernels (Inductor, bitsandbytes' CUDA 4-bit, flex_attention's block mask)."""
+    from test_train_model import assert_compiled_matches_eager
+
+    from birbal.config import load_recipe
+
+    recipe = load_recipe("smoke", ["train.device=cuda", "quantization.compute_dtype=float32",
+                                   f"model.attn_implementation={attention}"])
+    assert_compiled_matches_eager(recipe, tmp_path, tokenizer, torch.device("cuda"))
