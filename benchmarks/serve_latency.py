@@ -19,6 +19,11 @@ What it does, in one process:
    step, per-token decode and the same output cutting; (b) "ours": `Engine.from_merged(merged folder)` and
    `Engine.process(ProcessRequest)`. Each loads from disk (load time reported), serves one warm-up request,
    then replays the mix; (a) is freed before (b) loads.
+   `--decode-modes eager,cuda_graph` times (b) once per `serve.decode` mode, each loaded afresh from the same
+   merged folder and freed before the next: keys `ours` (auto, the server's default) and `ours_<mode>`. The first
+   timed mode is the one `text_match` and `targets` judge; `targets.decode_by_mode` and `decode_agreement` (each
+   mode's generations against that first one) cover the others. A mode the device cannot run (cuda_graph on CPU)
+   is recorded as skipped with the reason.
 
 The mix (prompt tokens / max new tokens x count), shaped like the open run specs
 (run_specs_full_coarse_600_budget.conf) as PLATFORM_NOTES.md measured it: MMLU 700/1 x8, TruthfulQA 500/1 x4,
@@ -49,7 +54,8 @@ TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden
 # (scenario, prompt tokens, max new tokens, count)
 MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("bigbench", 350, 16, 4),
        ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
-HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
+HEAVY = ("gsm8k", "cnndm")
+DECODE_MODES = ("auto", "eager", "static", "cuda_graph")  # serve.decode  # the decode-heavy rows (128 new tokens)
 TEMPERATURE, TOP_K = 1e-7, 200
 SMOKE_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
@@ -227,18 +233,19 @@ class WinnersServer:
 
 # ---- (b) ours --------------------------------------------------------------------------------------------------
 class OursServer:
-    def __init__(self, merged: Path | None, device, model=None, tokenizer=None):
+    def __init__(self, merged: Path | None, device, model=None, tokenizer=None, decode: str = "auto"):
         """The merged folder through `Engine.from_merged`, or (a check of numerics) an already loaded model."""
         from birbal.config.serve import ServeConfig
         from birbal.serve.engine import Engine
 
         t0 = time.perf_counter()
-        cfg = ServeConfig(device=device.type)
+        cfg = ServeConfig(device=device.type, decode=decode)
         self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
                        else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
         sync(device)
         self.load_s = time.perf_counter() - t0
         self.engine_load_s = self.engine.load_s
+        self.decode = self.engine.decode_mode
 
     def process(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
         from birbal.serve.schemas import ProcessRequest
@@ -319,12 +326,35 @@ def compare(a_rows: list[dict], b_rows: list[dict]) -> dict:
             "a_tied_steps": sum(a.get("tied_steps", 0) for a in a_rows)}
 
 
+def ours_key(mode: str) -> str:
+    return "ours" if mode == "auto" else f"ours_{mode}"
+
+
+def decode_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in DECODE_MODES]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct modes from {', '.join(DECODE_MODES)}; "
+                                         f"given {text!r}")
+    return modes
+
+
+def skip_reason(mode: str, device) -> str | None:
+    if mode == "cuda_graph" and device.type != "cuda":
+        return f"cuda_graph needs a CUDA device; this run is on {device} (time static for the same cache path)"
+    return None
+
+
 def table(res: dict) -> str:
     lines = ["| server | load s | mix total s | MMLU-like request s | ms/token, decode-heavy rows (t/N) | "
              "marginal ms/token | tokens generated |", "|---|---|---|---|---|---|---|"]
-    for key, label in (("winners", "(a) winners: bf16 + unmerged PeftModel, generate, sampling at 1e-7"),
-                       ("ours", "(b) ours: Engine on merged bf16, greedy"),
+    ours = [(ours_key(m), f"(b) ours: Engine on merged bf16, greedy, decode={res.get(ours_key(m), {}).get('decode', m)}")
+            for m in res.get("decode_modes", ["auto"])]
+    skipped = []
+    for key, label in (("winners", "(a) winners: bf16 + unmerged PeftModel, generate, sampling at 1e-7"), *ours,
                        ("ours_unmerged", "(c) check: our Engine on (a)'s unmerged PeftModel, greedy")):
+        if key in res and "skipped" in res[key]:
+            skipped.append(f"{key}: skipped, {res[key]['skipped']}")
         if key not in res or "summary" not in res[key]:
             continue
         s, load = res[key]["summary"], res[key].get("load_s", float("nan"))
@@ -332,7 +362,7 @@ def table(res: dict) -> str:
         mrg = s["decode_heavy_marginal_ms_per_token"] or ["-", "-"]
         lines.append(f"| {label} | {load:.1f} | {s['total_s']:.2f} | {s['mmlu_like_request_s'] * 1e3:.0f} ms | "
                      f"{rng[0]}-{rng[1]} | {mrg[0]}-{mrg[1]} | {s['generated_tokens']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + skipped)
 
 
 def versions() -> dict:
@@ -361,6 +391,9 @@ def main() -> int:
                         help="a folder the smoke tokenizer was saved to (instead of mistral-common)")
     parser.add_argument("--skip-unmerged-check", action="store_true",
                         help="skip (c), our engine on the unmerged PeftModel (a numerics check, not a server)")
+    parser.add_argument("--decode-modes", type=decode_modes, default=["auto"],
+                        help="time ours once per serve.decode mode, comma-separated, from " + ", ".join(DECODE_MODES)
+                        + " (default auto: the server's own choice)")
     args = parser.parse_args()
 
     import torch
@@ -371,7 +404,7 @@ def main() -> int:
     arch = MISTRAL_7B if args.arch == "mistral-7b" else TINY
     args.workdir.mkdir(parents=True, exist_ok=True)
     res: dict = {"benchmark": "serve_latency", "argv": sys.argv[1:], "versions": versions(), "arch": args.arch,
-                 "temperature": TEMPERATURE, "top_k": TOP_K,
+                 "temperature": TEMPERATURE, "top_k": TOP_K, "decode_modes": args.decode_modes,
                  "mix": [{"scenario": s, "prompt_tokens": p, "max_new_tokens": n, "count": c} for s, p, n, c in MIX]}
 
     def save() -> None:
@@ -385,21 +418,31 @@ def main() -> int:
         save()
         mix = make_mix(tokenizer, args.seed, args.prompt_scale, args.new_scale)
         warm = mix[0]
-        for key in ("winners", "ours"):
+        timed: list[str] = []  # the ours keys that ran, in order; the first is the one `targets` judges
+        for key, mode in [("winners", None), *((ours_key(m), m) for m in args.decode_modes)]:
+            if mode is not None and (reason := skip_reason(mode, device)):
+                res[key] = {"decode": mode, "skipped": reason}
+                print(f"{key}: skipped, {reason}", flush=True)
+                continue
             server = (WinnersServer(args.workdir / "base", args.workdir / "adapter", device) if key == "winners"
-                      else OursServer(args.workdir / "merged", device))
+                      else OursServer(args.workdir / "merged", device, decode=mode))
             res[key] = {"load_s": round(server.load_s, 2)}
+            if mode is not None:
+                res[key]["decode"] = server.decode
+                timed.append(key)
             if hasattr(server, "engine_load_s"):
                 res[key]["engine_reported_load_s"] = round(server.engine_load_s, 2)
             s = time.perf_counter()
             server.process(warm["prompt"], 16, TEMPERATURE, TOP_K)
             sync(device)
-            res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)
+            res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)  # a CUDA graph is captured here
             res[key].update(replay(server, mix, device))
             if key == "winners" and not args.skip_unmerged_check:
                 # (c) our engine on the winners' own unmerged model: separates what merging the adapter into
                 # bf16 changes from what the engine changes
-                check = OursServer(None, device, model=server.model, tokenizer=server.tokenizer)
+                runnable = [m for m in args.decode_modes if not skip_reason(m, device)] or ["auto"]
+                check = OursServer(None, device, model=server.model, tokenizer=server.tokenizer,
+                                   decode=runnable[0])
                 res["ours_unmerged"] = replay(check, mix, device, marginal=False)
                 res["ours_unmerged"]["summary"] = summarise(res["ours_unmerged"])
                 del check
@@ -413,13 +456,17 @@ def main() -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        res["text_match"] = compare(res["winners"]["rows"], res["ours"]["rows"])
+        if not timed:
+            raise RuntimeError(f"no decode mode of {args.decode_modes} can run on {device}")
+        first = timed[0]
+        res["text_match"] = compare(res["winners"]["rows"], res[first]["rows"])
+        res["decode_agreement"] = {key: compare(res[first]["rows"], res[key]["rows"]) for key in timed[1:]}
         if "ours_unmerged" in res:
             res["text_match_unmerged_engine_vs_winners"] = compare(res["winners"]["rows"],
                                                                    res["ours_unmerged"]["rows"])
-            res["text_match_unmerged_engine_vs_ours"] = compare(res["ours_unmerged"]["rows"], res["ours"]["rows"])
-        a, b = res["winners"]["summary"], res["ours"]["summary"]
-        targets: dict = {"total_ratio_ours_over_winners": round(b["total_s"] / a["total_s"], 3),
+            res["text_match_unmerged_engine_vs_ours"] = compare(res["ours_unmerged"]["rows"], res[first]["rows"])
+        a, b = res["winners"]["summary"], res[first]["summary"]
+        targets: dict = {"ours": first, "total_ratio_ours_over_winners": round(b["total_s"] / a["total_s"], 3),
                          "total_target_met": b["total_s"] <= a["total_s"] / 3,
                          "identical_greedy_text_met": res["text_match"]["same_raw_generation"] == len(mix)}
         bw = res["copy_bandwidth"].get("bandwidth_gb_s")
@@ -430,6 +477,14 @@ def main() -> int:
                             "ours_worst_marginal_ms_per_token": worst,
                             "ours_over_bound": round(worst / bound_ms, 2),
                             "decode_within_2x_bound_met": worst <= 2 * bound_ms})
+            by_mode = {}
+            for key in timed:
+                marginal = res[key]["summary"]["decode_heavy_marginal_ms_per_token"]
+                if marginal:
+                    by_mode[key] = {"decode": res[key]["decode"], "marginal_ms_per_token": marginal,
+                                    "over_bound": round(marginal[1] / bound_ms, 2),
+                                    "within_2x_bound_met": marginal[1] <= 2 * bound_ms}
+            targets["decode_by_mode"] = by_mode
         res["targets"] = targets
     except Exception:
         res["error"] = traceback.format_exc()
@@ -437,9 +492,9 @@ def main() -> int:
         print(res["error"], file=sys.stderr)
         return 1
     save()
-    slim = {k: v for k, v in res.items() if k not in ("winners", "ours", "ours_unmerged")}
-    slim.update({k: {kk: vv for kk, vv in res[k].items() if kk != "rows"} for k in ("winners", "ours", "ours_unmerged")
-                 if k in res})
+    servers = ("winners", *(ours_key(m) for m in args.decode_modes), "ours_unmerged")
+    slim = {k: v for k, v in res.items() if k not in servers}
+    slim.update({k: {kk: vv for kk, vv in res[k].items() if kk != "rows"} for k in servers if k in res})
     print(json.dumps(slim, indent=1))
     print(table(res))
     return 0

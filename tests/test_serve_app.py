@@ -128,7 +128,8 @@ def test_health_is_503_until_the_model_is_loaded():
         release.set()
         app_slot = c.app.state.slot
         assert app_slot.loaded.wait(timeout=30)
-        assert c.get("/health").json()["status"] == "ready"
+        health = c.get("/health").json()
+        assert health["status"] == "ready" and health["decode"] == "eager"  # serve.decode auto, on CPU
 
 
 def test_a_failed_load_is_reported_by_health():

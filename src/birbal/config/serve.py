@@ -22,6 +22,11 @@ class ServeConfig(Section):
         "birbal", description="birbal: the winners' prompt wrapping and output cutting rules; none: raw."
     )
     max_context: int = Field(4096, gt=0, description="Prompt plus new tokens may not exceed this.")
+    decode: Literal["auto", "eager", "static", "cuda_graph"] = Field(
+        "auto", description="The per-token forward. cuda_graph: a static KV cache and a CUDA graph replayed per "
+        "token (CUDA only); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
+        "one eager forward per token; auto: cuda_graph on CUDA (eager for a 4-bit base), eager elsewhere."
+    )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
     startup_timeout_s: float = Field(600.0, gt=0.0, description="How long callers wait for /health.")

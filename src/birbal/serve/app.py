@@ -78,7 +78,8 @@ class EngineSlot:
             if engine.cfg != self._cfg:
                 raise ServeError("the engine factory built an engine with another ServeConfig than the app's")
             self.engine = engine
-            log.info("model loaded in %.1f s from %s", time.perf_counter() - t0, self.engine.source)
+            log.info("model loaded in %.1f s from %s (decode: %s)", time.perf_counter() - t0, self.engine.source,
+                     self.engine.decode_mode)
         except BaseException as err:  # noqa: BLE001 - a failed load is reported by /health, not lost in a thread
             self.error = f"{type(err).__name__}: {err}"
             log.error("model failed to load: %s", self.error)
@@ -240,7 +241,7 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAP
     async def health() -> dict[str, Any]:
         engine = slot.ready()
         return {"status": "ready", "model": engine.source, "load_s": engine.load_s,
-                "device": str(engine.device), "postprocess": engine.policy.name,
+                "device": str(engine.device), "decode": engine.decode_mode, "postprocess": engine.policy.name,
                 "requests": engine.stats.requests}
 
     app.add_middleware(BodySizeLimit, max_bytes=serve_cfg.max_body_bytes)

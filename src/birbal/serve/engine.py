@@ -1,5 +1,7 @@
 """The generation engine: one model, one request at a time, a plain decode loop over a KV cache.
 
+The forward of each step (eager, static cache, or CUDA-graph replay: `serve.decode`) is `birbal.serve.decode`'s.
+
 Why not `model.generate`: the winners' server asked it for `output_scores` and took a full-vocabulary softmax
 of every stored step afterwards; here each step does only what the response needs (the chosen token's logprob
 and the `top_k_per_token` best), on the device, with one device-to-host copy per step.
@@ -22,7 +24,6 @@ the postprocess policy's answer rule.
 
 from __future__ import annotations
 
-import inspect
 import math
 import secrets
 import time
@@ -34,6 +35,7 @@ import torch
 from birbal.config.model import QuantizationConfig
 from birbal.config.serve import ServeConfig
 from birbal.errors import ServeError
+from birbal.serve.decode import make_decoder, resolve_mode
 from birbal.serve.detok import IncrementalDetokenizer, surface_cache
 from birbal.serve.errors import OverloadedError, ValidationError
 from birbal.serve.postprocess import BLANK_LINE, get_policy
@@ -100,9 +102,9 @@ class Engine:
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
-        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns).
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_kw = "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
+        self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
+                                    serve_cfg.max_context)
+        self.decode_mode = self.decoder.mode
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -216,16 +218,6 @@ class Engine:
         generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
         return _Sampling(False, request.temperature, request.top_k, request.top_p, generator)
 
-    def _forward(self, input_ids: torch.Tensor, cache, all_positions: bool) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_positions else 1,
-                         **{self._cache_kw: cache})
-        return out.logits[0].float()
-
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
     @torch.inference_mode()
     def _run(self, ids: list[int], request: ProcessRequest, stops: list[str]) -> tuple[list[Token], list[int]]:
         """(returned tokens, the ids generated, before any stop cut)."""
@@ -235,8 +227,7 @@ class Engine:
         generated: list[int] = []
         if request.max_new_tokens == 0 and not echo:
             return tokens, generated
-        cache = self._new_cache()
-        logits = self._forward(torch.tensor([ids], device=self.device), cache, all_positions=echo)
+        logits = self.decoder.prefill(ids, all_positions=echo)
         if echo:
             tokens.extend(self._prompt_tokens(ids, logits, detok, k))
         prompt_chars, first_generated = len(detok.text), len(tokens)
@@ -254,8 +245,7 @@ class Engine:
                                            max(0, scanned_to - longest_stop + 1), stops):
                 return tokens, generated
             if step + 1 < request.max_new_tokens:
-                next_ids = torch.tensor([[chosen.token_id]], device=self.device)
-                last = self._forward(next_ids, cache, all_positions=False)[-1]
+                last = self.decoder.step(chosen.token_id)
         held_back = detok.flush()
         if held_back and len(tokens) > first_generated:
             last_token = tokens[-1]

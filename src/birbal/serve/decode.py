@@ -1,0 +1,184 @@
+"""The per-step forward of one request: the prompt in one pass (prefill), then one token per step (decode).
+
+Three decoders with one interface (`prefill(ids, all_positions)`, `step(token_id)`, each returning fp32 logits):
+- `EagerDecoder`: a fresh `DynamicCache` per request, every step an eager forward (the path the engine began with).
+- `StaticDecoder`: transformers' `StaticCache`, allocated once at `max_len` (serve.max_context) and reset per
+  request, so each step's shapes and addresses are the same; steps still run eagerly. It runs on CPU, so the
+  tests exercise the cache and mask path that the graph replays.
+- `GraphDecoder`: the `StaticDecoder` whose 1-token step is a CUDA graph, captured once and replayed. A 7B decode
+  step is a few hundred small kernels; launched one by one from Python they take several times the 3.4 ms the
+  weights need to stream through an H200, and a replay launches them all at once.
+
+Why replay is correct (checked against transformers 5.17 and 5.24, whose forwards take no `cache_position`):
+the cache owns the position. `StaticLayer` keeps its length in a device tensor (`cumulative_length`); each update
+writes the new key and value at that index and adds one in place, and the model takes the step's position ids and
+the mask's query offset from it (`get_seq_length`, `get_query_offset`). So a replay reads and advances the same
+tensors the eager step would, with no host value baked in. The mask of a 1-token query over a static cache is
+always built (`allow_is_causal_skip` is off for a compileable cache with q_length 1): every slot up to the query's
+position, none after, from shape-only host decisions and tensor arithmetic, with no host sync.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+from birbal.errors import ServeError
+
+MODES = ("eager", "static", "cuda_graph")
+WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch CUDA graphs notes advise
+
+
+def cache_kwarg(model) -> str:
+    """The forward's cache keyword: transformers 5.24 renamed `past_key_values` to `cache` (the old name warns)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
+
+
+def resolve_mode(requested: str, model, device: torch.device) -> str:
+    """`auto`: `cuda_graph` on CUDA for an unquantized model, `eager` otherwise.
+
+    A 4-bit base stays eager under `auto`: bitsandbytes' kernels have not been checked under graph capture here.
+    """
+    if requested == "auto":
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        quantized = getattr(core, "hf_quantizer", None) is not None
+        return "cuda_graph" if device.type == "cuda" and not quantized else "eager"
+    if requested not in MODES:
+        raise ServeError(f"serve.decode must be auto or one of {', '.join(MODES)}; given {requested!r}")
+    if requested == "cuda_graph" and device.type != "cuda":
+        raise ServeError(f"serve.decode=cuda_graph needs a CUDA device; the model is on {device}. "
+                         "Use static (the same cache without graphs) or eager.")
+    return requested
+
+
+def make_decoder(mode: str, model, max_len: int):
+    cls = {"eager": EagerDecoder, "static": StaticDecoder, "cuda_graph": GraphDecoder}[mode]
+    return cls(model, max_len)
+
+
+class EagerDecoder:
+    mode = "eager"
+
+    def __init__(self, model, max_len: int):
+        self.model = model
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        self._cache_kw = cache_kwarg(model)
+        self._cache = None
+
+    def _forward(self, input_ids: torch.Tensor, all_positions: bool) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_positions else 1,
+                         **{self._cache_kw: self._cache})
+        return out.logits[0].float()
+
+    def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
+        """Logits of every prompt position (`all_positions`, for echo) or of the last: shape (rows, vocab)."""
+        from transformers import DynamicCache
+
+        self._cache = DynamicCache(config=self.model.config)
+        return self._forward(torch.tensor([ids], device=self.device), all_positions)
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """The logits after appending `token_id`: shape (vocab,)."""
+        return self._forward(torch.tensor([[token_id]], device=self.device), all_positions=False)[-1]
+
+
+class StaticDecoder:
+    mode = "static"
+
+    def __init__(self, model, max_len: int):
+        self.model = model
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        self._cache_kw = cache_kwarg(model)
+        self._cache = None
+        self._length = 0  # positions filled in this request, kept on the host only to refuse an overflow
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+
+    def _new_cache(self):
+        """A `StaticCache` of full-attention layers, whatever the model's sliding window.
+
+        A sliding-window layer (`StaticSlidingWindowLayer`) keeps its length in a Python int, which the mask reads
+        as the query offset: a captured graph would replay the capture's position forever. The window is still
+        applied, by the mask function chosen from the model's own config (`sliding_window_causal_mask_function`);
+        the cache just keeps every position up to `max_len` (Mistral-7B: window 4096 = serve.max_context anyway).
+        """
+        from transformers import StaticCache
+
+        config = copy.deepcopy(self.model.config.get_text_config(decoder=True))
+        config.sliding_window = None
+        config.layer_types = None
+        return StaticCache(config=config, max_cache_len=self.max_len)
+
+    def _forward(self, input_ids: torch.Tensor, all_positions: bool) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_positions else 1,
+                         **{self._cache_kw: self._cache})
+        return out.logits[0].float()
+
+    def _reset(self) -> None:
+        # Built on first use, so that it is made inside the engine's inference mode (its tensors are then
+        # inference tensors, updated in place there); its layers allocate on their first update.
+        if self._cache is None:
+            self._cache = self._new_cache()
+        else:
+            self._cache.reset()  # in place: the graph's captured addresses stay valid
+        self._length = 0
+
+    def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
+        if len(ids) > self.max_len:
+            raise ServeError(f"{len(ids)} prompt tokens do not fit the static cache of {self.max_len}")
+        self._reset()
+        logits = self._forward(torch.tensor([ids], device=self.device), all_positions)
+        self._length = len(ids)
+        return logits
+
+    def step(self, token_id: int) -> torch.Tensor:
+        # Past the end, index_copy_ would raise on CPU but write out of bounds on CUDA: refuse it here.
+        if self._length >= self.max_len:
+            raise ServeError(f"decode step {self._length + 1} does not fit the static cache of {self.max_len}")
+        self._token.fill_(token_id)
+        self._length += 1
+        return self._decode_step()
+
+    def _decode_step(self) -> torch.Tensor:
+        return self._forward(self._token, all_positions=False)[-1]
+
+
+class GraphDecoder(StaticDecoder):
+    mode = "cuda_graph"
+
+    def __init__(self, model, max_len: int):
+        super().__init__(model, max_len)
+        if self.device.type != "cuda":
+            raise ServeError(f"the cuda_graph decoder needs a CUDA device; the model is on {self.device}")
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+
+    def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
+        if self._graph is None:
+            self._capture()
+        return super().prefill(ids, all_positions)
+
+    def _capture(self) -> None:
+        """Capture the 1-token step once, on the first request (before its prefill, whose reset undoes the
+        warm-up's writes). Warm-up runs eagerly on a side stream: it allocates the cache layers and lets libraries
+        pick kernels and workspaces outside the capture."""
+        self._reset()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                super()._decode_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            # The fp32 logits are the graph's output: a fixed buffer in its pool, overwritten by each replay.
+            self._logits = super()._decode_step()
+        self._graph = graph
+
+    def _decode_step(self) -> torch.Tensor:
+        self._graph.replay()
+        return self._logits

@@ -1,0 +1,195 @@
+"""The decoders of birbal.serve.decode: the static KV cache (the path the CUDA graph replays) against the eager
+DynamicCache path and a reference forward pass, on the smoke profile's tiny random Mistral in fp32; the CUDA
+graph itself on a GPU (`pytest -m gpu tests/test_serve_decode.py`)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from serve_model import engine, merged_folder, serve_cfg
+
+from birbal.errors import ServeError
+from birbal.serve.decode import StaticDecoder, resolve_mode
+from birbal.serve.engine import Engine
+from birbal.serve.schemas import ProcessRequest
+
+GREEDY = 1e-7
+# Different lengths in a row: each request must start from a reset cache, whatever the one before left in it.
+PROMPTS = [("The capital of France is", 12),
+           ("one two three four five six seven eight nine ten " * 6, 20),
+           ("Hi", 3),
+           ("Question: what is two plus two?\nAnswer:", 16)]
+
+
+def _twin(eng: Engine, **changes) -> Engine:
+    """Another engine on the same weights, with other serve settings."""
+    return Engine(eng.model, eng.tokenizer, serve_cfg(postprocess="none", **changes))
+
+
+def _greedy(prompt: str, max_new_tokens: int, **kwargs) -> ProcessRequest:
+    return ProcessRequest(prompt=prompt, temperature=GREEDY, max_new_tokens=max_new_tokens, top_k_per_token=3,
+                          **kwargs)
+
+
+def _reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _assert_same(a, b, tol: float) -> None:
+    assert a.text == b.text
+    assert [t.text for t in a.tokens] == [t.text for t in b.tokens]
+    assert [t.logprob for t in a.tokens] == pytest.approx([t.logprob for t in b.tokens], abs=tol)
+    for x, y in zip(a.tokens, b.tokens, strict=True):
+        assert x.top_logprob.keys() == y.top_logprob.keys()
+        assert list(x.top_logprob.values()) == pytest.approx(list(y.top_logprob.values()), abs=tol)
+
+
+def _assert_matches_reference(eng: Engine, request: ProcessRequest) -> None:
+    """The generated ids are the argmax of one forward pass over prompt + output, with its logprobs."""
+    ids = eng.encode(request.prompt)
+    tokens, generated = eng._run(ids, request, stops=[])
+    assert generated, "nothing generated: the check would be empty"
+    reference = _reference_logprobs(eng.model, ids + generated)
+    for step, (token, token_id) in enumerate(zip(tokens, generated, strict=True)):
+        row = reference[len(ids) - 1 + step]
+        assert token_id == int(torch.argmax(row))
+        assert token.logprob == pytest.approx(row[token_id].item(), abs=1e-4)
+
+
+def test_static_cache_equals_eager_and_one_forward_pass_across_requests():
+    eager = engine()
+    static = _twin(eager, decode="static")
+    assert (eager.decode_mode, static.decode_mode) == ("eager", "static")
+    for prompt, n in PROMPTS + PROMPTS[::-1]:
+        request = _greedy(prompt, n)
+        _assert_same(eager.process(request), static.process(request), tol=1e-5)
+        _assert_matches_reference(static, request)
+
+
+def test_static_cache_echo_scores_the_prompt_like_eager():
+    eager = engine()
+    static = _twin(eager, decode="static")
+    for prompt, n in PROMPTS[:2]:
+        for new in (n, 0):
+            _assert_same(eager.process(_greedy(prompt, new, echo_prompt=True)),
+                         static.process(_greedy(prompt, new, echo_prompt=True)), tol=1e-5)
+
+
+def test_static_cache_filled_to_max_context():
+    context = 24
+    eager = _twin(engine(), max_context=context, max_new_tokens_limit=context)
+    static = _twin(engine(), max_context=context, max_new_tokens_limit=context, decode="static")
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    n = len(static.encode(prompt))
+    assert 4 < n < context
+    request = _greedy(prompt, context - n)  # every slot of the cache but the last token's is written
+    first = static.process(request)
+    _assert_same(eager.process(request), first, tol=1e-5)
+    assert len(first.tokens) == context - n, "ended early (end of sequence): the cache was not filled"
+    _assert_matches_reference(static, request)
+    # A prompt of exactly max_context tokens, scored only: the prefill fills the whole cache.
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " * 3
+    full = static.tokenizer.decode(static.encode(words)[1:context], skip_special_tokens=True)
+    assert len(static.encode(full)) == context
+    _assert_same(eager.process(_greedy(full, 0, echo_prompt=True)),
+                 static.process(_greedy(full, 0, echo_prompt=True)), tol=1e-5)
+    # and the next request starts over in the same cache
+    _assert_same(first, static.process(request), tol=1e-6)
+
+
+def test_static_decoder_refuses_a_step_past_its_cache():
+    decoder = StaticDecoder(engine().model, max_len=5)
+    with torch.inference_mode():
+        decoder.prefill([1, 2, 3, 4], all_positions=False)
+        decoder.step(5)
+        with pytest.raises(ServeError, match="does not fit the static cache of 5"):
+            decoder.step(6)
+        with pytest.raises(ServeError, match="6 prompt tokens do not fit"):
+            decoder.prefill([1, 2, 3, 4, 5, 6], all_positions=False)
+
+
+def test_static_cache_applies_the_sliding_window():
+    """The cache's layers are full-attention (see StaticDecoder._new_cache): the model's mask must still keep a
+    query to its window, as a forward pass without a cache does."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_folder(), dtype=torch.float32, sliding_window=6,
+                                                 attn_implementation="sdpa").eval()
+    windowed = Engine(model, engine().tokenizer, serve_cfg(postprocess="none", decode="static"))
+    request = _greedy(PROMPTS[1][0], 12)
+    _assert_matches_reference(windowed, request)
+    # the window matters here: the full-context model gives other logprobs
+    assert windowed.process(request).logprob != pytest.approx(engine().process(request).logprob, abs=1e-3)
+
+
+def test_sampling_with_a_seed_is_the_same_on_the_static_cache():
+    eager = engine()
+    static = _twin(eager, decode="static")
+    ask = dict(prompt=PROMPTS[0][0], temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=12, top_k_per_token=2)
+    for seed in (1, 2):
+        _assert_same(eager.process(ProcessRequest(seed=seed, **ask)), static.process(ProcessRequest(seed=seed, **ask)),
+                     tol=1e-5)
+    again = static.process(ProcessRequest(seed=1, **ask))
+    assert again.text == static.process(ProcessRequest(seed=1, **ask)).text
+    assert again.text != static.process(ProcessRequest(seed=2, **ask)).text
+
+
+def test_static_cache_positions_and_mask_live_on_the_device():
+    """What makes a replayed graph correct: the query offset the mask and positions come from is a tensor that
+    each update advances in place (no host int baked into the capture), and a 1-token query's mask over the
+    static cache admits exactly the slots up to its own position."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
+    model = engine().model
+    decoder = StaticDecoder(model, max_len=32)
+    ids = engine().encode(PROMPTS[0][0])
+    with torch.inference_mode():
+        decoder.prefill(ids, all_positions=False)
+        cache = decoder._cache
+        offsets = [cache.get_query_offset(i) for i in range(len(cache.layers))]
+        assert all(isinstance(o, torch.Tensor) and int(o) == len(ids) for o in offsets)
+        decoder.step(7)
+        assert int(offsets[0]) == len(ids) + 1  # the same tensor, advanced in place
+        kw = "cache" if "cache" in inspect.signature(create_sliding_window_causal_mask).parameters \
+            else "past_key_values"
+        mask = create_sliding_window_causal_mask(
+            config=model.config, inputs_embeds=torch.zeros(1, 1, model.config.hidden_size),
+            attention_mask=None, position_ids=torch.tensor([[len(ids) + 1]]), **{kw: cache})
+    assert mask is not None and mask.shape == (1, 1, 1, 32)
+    assert mask[0, 0, 0].tolist() == [j <= len(ids) + 1 for j in range(32)]
+
+
+def test_decode_mode_resolution():
+    model = engine().model
+    cpu = torch.device("cpu")
+    assert resolve_mode("auto", model, cpu) == "eager"
+    assert resolve_mode("static", model, cpu) == "static"
+    with pytest.raises(ServeError, match="cuda_graph needs a CUDA device"):
+        resolve_mode("cuda_graph", model, cpu)
+    assert resolve_mode("auto", model, torch.device("cuda")) == "cuda_graph"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_equals_eager_on_cuda():
+    cfg = serve_cfg(postprocess="none", device="cuda")
+    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": "cuda_graph"}))
+    assert graph.decode_mode == "cuda_graph"
+    eager = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "eager"}))
+    static = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "static"}))
+    captured = None
+    for prompt, n in PROMPTS + PROMPTS[::-1]:
+        request = _greedy(prompt, n)
+        replayed = graph.process(request)
+        captured = captured or graph.decoder._graph
+        assert graph.decoder._graph is captured  # captured once, replayed for every later request
+        _assert_same(static.process(request), replayed, tol=1e-5)  # the same kernels, replayed
+        _assert_same(eager.process(request), replayed, tol=1e-3)
+        _assert_matches_reference(graph, request)
+    ask = dict(prompt=PROMPTS[0][0], temperature=0.8, top_k=20, max_new_tokens=12, seed=3)
+    _assert_same(static.process(ProcessRequest(**ask)), graph.process(ProcessRequest(**ask)), tol=1e-5)
+    assert captured is not None
