@@ -139,3 +139,26 @@ def assert_compiled_matches_eager(recipe, cache, tokenizer, device: torch.device
     torch.manual_seed(1)
     dropped, _ = response_loss_sum(model, batch)
     assert torch.isfinite(dropped) and not torch.equal(dropped.detach(), compiled_loss)
+
+
+def test_every_lora_weight_gets_a_gradient_without_input_grads(model, tokenizer):
+    """Non-reentrant checkpointing reaches layer 0's LoRA weights although the embedding output needs no grad."""
+    batch = collate(pack_examples([tokenize_example(tokenizer, *QA[1])], 64, 2)[0])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    assert not embeds.requires_grad
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    saved = {n: p.detach().clone() for n, p in lora_b.items()}
+    with torch.no_grad():
+        for p in lora_b.values():
+            p.normal_(0, 0.05)
+    try:
+        model.zero_grad(set_to_none=True)
+        loss, _ = response_loss_sum(model, batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values())
+    finally:
+        with torch.no_grad():
+            for n, p in lora_b.items():
+                p.copy_(saved[n])
+        model.zero_grad(set_to_none=True)

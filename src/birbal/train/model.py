@@ -27,12 +27,16 @@ def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
         param.requires_grad_(False)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     lora = recipe.lora
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM")
     torch.manual_seed(recipe.train.seed)  # LoRA A matrices are initialised from the global generator
     model = get_peft_model(model, peft_config)
+    if recipe.train.gradient_checkpointing and hasattr(model, "disable_input_require_grads"):
+        # transformers (and peft, for unquantized bases) hook the embedding so its output requires grad: reentrant
+        # checkpointing needs that to reach the LoRA weights. Non-reentrant checkpointing does not, and the hook
+        # only makes the backward compute the gradient of the frozen embedding's output (layer 0's input).
+        model.disable_input_require_grads()
     if recipe.train.torch_compile:
         compile_decoder_layers(model)
     return model
