@@ -54,8 +54,8 @@ TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden
 # (scenario, prompt tokens, max new tokens, count)
 MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("bigbench", 350, 16, 4),
        ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
-HEAVY = ("gsm8k", "cnndm")
-DECODE_MODES = ("auto", "eager", "static", "cuda_graph")  # serve.decode  # the decode-heavy rows (128 new tokens)
+HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
+DECODE_MODES = ("auto", "eager", "static", "cuda_graph", "compiled_graph")  # serve.decode
 TEMPERATURE, TOP_K = 1e-7, 200
 SMOKE_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
@@ -340,8 +340,8 @@ def decode_modes(text: str) -> list[str]:
 
 
 def skip_reason(mode: str, device) -> str | None:
-    if mode == "cuda_graph" and device.type != "cuda":
-        return f"cuda_graph needs a CUDA device; this run is on {device} (time static for the same cache path)"
+    if mode in ("cuda_graph", "compiled_graph") and device.type != "cuda":
+        return f"{mode} needs a CUDA device; this run is on {device} (time static for the same cache path)"
     return None
 
 

@@ -11,7 +11,7 @@ import torch
 from serve_model import engine, merged_folder, serve_cfg
 
 from birbal.errors import ServeError
-from birbal.serve.decode import StaticDecoder, resolve_mode
+from birbal.serve.decode import EagerDecoder, StaticDecoder, resolve_mode
 from birbal.serve.engine import Engine
 from birbal.serve.schemas import ProcessRequest
 
@@ -91,12 +91,15 @@ def test_static_cache_filled_to_max_context():
     _assert_same(eager.process(request), first, tol=1e-5)
     assert len(first.tokens) == context - n, "ended early (end of sequence): the cache was not filled"
     _assert_matches_reference(static, request)
-    # A prompt of exactly max_context tokens, scored only: the prefill fills the whole cache.
+    # A prompt of exactly max_context tokens: the prefill fills the whole cache. (The engine itself prefills
+    # such a request, which can generate nothing, without the static cache: see the prefill-only test.)
     words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " * 3
-    full = static.tokenizer.decode(static.encode(words)[1:context], skip_special_tokens=True)
-    assert len(static.encode(full)) == context
-    _assert_same(eager.process(_greedy(full, 0, echo_prompt=True)),
-                 static.process(_greedy(full, 0, echo_prompt=True)), tol=1e-5)
+    full = static.encode(words)[:context]
+    with torch.inference_mode():
+        filled = StaticDecoder(static.model, max_len=context).prefill(full, all_positions=True)
+        grown = EagerDecoder(static.model, max_len=context).prefill(full, all_positions=True)
+    assert filled.shape == (context, static.vocab_size)
+    torch.testing.assert_close(filled, grown, rtol=1e-5, atol=1e-5)
     # and the next request starts over in the same cache
     _assert_same(first, static.process(request), tol=1e-6)
 
@@ -173,12 +176,38 @@ def test_decode_mode_resolution():
     assert resolve_mode("auto", model, torch.device("cuda")) == "cuda_graph"
 
 
+def test_one_token_requests_skip_the_static_cache():
+    """Prefill-only requests (one new token, or an echo scoring the prompt) run eagerly: nothing to replay."""
+    eager = engine()
+    static = _twin(eager, decode="static")
+    for prompt, _ in PROMPTS:
+        for request in (_greedy(prompt, 1), _greedy(prompt, 0, echo_prompt=True), _greedy(prompt, 1, echo_prompt=True)):
+            _assert_same(eager.process(request), static.process(request), tol=0.0)
+    assert static.decoder._cache is None, "a prefill-only request touched the static cache"
+    _assert_same(eager.process(_greedy(*PROMPTS[0])), static.process(_greedy(*PROMPTS[0])), tol=1e-5)
+    assert static.decoder._cache is not None
+
+
+def test_compiled_step_equals_eager():
+    """The compiled_graph mode's step (torch.compile of the static-cache step), here without the graph: the same
+    tokens and logprobs as eager, across requests that reuse the cache and its one compiled graph."""
+    eager = engine()
+    compiled = _twin(eager, decode="static")
+    compiled.decoder = StaticDecoder(compiled.model, compiled.cfg.max_context, compile_step=True)
+    torch._dynamo.reset()
+    for prompt, n in PROMPTS[:3]:
+        request = _greedy(prompt, n)
+        _assert_same(eager.process(request), compiled.process(request), tol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_equals_eager_on_cuda():
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_graph"])
+def test_cuda_graph_equals_eager_on_cuda(mode):
     cfg = serve_cfg(postprocess="none", device="cuda")
-    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": "cuda_graph"}))
-    assert graph.decode_mode == "cuda_graph"
+    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": mode}))
+    assert graph.decode_mode == mode
     eager = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "eager"}))
     static = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "static"}))
     captured = None

@@ -22,9 +22,10 @@ class ServeConfig(Section):
         "birbal", description="birbal: the winners' prompt wrapping and output cutting rules; none: raw."
     )
     max_context: int = Field(4096, gt=0, description="Prompt plus new tokens may not exceed this.")
-    decode: Literal["auto", "eager", "static", "cuda_graph"] = Field(
+    decode: Literal["auto", "eager", "static", "cuda_graph", "compiled_graph"] = Field(
         "auto", description="The per-token forward. cuda_graph: a static KV cache and a CUDA graph replayed per "
-        "token (CUDA only); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
+        "token (CUDA only); compiled_graph: the same graph around a torch.compile'd step (fused kernels; compiles "
+        "at the first request); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
         "one eager forward per token; auto: cuda_graph on CUDA (eager for a 4-bit base), eager elsewhere."
     )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")

@@ -77,9 +77,11 @@ class EngineSlot:
             engine = self._factory()
             if engine.cfg != self._cfg:
                 raise ServeError("the engine factory built an engine with another ServeConfig than the app's")
+            loaded_s = time.perf_counter() - t0
+            engine.warm_up()  # before `self.engine` is set: /health says ready only once requests run at speed
             self.engine = engine
-            log.info("model loaded in %.1f s from %s (decode: %s)", time.perf_counter() - t0, self.engine.source,
-                     self.engine.decode_mode)
+            log.info("model loaded in %.1f s from %s (decode: %s, warm-up %.1f s)", loaded_s, engine.source,
+                     engine.decode_mode, engine.warmup_s)
         except BaseException as err:  # noqa: BLE001 - a failed load is reported by /health, not lost in a thread
             self.error = f"{type(err).__name__}: {err}"
             log.error("model failed to load: %s", self.error)

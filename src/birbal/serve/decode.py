@@ -6,8 +6,12 @@ Three decoders with one interface (`prefill(ids, all_positions)`, `step(token_id
   request, so each step's shapes and addresses are the same; steps still run eagerly. It runs on CPU, so the
   tests exercise the cache and mask path that the graph replays.
 - `GraphDecoder`: the `StaticDecoder` whose 1-token step is a CUDA graph, captured once and replayed. A 7B decode
-  step is a few hundred small kernels; launched one by one from Python they take several times the 3.4 ms the
+  step is over a thousand kernels; launched one by one from Python they take several times the 3.4 ms the
   weights need to stream through an H200, and a replay launches them all at once.
+- `compiled_graph`: the same graph, captured around the step compiled by torch.compile (Inductor, no CUDA graphs
+  of its own): the RMSNorms, rotary embeddings, SiLU x up and residual adds become a few fused kernels per layer
+  instead of dozens, and each small kernel costs a few microseconds even inside a graph. (SGLang captures its
+  own graphs around a compiled model the same way.) The compile takes tens of seconds, once, at the first request.
 
 Why replay is correct (checked against transformers 5.17 and 5.24, whose forwards take no `cache_position`):
 the cache owns the position. `StaticLayer` keeps its length in a device tensor (`cumulative_length`); each update
@@ -27,7 +31,7 @@ import torch
 
 from birbal.errors import ServeError
 
-MODES = ("eager", "static", "cuda_graph")
+MODES = ("eager", "static", "cuda_graph", "compiled_graph")
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch CUDA graphs notes advise
 
 
@@ -48,13 +52,15 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
         return "cuda_graph" if device.type == "cuda" and not quantized else "eager"
     if requested not in MODES:
         raise ServeError(f"serve.decode must be auto or one of {', '.join(MODES)}; given {requested!r}")
-    if requested == "cuda_graph" and device.type != "cuda":
-        raise ServeError(f"serve.decode=cuda_graph needs a CUDA device; the model is on {device}. "
+    if requested in ("cuda_graph", "compiled_graph") and device.type != "cuda":
+        raise ServeError(f"serve.decode={requested} needs a CUDA device; the model is on {device}. "
                          "Use static (the same cache without graphs) or eager.")
     return requested
 
 
 def make_decoder(mode: str, model, max_len: int):
+    if mode == "compiled_graph":
+        return GraphDecoder(model, max_len, compile_step=True)
     cls = {"eager": EagerDecoder, "static": StaticDecoder, "cuda_graph": GraphDecoder}[mode]
     return cls(model, max_len)
 
@@ -89,8 +95,12 @@ class EagerDecoder:
 class StaticDecoder:
     mode = "static"
 
-    def __init__(self, model, max_len: int):
+    def __init__(self, model, max_len: int, *, compile_step: bool = False):
         self.model = model
+        self.compile_step = compile_step
+        # dynamic=False: the step's shapes never change, so one specialised graph; Inductor's own CUDA graphs
+        # stay off (the GraphDecoder captures its own, around this).
+        self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step else self._one_token
         self.max_len = max_len
         self.device = next(model.parameters()).device
         self._cache_kw = cache_kwarg(model)
@@ -143,15 +153,20 @@ class StaticDecoder:
         self._length += 1
         return self._decode_step()
 
+    def _one_token(self, token: torch.Tensor) -> torch.Tensor:
+        return self._forward(token, all_positions=False)[-1]
+
     def _decode_step(self) -> torch.Tensor:
-        return self._forward(self._token, all_positions=False)[-1]
+        return self._step_fn(self._token)
 
 
 class GraphDecoder(StaticDecoder):
     mode = "cuda_graph"
 
-    def __init__(self, model, max_len: int):
-        super().__init__(model, max_len)
+    def __init__(self, model, max_len: int, *, compile_step: bool = False):
+        super().__init__(model, max_len, compile_step=compile_step)
+        if compile_step:
+            self.mode = "compiled_graph"
         if self.device.type != "cuda":
             raise ServeError(f"the cuda_graph decoder needs a CUDA device; the model is on {self.device}")
         self._graph: torch.cuda.CUDAGraph | None = None

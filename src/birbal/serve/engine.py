@@ -105,6 +105,21 @@ class Engine:
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
                                     serve_cfg.max_context)
         self.decode_mode = self.decoder.mode
+        self.warmup_s: float | None = None
+        # A request that generates at most one token runs no decode step, so a static cache buys it nothing and
+        # costs it attention over every slot of the cache (an explicit mask, no flash kernel) in its prefill.
+        # Most of HELM's requests are of this kind (multiple choice: one new token, or echo with none).
+        self.prefill_only = (self.decoder if self.decoder.mode == "eager"
+                             else make_decoder("eager", model, serve_cfg.max_context))
+
+    def warm_up(self) -> float:
+        """One short greedy generation through the decode path, before the server says it is ready: otherwise
+        the first request would pay the CUDA graph capture (and for compiled_graph the compile). Seconds taken."""
+        t0 = time.perf_counter()
+        prompt = "Warm-up: count to three. One, two,"
+        self._run(self.encode(prompt), ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=2), stops=[])
+        self.warmup_s = time.perf_counter() - t0
+        return self.warmup_s
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -227,7 +242,8 @@ class Engine:
         generated: list[int] = []
         if request.max_new_tokens == 0 and not echo:
             return tokens, generated
-        logits = self.decoder.prefill(ids, all_positions=echo)
+        decoder = self.decoder if request.max_new_tokens > 1 else self.prefill_only
+        logits = decoder.prefill(ids, all_positions=echo)
         if echo:
             tokens.extend(self._prompt_tokens(ids, logits, detok, k))
         prompt_chars, first_generated = len(detok.text), len(tokens)
@@ -245,7 +261,7 @@ class Engine:
                                            max(0, scanned_to - longest_stop + 1), stops):
                 return tokens, generated
             if step + 1 < request.max_new_tokens:
-                last = self.decoder.step(chosen.token_id)
+                last = decoder.step(chosen.token_id)
         held_back = detok.flush()
         if held_back and len(tokens) > first_generated:
             last_token = tokens[-1]

@@ -138,7 +138,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     details = {"requests": dict(sorted(app.state.request_counts.items())), "url": url,
                "stopped_by": server.stop_signal}
     if engine is not None:
-        details.update({"load_s": engine.load_s, "decode": engine.decode_mode,
+        details.update({"load_s": engine.load_s, "warmup_s": engine.warmup_s, "decode": engine.decode_mode,
                         "generation_requests": engine.stats.requests,
                         "prompt_tokens": engine.stats.prompt_tokens,
                         "generated_tokens": engine.stats.generated_tokens,
