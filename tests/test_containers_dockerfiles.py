@@ -85,6 +85,17 @@ def test_runs_as_a_numeric_non_root_user_with_a_workdir(image):
     assert [rest for kw, rest in items if kw == "WORKDIR"][-1] == "/runs"
 
 
+def test_triton_can_build_its_launcher(image):
+    """flex_attention (training) and torch.compile (training and the compiled_graph decode) run Triton, which
+    compiles a C launcher against Python's headers on first use: the image needs a C compiler, libc headers and
+    the headers of the Python it runs."""
+    items = instructions(DOCKERFILES[image])
+    apt = " ".join(rest for kw, rest in items if kw == "RUN" and "apt-get" in rest and " install " in rest).split()
+    python = next(word for word in apt if re.fullmatch(r"python3\.\d+", word))
+    for package in ("gcc", "libc6-dev", f"{python}-dev"):
+        assert package in apt, package
+
+
 def test_no_secrets_weights_or_token_in_the_image(image):
     text = DOCKERFILES[image].read_text()
     items = instructions(DOCKERFILES[image])

@@ -26,7 +26,7 @@ class ServeConfig(Section):
         "auto", description="The per-token forward. cuda_graph: a static KV cache and a CUDA graph replayed per "
         "token (CUDA only); compiled_graph: the same graph around a torch.compile'd step (fused kernels; compiles "
         "at the first request); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
-        "one eager forward per token; auto: cuda_graph on CUDA (eager for a 4-bit base), eager elsewhere."
+        "one eager forward per token; auto: compiled_graph on CUDA (eager for a 4-bit base), eager elsewhere."
     )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
