@@ -222,3 +222,12 @@ def test_cuda_graph_equals_eager_on_cuda(mode):
     ask = dict(prompt=PROMPTS[0][0], temperature=0.8, top_k=20, max_new_tokens=12, seed=3)
     _assert_same(static.process(ProcessRequest(**ask)), graph.process(ProcessRequest(**ask)), tol=1e-5)
     assert captured is not None
+
+
+def test_a_failing_warm_up_names_the_decode_path_and_the_way_out():
+    static = _twin(engine(), decode="static")
+    static.decoder = StaticDecoder(static.model, max_len=4)  # too small for the warm-up prompt
+    with pytest.raises(ServeError, match=r"the static decode path failed its warm-up .*serve.decode=eager"):
+        static.warm_up()
+    assert static.warmup_s is None
+    assert _twin(engine(), decode="static").warm_up() > 0

@@ -117,7 +117,12 @@ class Engine:
         the first request would pay the CUDA graph capture (and for compiled_graph the compile). Seconds taken."""
         t0 = time.perf_counter()
         prompt = "Warm-up: count to three. One, two,"
-        self._run(self.encode(prompt), ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=2), stops=[])
+        try:
+            self._run(self.encode(prompt), ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=2),
+                      stops=[])
+        except Exception as err:
+            raise ServeError(f"the {self.decode_mode} decode path failed its warm-up ({type(err).__name__}: {err}); "
+                             "--set serve.decode=eager serves without CUDA graphs or compiling") from err
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
 
