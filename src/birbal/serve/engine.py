@@ -35,7 +35,7 @@ import torch
 from birbal.config.model import QuantizationConfig
 from birbal.config.serve import ServeConfig
 from birbal.errors import ServeError
-from birbal.serve.attention import NAME, use_packed_gqa_attention
+from birbal.serve.attention import use_packed_gqa_attention
 from birbal.serve.decode import make_decoder, resolve_mode
 from birbal.serve.detok import IncrementalDetokenizer, surface_cache
 from birbal.serve.errors import OverloadedError, ValidationError
@@ -103,7 +103,7 @@ class Engine:
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
-        self.attention = NAME if use_packed_gqa_attention(model) else model.config._attn_implementation
+        use_packed_gqa_attention(model)  # decode steps read each cached key and value once (serve/attention.py)
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
                                     serve_cfg.max_context)
         self.decode_mode = self.decoder.mode
