@@ -26,6 +26,11 @@ def hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
+def unwrap_peft(model):
+    """The transformers model under a PEFT wrapper, or the model itself when it has none."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 

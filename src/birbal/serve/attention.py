@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from birbal.models import unwrap_peft
+
 NAME = "birbal_sdpa_packed_gqa"
 
 
@@ -41,7 +43,7 @@ def use_packed_gqa_attention(model) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrap_peft(model)
     if core.config._attn_implementation not in ("sdpa", NAME):
         return False
     AttentionInterface.register(NAME, sdpa_packed_gqa)

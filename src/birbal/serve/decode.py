@@ -30,6 +30,7 @@ import inspect
 import torch
 
 from birbal.errors import ServeError
+from birbal.models import unwrap_peft
 
 MODES = ("eager", "static", "cuda_graph", "compiled_graph")
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch CUDA graphs notes advise
@@ -37,7 +38,7 @@ WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch 
 
 def cache_kwarg(model) -> str:
     """The forward's cache keyword: transformers 5.24 renamed `past_key_values` to `cache` (the old name warns)."""
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrap_peft(model)
     return "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
 
 
@@ -48,7 +49,7 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
     A 4-bit base stays eager under `auto`: bitsandbytes' kernels have not been checked under graph capture here.
     """
     if requested == "auto":
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        core = unwrap_peft(model)
         quantized = getattr(core, "hf_quantizer", None) is not None
         return "compiled_graph" if device.type == "cuda" and not quantized else "eager"
     if requested not in MODES:

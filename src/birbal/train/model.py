@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from birbal.config import Recipe
-from birbal.models import DTYPES, load_base_model
+from birbal.models import DTYPES, load_base_model, unwrap_peft
 from birbal.train.packing import IGNORE_INDEX
 
 LOSS_CHUNK_TOKENS = 2048
@@ -53,7 +53,7 @@ def compile_decoder_layers(model) -> int:
     What it buys: the element-wise work around the GEMMs (RMSNorm, rotary, SiLU x up, each LoRA's dropout,
     scale and add) runs as a few fused kernels instead of dozens, in the forward, the recompute and the backward.
     """
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrap_peft(model)
     layers = core.model.layers
     for layer in layers:
         layer.compile()
@@ -70,7 +70,7 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     Only labelled positions go through lm_head, in checkpointed chunks: the full logits of a 2 x 8192 batch over
     a 32k vocabulary would be 2 GiB in fp32, and prompt positions need none.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap_peft(model)
     outputs = causal_lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     hidden = outputs.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
