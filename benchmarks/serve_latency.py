@@ -47,6 +47,8 @@ from pathlib import Path
 
 from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
 
+from birbal.serve.decode import GRAPH_MODES, MODES
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, sliding_window=4096, rope_theta=10000.0, max_position_embeddings=4096,
@@ -55,7 +57,7 @@ TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden
 MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("bigbench", 350, 16, 4),
        ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
 HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
-DECODE_MODES = ("auto", "eager", "static", "cuda_graph", "compiled_graph")  # serve.decode
+DECODE_MODES = ("auto", *MODES)  # serve.decode
 TEMPERATURE, TOP_K = 1e-7, 200
 SMOKE_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
@@ -340,7 +342,7 @@ def decode_modes(text: str) -> list[str]:
 
 
 def skip_reason(mode: str, device) -> str | None:
-    if mode in ("cuda_graph", "compiled_graph") and device.type != "cuda":
+    if mode in GRAPH_MODES and device.type != "cuda":
         return f"{mode} needs a CUDA device; this run is on {device} (time static for the same cache path)"
     return None
 

@@ -32,7 +32,8 @@ import torch
 from birbal.errors import ServeError
 from birbal.models import unwrap_peft
 
-MODES = ("eager", "static", "cuda_graph", "compiled_graph")
+GRAPH_MODES = ("cuda_graph", "compiled_graph")  # CUDA only
+MODES = ("eager", "static", *GRAPH_MODES)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch CUDA graphs notes advise
 
 
@@ -54,7 +55,7 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
         return "compiled_graph" if device.type == "cuda" and not quantized else "eager"
     if requested not in MODES:
         raise ServeError(f"serve.decode must be auto or one of {', '.join(MODES)}; given {requested!r}")
-    if requested in ("cuda_graph", "compiled_graph") and device.type != "cuda":
+    if requested in GRAPH_MODES and device.type != "cuda":
         raise ServeError(f"serve.decode={requested} needs a CUDA device; the model is on {device}. "
                          "Use static (the same cache without graphs) or eager.")
     return requested
@@ -94,19 +95,16 @@ class EagerDecoder:
         return self._forward(torch.tensor([[token_id]], device=self.device), all_positions=False)[-1]
 
 
-class StaticDecoder:
+class StaticDecoder(EagerDecoder):
+    """The eager decoder's forward over a `StaticCache` kept across requests (its own prefill and step)."""
+
     mode = "static"
 
     def __init__(self, model, max_len: int, *, compile_step: bool = False):
-        self.model = model
-        self.compile_step = compile_step
+        super().__init__(model, max_len)
         # dynamic=False: the step's shapes never change, so one specialised graph; Inductor's own CUDA graphs
         # stay off (the GraphDecoder captures its own, around this).
         self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step else self._one_token
-        self.max_len = max_len
-        self.device = next(model.parameters()).device
-        self._cache_kw = cache_kwarg(model)
-        self._cache = None
         self._length = 0  # positions filled in this request, kept on the host only to refuse an overflow
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
 
@@ -124,11 +122,6 @@ class StaticDecoder:
         config.sliding_window = None
         config.layer_types = None
         return StaticCache(config=config, max_cache_len=self.max_len)
-
-    def _forward(self, input_ids: torch.Tensor, all_positions: bool) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_positions else 1,
-                         **{self._cache_kw: self._cache})
-        return out.logits[0].float()
 
     def _reset(self) -> None:
         # Built on first use, so that it is made inside the engine's inference mode (its tensors are then
