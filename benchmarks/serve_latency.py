@@ -47,6 +47,7 @@ from pathlib import Path
 
 from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
 
+from birbal.serve.attention import CHOICES as ATTENTIONS
 from birbal.serve.decode import GRAPH_MODES, MODES
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -236,18 +237,21 @@ class WinnersServer:
 # ---- (b) ours --------------------------------------------------------------------------------------------------
 class OursServer:
     def __init__(self, merged: Path | None, device, model=None, tokenizer=None, decode: str = "auto"):
-        """The merged folder through `Engine.from_merged`, or (a check of numerics) an already loaded model."""
+        """The merged folder through `Engine.from_merged`, or (a check of numerics) an already loaded model.
+        `decode`: a serve.decode mode, optionally with a serve.decode_attention after a colon."""
         from birbal.config.serve import ServeConfig
         from birbal.serve.engine import Engine
 
         t0 = time.perf_counter()
-        cfg = ServeConfig(device=device.type, decode=decode)
+        mode, attention = split_mode(decode)
+        cfg = ServeConfig(device=device.type, decode=mode, decode_attention=attention)
         self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
                        else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
         sync(device)
         self.load_s = time.perf_counter() - t0
         self.engine_load_s = self.engine.load_s
         self.decode = self.engine.decode_mode
+        self.decode_attention = self.engine.decode_attention
 
     def process(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
         from birbal.serve.schemas import ProcessRequest
@@ -293,6 +297,26 @@ def replay(server, mix: list[dict], device, marginal: bool = True) -> dict:
     return {"total_s": round(total, 3), "rows": rows}
 
 
+def graph_step_ms(server, prompt_ids: list[int], device, steps: int = 128) -> dict:
+    """A graph decoder's bare step: `steps` replays after one prefill, timed with CUDA events. Beside the mix's
+    marginal ms/token it splits a token's time into the GPU step and the engine's host work (sampling, logprobs,
+    detokenizing, stop checks)."""
+    import torch
+
+    decoder = getattr(getattr(server, "engine", None), "decoder", None)
+    if device.type != "cuda" or getattr(decoder, "_graph", None) is None:
+        return {}
+    with torch.inference_mode():
+        decoder.prefill(prompt_ids, all_positions=False)  # resets the cache: the replays stay inside it
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            decoder._graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+    return {"prompt_tokens": len(prompt_ids), "steps": steps, "ms_per_step": round(start.elapsed_time(end) / steps, 3)}
+
+
 def summarise(result: dict) -> dict:
     rows = result["rows"]
     by: dict[str, list[float]] = {}
@@ -328,20 +352,28 @@ def compare(a_rows: list[dict], b_rows: list[dict]) -> dict:
             "a_tied_steps": sum(a.get("tied_steps", 0) for a in a_rows)}
 
 
-def ours_key(mode: str) -> str:
-    return "ours" if mode == "auto" else f"ours_{mode}"
+def split_mode(entry: str) -> tuple[str, str]:
+    """`compiled_graph:sdpa` -> (serve.decode, serve.decode_attention); the attention defaults to auto."""
+    mode, _, attention = entry.partition(":")
+    return mode, attention or "auto"
+
+
+def ours_key(entry: str) -> str:
+    mode, attention = split_mode(entry)
+    return ("ours" if mode == "auto" else f"ours_{mode}") + ("" if attention == "auto" else f"_{attention}")
 
 
 def decode_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in DECODE_MODES]
+    unknown = [m for m in modes if split_mode(m)[0] not in DECODE_MODES or split_mode(m)[1] not in ATTENTIONS]
     if not modes or unknown or len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct modes from {', '.join(DECODE_MODES)}; "
-                                         f"given {text!r}")
+        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct modes from {', '.join(DECODE_MODES)}, "
+                                         f"each optionally :{'|'.join(ATTENTIONS)}; given {text!r}")
     return modes
 
 
-def skip_reason(mode: str, device) -> str | None:
+def skip_reason(entry: str, device) -> str | None:
+    mode = split_mode(entry)[0]
     if mode in GRAPH_MODES and device.type != "cuda":
         return f"{mode} needs a CUDA device; this run is on {device} (time static for the same cache path)"
     return None
@@ -350,7 +382,8 @@ def skip_reason(mode: str, device) -> str | None:
 def table(res: dict) -> str:
     lines = ["| server | load s | mix total s | MMLU-like request s | ms/token, decode-heavy rows (t/N) | "
              "marginal ms/token | tokens generated |", "|---|---|---|---|---|---|---|"]
-    ours = [(ours_key(m), f"(b) ours: Engine on merged bf16, greedy, decode={res.get(ours_key(m), {}).get('decode', m)}")
+    ours = [(ours_key(m), "(b) ours: Engine on merged bf16, greedy, decode="
+             + "/".join(str(res.get(ours_key(m), {}).get(k, m)) for k in ("decode", "decode_attention")))
             for m in res.get("decode_modes", ["auto"])]
     skipped = []
     for key, label in (("winners", "(a) winners: bf16 + unmerged PeftModel, generate, sampling at 1e-7"), *ours,
@@ -395,7 +428,8 @@ def main() -> int:
                         help="skip (c), our engine on the unmerged PeftModel (a numerics check, not a server)")
     parser.add_argument("--decode-modes", type=decode_modes, default=["auto"],
                         help="time ours once per serve.decode mode, comma-separated, from " + ", ".join(DECODE_MODES)
-                        + " (default auto: the server's own choice)")
+                        + "; a mode may name its serve.decode_attention after a colon (compiled_graph:sdpa) "
+                        "(default auto: the server's own choice)")
     parser.add_argument("--skip-winners", action="store_true",
                         help="time ours only (the per-token bound is measured in the same run; the total-time "
                              "ratio needs the winners and is left out)")
@@ -435,6 +469,7 @@ def main() -> int:
             res[key] = {"load_s": round(server.load_s, 2)}
             if mode is not None:
                 res[key]["decode"] = server.decode
+                res[key]["decode_attention"] = server.decode_attention
                 timed.append(key)
             if hasattr(server, "engine_load_s"):
                 res[key]["engine_reported_load_s"] = round(server.engine_load_s, 2)
@@ -443,6 +478,10 @@ def main() -> int:
             sync(device)
             res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)  # a CUDA graph is captured here
             res[key].update(replay(server, mix, device))
+            heavy = next(r for r in mix if r["scenario"] == HEAVY[0])
+            if bare := graph_step_ms(server, server.engine.tokenizer.encode(heavy["prompt"]) if mode else [],
+                                     device):
+                res[key]["graph_step"] = bare
             if key == "winners" and not args.skip_unmerged_check:
                 # (c) our engine on the winners' own unmerged model: separates what merging the adapter into
                 # bf16 changes from what the engine changes
@@ -491,9 +530,12 @@ def main() -> int:
             for key in timed:
                 marginal = res[key]["summary"]["decode_heavy_marginal_ms_per_token"]
                 if marginal:
-                    by_mode[key] = {"decode": res[key]["decode"], "marginal_ms_per_token": marginal,
+                    by_mode[key] = {"decode": res[key]["decode"], "decode_attention": res[key]["decode_attention"],
+                                    "marginal_ms_per_token": marginal,
                                     "over_bound": round(marginal[1] / bound_ms, 2),
                                     "within_2x_bound_met": marginal[1] <= 2 * bound_ms}
+                    if "graph_step" in res[key]:
+                        by_mode[key]["graph_step_ms"] = res[key]["graph_step"]["ms_per_step"]
             targets["decode_by_mode"] = by_mode
         res["targets"] = targets
     except Exception:

@@ -1,11 +1,15 @@
-"""birbal.serve.attention: one query token over a grouped-query cache, KV heads never expanded, gives what
-transformers' SDPA attention gives with its expanded heads."""
+"""birbal.serve.attention: the flex decode step gives what transformers' SDPA gives, masked slots stay out, every
+other shape goes to SDPA unchanged, and serve.decode_attention resolves and refuses as documented."""
 
 import pytest
 import torch
+from serve_model import engine, serve_cfg
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from birbal.serve.attention import NAME, sdpa_packed_gqa, use_packed_gqa_attention
+from birbal.errors import ServeError
+from birbal.serve.attention import NAME, apply_decode_attention, flex_decode_attention, resolve_attention
+from birbal.serve.engine import Engine
+from birbal.serve.schemas import ProcessRequest
 
 
 class _Attention(torch.nn.Module):
@@ -19,36 +23,75 @@ def _qkv(q_len: int, kv_len: int, generator: torch.Generator):
     return query, key, value
 
 
-@pytest.mark.parametrize("masked", [True, False])
-def test_one_query_token_matches_expanded_heads(masked):
+def test_one_query_token_matches_sdpa_and_masked_slots_stay_out():
     generator = torch.Generator().manual_seed(0)
     query, key, value = _qkv(1, 12, generator)
     # a static cache's mask: the first 7 slots filled, a window that has dropped the first 2
-    mask = torch.tensor([[[[False, False] + [True] * 5 + [False] * 5]]]) if masked else None
-    ours, _ = sdpa_packed_gqa(_Attention(), query, key, value, mask, scaling=0.25)
+    mask = torch.tensor([[[[False, False] + [True] * 5 + [False] * 5]]])
+    ours, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25)
     theirs, _ = sdpa_attention_forward(_Attention(), query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (1, 1, 8, 16)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    if masked:  # the masked slots really are out: changing them changes nothing
-        key[:, :, :2] += 100.0
-        again, _ = sdpa_packed_gqa(_Attention(), query, key, value, mask, scaling=0.25)
-        torch.testing.assert_close(again, ours)
+    key[:, :, :2] += 100.0  # changing the masked slots changes nothing
+    value[:, :, 7:] -= 50.0
+    again, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(again, ours)
 
 
-def test_prefill_goes_to_transformers_sdpa_unchanged():
+@pytest.mark.parametrize("q_len, masked", [(5, False), (5, True), (1, False)])
+def test_other_shapes_go_to_transformers_sdpa_unchanged(q_len, masked):
     generator = torch.Generator().manual_seed(1)
-    query, key, value = _qkv(5, 5, generator)
-    ours, _ = sdpa_packed_gqa(_Attention(), query, key, value, None, scaling=0.25)
-    theirs, _ = sdpa_attention_forward(_Attention(), query, key, value, None, scaling=0.25)
+    query, key, value = _qkv(q_len, 5, generator)
+    mask = torch.ones(1, 1, q_len, 5, dtype=torch.bool).tril() if masked else None
+    ours, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(_Attention(), query, key, value, mask, scaling=0.25)
     assert torch.equal(ours, theirs)
 
 
-def test_only_sdpa_models_are_switched():
+def test_decode_attention_resolves_per_decode_mode_and_refuses_flex_uncompiled():
+    assert resolve_attention("auto", "compiled_graph") == "flex"
+    assert resolve_attention("auto", "cuda_graph") == "sdpa"
+    assert resolve_attention("sdpa", "compiled_graph") == "sdpa"
+    with pytest.raises(ServeError, match=r"decode_attention=flex needs serve.decode=compiled_graph .*static"):
+        resolve_attention("flex", "static")
+    with pytest.raises(ServeError, match="must be one of auto, sdpa, flex"):
+        resolve_attention("xformers", "eager")
+
+
+def test_only_sdpa_models_are_switched_and_sdpa_is_set_back():
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2)
-    sdpa = MistralForCausalLM._from_config(config, attn_implementation="sdpa")
-    assert use_packed_gqa_attention(sdpa) and sdpa.config._attn_implementation == NAME
+    model = MistralForCausalLM._from_config(config, attn_implementation="sdpa")
+    assert apply_decode_attention(model, "flex") == "flex" and model.config._attn_implementation == NAME
+    assert apply_decode_attention(model, "sdpa") == "sdpa" and model.config._attn_implementation == "sdpa"
     eager = MistralForCausalLM._from_config(config, attn_implementation="eager")
-    assert not use_packed_gqa_attention(eager) and eager.config._attn_implementation == "eager"
+    assert apply_decode_attention(eager, "flex") == "eager" and eager.config._attn_implementation == "eager"
+
+
+def test_static_steps_with_flex_match_sdpa(monkeypatch):
+    """The path compiled_graph replays, minus the compile and the graph: flex decoding (eager: its reference
+    implementation) over the static cache and the masks it builds, against the same cache on transformers' SDPA,
+    over requests of different lengths in a row. Compiled (Inductor's CPU flex template cannot take the mask
+    computed inside the graph), it runs in tests/test_serve_decode.py's GPU test."""
+    sdpa = Engine(engine().model, engine().tokenizer, serve_cfg(postprocess="none", decode="static"))
+    ask = [ProcessRequest(prompt=p, temperature=1e-7, max_new_tokens=n, top_k_per_token=3)
+           for p, n in (("The capital of France is", 8), ("one two three " * 10, 6))]
+    expected = [sdpa.process(request) for request in ask]
+    flex = Engine(sdpa.model, sdpa.tokenizer, serve_cfg(postprocess="none", decode="static"))
+    apply_decode_attention(flex.model, "flex")
+    import torch.nn.attention.flex_attention as flex_module
+
+    calls = []
+    real = flex_module.flex_attention
+    monkeypatch.setattr(flex_module, "flex_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        for request, want in zip(ask, expected, strict=True):
+            got = flex.process(request)
+            assert got.text == want.text
+            assert [t.logprob for t in got.tokens] == pytest.approx([t.logprob for t in want.tokens], abs=1e-4)
+        layers = flex.model.config.num_hidden_layers
+        assert len(calls) == layers * sum(r.max_new_tokens - 1 for r in ask)  # every decode step, no prefill
+    finally:
+        apply_decode_attention(sdpa.model, "sdpa")  # the cached test engine is shared

@@ -1,52 +1,80 @@
-"""Attention for serving: a 1-token query over a grouped-query KV cache, without expanding the KV heads.
+"""Attention for a compiled decode step: one query token over the static KV cache, by PyTorch's flex decoding.
 
-Mistral-7B has 32 query heads and 8 KV heads. With a mask (a static cache always has one), transformers' SDPA
-path copies each layer's keys and values out to 32 heads (`repeat_kv`) before calling the kernel: on a 4096-slot
-cache that is 64 MiB written and read again per layer and token, about a millisecond of a 7 ms decode step on an
-H200. For one query token the 4 heads that share a KV head can instead be laid out as 4 query rows of that head,
-and the kernel reads each key and value once. transformers 5.24 does this itself (`pack_gqa`) but not under
-torch.compile, and 5.17 not at all, so it is registered here as an attention function of its own; every other
-shape (prefill, or a model without grouped heads) goes to transformers' own SDPA function unchanged.
+transformers' SDPA path serves the step badly on a GPU. A static cache always comes with a mask, and with a mask
+it copies each layer's keys and values out from 8 KV heads to 32 (`repeat_kv`; 64 MiB written and read again per
+layer and token on a 4096-slot cache). It then runs a kernel that splits the work only by head, so a few dozen
+thread blocks walk 4096 slots each while most of the GPU idles. Folding the 4 query heads of a KV head into rows
+(tried: `pack_gqa`, as in transformers 5.24) removes the copy but leaves 8 blocks, and measured slower on the
+H200 (benchmarks/results/README.md). Flex decoding (`torch.nn.attention.flex_attention`, lowered by Inductor to
+its split-KV decoding kernel) splits the cache across blocks as flash-decoding does, reads each KV head once for
+its query heads (`enable_gqa`), and takes the mask as a score modification. It is fast only compiled, so it
+serves `serve.decode=compiled_graph`; every other shape (prefill, a maskless step) goes to transformers' own
+SDPA function unchanged.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from birbal.errors import ServeError
 from birbal.models import unwrap_peft
 
-NAME = "birbal_sdpa_packed_gqa"
+NAME = "birbal_flex_decode"
+CHOICES = ("auto", "sdpa", "flex")  # serve.decode_attention
 
 
-def sdpa_packed_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    **kwargs) -> tuple[torch.Tensor, None]:
+def flex_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    from torch.nn.attention.flex_attention import flex_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    groups = getattr(module, "num_key_value_groups", 1)
-    mask_shared = attention_mask is None or attention_mask.shape[1] == 1
-    if query.shape[2] != 1 or groups == 1 or not mask_shared or kwargs.get("position_bias") is not None:
+    one_shared_mask = (attention_mask is not None and attention_mask.dtype == torch.bool
+                       and attention_mask.shape[:3] == (1, 1, 1))
+    if query.shape[0] != 1 or query.shape[2] != 1 or not one_shared_mask or dropout or kwargs.get("position_bias") \
+            is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    batch, heads, _, dim = query.shape
-    # Head h reads KV head h // groups (transformers' repeat_kv order), so the reshape groups them by KV head.
-    packed = query.reshape(batch, heads // groups, groups, dim)
-    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]  # broadcast over rows
-    # Never is_causal: the rows are heads of one position, not positions.
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    allowed = attention_mask[0, 0, 0, : key.shape[-2]]  # the slots this position sees: filled, inside the window
+
+    def masked(score, batch, head, q_idx, kv_idx):
+        return torch.where(allowed[kv_idx], score, -float("inf"))
+
+    out = flex_attention(query, key, value, score_mod=masked, scale=scaling,
+                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
-def use_packed_gqa_attention(model) -> bool:
-    """Switch a model that runs transformers' SDPA to `sdpa_packed_gqa`; True when it did."""
+def resolve_attention(requested: str, decode_mode: str) -> str:
+    """`auto`: flex for a compiled decode step (the fastest measured), transformers' SDPA otherwise."""
+    if requested not in CHOICES:
+        raise ServeError(f"serve.decode_attention must be one of {', '.join(CHOICES)}; given {requested!r}")
+    if requested == "auto":
+        return "flex" if decode_mode == "compiled_graph" else "sdpa"
+    if requested == "flex" and decode_mode != "compiled_graph":
+        raise ServeError(f"serve.decode_attention=flex needs serve.decode=compiled_graph (flex attention is fast "
+                         f"only compiled); the decode mode is {decode_mode}. Use sdpa, or auto.")
+    return requested
+
+
+def apply_decode_attention(model, choice: str) -> str:
+    """Put a model that runs transformers' SDPA on `choice` (flex or sdpa) and return what it runs now.
+
+    Setting sdpa back matters when engines share one model (the tests): the last engine built decides the eager
+    forwards of all, while a captured graph keeps replaying what it captured. A model on another attention
+    (eager) keeps it.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     core = unwrap_peft(model)
-    if core.config._attn_implementation not in ("sdpa", NAME):
-        return False
-    AttentionInterface.register(NAME, sdpa_packed_gqa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks SDPA gets
-    core.set_attn_implementation(NAME)
-    return True
+    current = core.config._attn_implementation
+    if current not in ("sdpa", NAME):
+        return current
+    if choice == "flex":
+        AttentionInterface.register(NAME, flex_decode_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # the boolean masks SDPA gets
+    wanted = NAME if choice == "flex" else "sdpa"
+    if current != wanted:
+        core.set_attn_implementation(wanted)
+    return choice
