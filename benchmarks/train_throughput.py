@@ -23,6 +23,7 @@ Variants
 - ours_full / ours_mix run SDPA (the attention switched after loading); *_flex run the birbal-4090 profile's own
   flex_attention (block-sparse: packed examples' masked blocks are skipped).
 - *_compiled: the same with `train.torch_compile=true` (each decoder layer compiled; the first step compiles).
+- *_uncheckedN: the same with `train.unchecked_layers=N` (the last N layers not checkpointed: memory for speed).
 
 Synthetic data (no tokenizer needed): random token ids; example lengths lognormal with median 350 tokens and
 sigma 0.9 (mean ~525), clipped to [24, 8192]; the first 35-65% of each example is the prompt (masked), the rest
@@ -57,17 +58,23 @@ TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden
             num_key_value_heads=2, sliding_window=256, rope_theta=10000.0, max_position_embeddings=4096,
             rms_norm_eps=1e-5)
 
-# name -> (implementation, data, capped, attention, torch_compile); run in this order, most important first
+# name -> (implementation, data, capped, attention, torch_compile, unchecked layers); run in this order, most
+# important first
 VARIANTS = {
-    "ours_full": ("ours", "full", True, "sdpa", False),
-    "ours_mix": ("ours", "mix", True, "sdpa", False),
-    "baseline_full_uncapped": ("baseline", "full", False, "sdpa", False),
-    "baseline_mix": ("baseline", "mix", True, "sdpa", False),
-    "baseline_full": ("baseline", "full", True, "sdpa", False),
-    "ours_mix_flex": ("ours", "mix", True, "flex_attention", False),
-    "ours_full_flex": ("ours", "full", True, "flex_attention", False),
-    "ours_full_flex_compiled": ("ours", "full", True, "flex_attention", True),
-    "ours_mix_flex_compiled": ("ours", "mix", True, "flex_attention", True),
+    "ours_full": ("ours", "full", True, "sdpa", False, 0),
+    "ours_mix": ("ours", "mix", True, "sdpa", False, 0),
+    "baseline_full_uncapped": ("baseline", "full", False, "sdpa", False, 0),
+    "baseline_mix": ("baseline", "mix", True, "sdpa", False, 0),
+    "baseline_full": ("baseline", "full", True, "sdpa", False, 0),
+    "ours_mix_flex": ("ours", "mix", True, "flex_attention", False, 0),
+    "ours_full_flex": ("ours", "full", True, "flex_attention", False, 0),
+    "ours_full_flex_compiled": ("ours", "full", True, "flex_attention", True, 0),
+    "ours_mix_flex_compiled": ("ours", "mix", True, "flex_attention", True, 0),
+    # train.unchecked_layers: the last N layers keep their activations (no recompute), inside the cap's headroom
+    "ours_full_flex_compiled_unchecked1": ("ours", "full", True, "flex_attention", True, 1),
+    "ours_full_flex_compiled_unchecked2": ("ours", "full", True, "flex_attention", True, 2),
+    "ours_full_flex_compiled_unchecked3": ("ours", "full", True, "flex_attention", True, 3),
+    "ours_mix_flex_compiled_unchecked2": ("ours", "mix", True, "flex_attention", True, 2),
 }
 
 
@@ -186,12 +193,13 @@ def load_baseline(checkpoint: Path, device, attn: str):
     return get_peft_model(model, lora)
 
 
-def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool):
+def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool, unchecked: int):
     from birbal.config import load_recipe
     from birbal.train.model import build_qlora_model
     from birbal.train.neftune import PerExampleNEFTune
 
-    recipe = load_recipe("birbal-4090", [f"model.name_or_path={checkpoint}", f"train.torch_compile={compiled}"])
+    recipe = load_recipe("birbal-4090", [f"model.name_or_path={checkpoint}", f"train.torch_compile={compiled}",
+                                          f"train.unchecked_layers={unchecked}"])
     model = build_qlora_model(recipe, workdir / "cache", device)
     if attn != recipe.model.attn_implementation:
         # the SDPA variants: the packed-mask cost without flex_attention's block sparsity
@@ -259,13 +267,14 @@ def run_variant(name: str, args) -> dict:
     import numpy as np
     import torch
 
-    impl, data, capped, attn, compiled = VARIANTS[name]
+    impl, data, capped, attn, compiled, unchecked = VARIANTS[name]
     from birbal.train.metrics import flops_per_token, mean_attention_context
 
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     arch = MISTRAL_7B if args.arch == "7b" else TINY
     seq, mb = args.seq_len, args.micro_batch
     result: dict = {"variant": name, "implementation": impl, "data": data, "attention": attn, "torch_compile": compiled,
+                    "unchecked_layers": unchecked,
                     "cap_gib": args.cap_gib if capped else None, "micro_batch": mb, "sequence_len": seq,
                     "warmup_steps": args.warmup, "timed_steps": args.timed}
     if device.type == "cuda":
@@ -302,7 +311,7 @@ def run_variant(name: str, args) -> dict:
             model = load_baseline(args.checkpoint, device, attn)
             neftune = None
         else:
-            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled)
+            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked)
         result["load_s"] = round(time.perf_counter() - t0, 1)
         trainable = [p for p in model.parameters() if p.requires_grad]
         result["trainable_parameters"] = sum(p.numel() for p in trainable)

@@ -23,19 +23,25 @@ def _qkv(q_len: int, kv_len: int, generator: torch.Generator):
     return query, key, value
 
 
-def test_one_query_token_matches_sdpa_and_masked_slots_stay_out():
+@pytest.mark.parametrize("window", [None, 5])
+def test_one_query_token_matches_sdpa_and_masked_slots_stay_out(window):
     generator = torch.Generator().manual_seed(0)
     query, key, value = _qkv(1, 12, generator)
-    # a static cache's mask: the first 7 slots filled, a window that has dropped the first 2
-    mask = torch.tensor([[[[False, False] + [True] * 5 + [False] * 5]]])
-    ours, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25)
+    # position 6 of a 12-slot static cache: slots 0-6 filled; a window of 5 has dropped slots 0 and 1
+    first = 0 if window is None else 2
+    mask = torch.tensor([[[[False] * first + [True] * (7 - first) + [False] * 5]]])
+    position = torch.tensor([[6]])
+    ours, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25, sliding_window=window,
+                                    position_ids=position)
     theirs, _ = sdpa_attention_forward(_Attention(), query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (1, 1, 8, 16)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    key[:, :, :2] += 100.0  # changing the masked slots changes nothing
+    key[:, :, :first] += 100.0  # changing the slots outside changes nothing
     value[:, :, 7:] -= 50.0
-    again, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25)
+    again, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25, sliding_window=window,
+                                     position_ids=position)
     torch.testing.assert_close(again, ours)
+    assert not torch.allclose(sdpa_attention_forward(_Attention(), query, key, value, None, scaling=0.25)[0], ours)
 
 
 @pytest.mark.parametrize("q_len, masked", [(5, False), (5, True), (1, False)])
@@ -43,7 +49,8 @@ def test_other_shapes_go_to_transformers_sdpa_unchanged(q_len, masked):
     generator = torch.Generator().manual_seed(1)
     query, key, value = _qkv(q_len, 5, generator)
     mask = torch.ones(1, 1, q_len, 5, dtype=torch.bool).tril() if masked else None
-    ours, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25)
+    ours, _ = flex_decode_attention(_Attention(), query, key, value, mask, scaling=0.25,
+                                    position_ids=torch.arange(5 - q_len, 5).view(1, -1))
     theirs, _ = sdpa_attention_forward(_Attention(), query, key, value, mask, scaling=0.25)
     assert torch.equal(ours, theirs)
 
@@ -73,8 +80,7 @@ def test_only_sdpa_models_are_switched_and_sdpa_is_set_back():
 def test_static_steps_with_flex_match_sdpa(monkeypatch):
     """The path compiled_graph replays, minus the compile and the graph: flex decoding (eager: its reference
     implementation) over the static cache and the masks it builds, against the same cache on transformers' SDPA,
-    over requests of different lengths in a row. Compiled (Inductor's CPU flex template cannot take the mask
-    computed inside the graph), it runs in tests/test_serve_decode.py's GPU test."""
+    over requests of different lengths in a row."""
     sdpa = Engine(engine().model, engine().tokenizer, serve_cfg(postprocess="none", decode="static"))
     ask = [ProcessRequest(prompt=p, temperature=1e-7, max_new_tokens=n, top_k_per_token=3)
            for p, n in (("The capital of France is", 8), ("one two three " * 10, 6))]
@@ -93,5 +99,28 @@ def test_static_steps_with_flex_match_sdpa(monkeypatch):
             assert [t.logprob for t in got.tokens] == pytest.approx([t.logprob for t in want.tokens], abs=1e-4)
         layers = flex.model.config.num_hidden_layers
         assert len(calls) == layers * sum(r.max_new_tokens - 1 for r in ask)  # every decode step, no prefill
+    finally:
+        apply_decode_attention(sdpa.model, "sdpa")  # the cached test engine is shared
+
+
+def test_compiled_static_step_with_flex_matches_sdpa():
+    """The step compiled_graph replays, minus the graph: compiled by Inductor (its CPU flex template here, the
+    Triton one in tests/test_serve_decode.py's GPU test), over requests of different lengths in a row."""
+    from birbal.serve.decode import StaticDecoder
+
+    sdpa = Engine(engine().model, engine().tokenizer, serve_cfg(postprocess="none", decode="static"))
+    ask = [ProcessRequest(prompt=p, temperature=1e-7, max_new_tokens=n, top_k_per_token=3)
+           for p, n in (("The capital of France is", 8), ("one two three " * 10, 6))]
+    expected = [sdpa.process(request) for request in ask]
+    flex = Engine(sdpa.model, sdpa.tokenizer, serve_cfg(postprocess="none", decode="static"))
+    apply_decode_attention(flex.model, "flex")
+    flex.decoder = StaticDecoder(flex.model, flex.cfg.max_context, compile_step=True)
+    torch._dynamo.reset()
+    try:
+        for request, want in zip(ask, expected, strict=True):
+            got = flex.process(request)
+            assert got.text == want.text
+            assert [t.logprob for t in got.tokens] == pytest.approx([t.logprob for t in want.tokens], abs=1e-4)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     finally:
         apply_decode_attention(sdpa.model, "sdpa")  # the cached test engine is shared

@@ -162,3 +162,46 @@ def test_every_lora_weight_gets_a_gradient_without_input_grads(model, tokenizer)
             for n, p in lora_b.items():
                 p.copy_(saved[n])
         model.zero_grad(set_to_none=True)
+
+
+def test_unchecked_layers_skip_their_recompute_and_keep_the_maths(shared_cache, tokenizer, monkeypatch):
+    """train.unchecked_layers: the last N layers run their forward once instead of twice (no recompute in the
+    backward), the others still twice; the loss and every LoRA gradient are those of full checkpointing."""
+    from birbal.config import load_recipe
+    from birbal.errors import TrainError
+    from birbal.train.model import leave_last_layers_unchecked
+
+    def run(unchecked: int):
+        recipe = load_recipe("smoke", ["lora.dropout=0.0", f"train.unchecked_layers={unchecked}"])
+        model = build_qlora_model(recipe, shared_cache, torch.device("cpu")).train()
+        generator = torch.Generator().manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, which would leave every A gradient zero
+                param.data = torch.randn(param.shape, generator=generator) * 0.05
+        layers = model.get_base_model().model.layers
+        calls = [0] * len(layers)
+        index_of = {id(layer.mlp): i for i, layer in enumerate(layers)}
+        mlp_forward = type(layers[0].mlp).forward
+
+        def counted(mlp, *args, **kwargs):  # module hooks do not fire in the recompute; the forward itself does
+            calls[index_of[id(mlp)]] += 1
+            return mlp_forward(mlp, *args, **kwargs)
+
+        monkeypatch.setattr(type(layers[0].mlp), "forward", counted)
+        rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
+        loss, _ = response_loss_sum(model, collate(rows))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        monkeypatch.undo()
+        return loss.detach(), grads, calls, model
+
+    full_loss, full_grads, full_calls, _ = run(0)
+    loss, grads, calls, model = run(1)
+    assert full_calls == [2] * len(full_calls)  # checkpointed: the forward, then the recompute
+    assert calls == [2] * (len(calls) - 1) + [1]
+    torch.testing.assert_close(loss, full_loss)
+    assert grads.keys() == full_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(TrainError, match="more than the model's 2 decoder layers"):
+        leave_last_layers_unchecked(model, 3)

@@ -30,6 +30,10 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps (None: epochs).")
     neftune_noise_alpha: float | None = Field(None, ge=0.0, description="NEFTune alpha; None turns it off.")
     gradient_checkpointing: bool = True
+    unchecked_layers: int = Field(
+        0, ge=0, description="With gradient checkpointing, leave the last N decoder layers unchecked: their "
+                             "activations stay in memory and their forward is not recomputed. Memory for speed; "
+                             "the same maths.")
     torch_compile: bool = Field(
         False, description="Compile each decoder layer with torch.compile (fuses the norm, rotary, LoRA and "
                            "activation element-wise work; the first steps pay the compile). GPU speed, not maths.")

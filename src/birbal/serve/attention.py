@@ -7,9 +7,9 @@ thread blocks walk 4096 slots each while most of the GPU idles. Folding the 4 qu
 (tried: `pack_gqa`, as in transformers 5.24) removes the copy but leaves 8 blocks, and measured slower on the
 H200 (benchmarks/results/README.md). Flex decoding (`torch.nn.attention.flex_attention`, lowered by Inductor to
 its split-KV decoding kernel) splits the cache across blocks as flash-decoding does, reads each KV head once for
-its query heads (`enable_gqa`), and takes the mask as a score modification. It is fast only compiled, so it
-serves `serve.decode=compiled_graph`; every other shape (prefill, a maskless step) goes to transformers' own
-SDPA function unchanged.
+its query heads (`enable_gqa`), and masks by a score modification. It is fast only compiled, so it serves
+`serve.decode=compiled_graph`; every other shape (prefill, a maskless step) goes to transformers' own SDPA
+function unchanged.
 """
 
 from __future__ import annotations
@@ -25,20 +25,32 @@ CHOICES = ("auto", "sdpa", "flex")  # serve.decode_attention
 
 def flex_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          sliding_window: int | None = None, position_ids: torch.Tensor | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
+    """A 1-token step over a static cache whose slot i holds position i (`StaticDecoder`'s cache: every layer
+    full-length), masked from the step's position: the slots up to it, inside the sliding window.
+
+    Why the position and not transformers' mask tensor: under torch.compile Inductor inlines the mask's own
+    arithmetic (arange, comparisons) into the flex kernel's score function, and in torch 2.11 that inlined code
+    fails to compile (`NameError: XBLOCK is not defined`, measured on the H200 with the 7B shape). The decoder
+    passes `position_ids` as an input of the compiled step, so the kernel only loads one number. The rules are
+    transformers' own (`causal_mask_function`, `sliding_window_overlay`): kv <= q, and kv > q - window.
+    """
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    one_shared_mask = (attention_mask is not None and attention_mask.dtype == torch.bool
-                       and attention_mask.shape[:3] == (1, 1, 1))
-    if query.shape[0] != 1 or query.shape[2] != 1 or not one_shared_mask or dropout or kwargs.get("position_bias") \
-            is not None:
+    one_step = (query.shape[0] == 1 and query.shape[2] == 1 and attention_mask is not None
+                and position_ids is not None and position_ids.numel() == 1)
+    if not one_step or dropout or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    allowed = attention_mask[0, 0, 0, : key.shape[-2]]  # the slots this position sees: filled, inside the window
+                                      sliding_window=sliding_window, position_ids=position_ids, **kwargs)
+    position = position_ids.reshape(())
 
     def masked(score, batch, head, q_idx, kv_idx):
-        return torch.where(allowed[kv_idx], score, -float("inf"))
+        seen = kv_idx <= position
+        if sliding_window is not None:
+            seen = seen & (kv_idx > position - sliding_window)
+        return torch.where(seen, score, -float("inf"))
 
     out = flex_attention(query, key, value, score_mod=masked, scale=scaling,
                          enable_gqa=query.shape[1] != key.shape[1])

@@ -78,9 +78,9 @@ class EagerDecoder:
         self._cache_kw = cache_kwarg(model)
         self._cache = None
 
-    def _forward(self, input_ids: torch.Tensor, all_positions: bool) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, all_positions: bool, **inputs) -> torch.Tensor:
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_positions else 1,
-                         **{self._cache_kw: self._cache})
+                         **{self._cache_kw: self._cache}, **inputs)
         return out.logits[0].float()
 
     def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
@@ -105,8 +105,12 @@ class StaticDecoder(EagerDecoder):
         # dynamic=False: the step's shapes never change, so one specialised graph; Inductor's own CUDA graphs
         # stay off (the GraphDecoder captures its own, around this).
         self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step else self._one_token
-        self._length = 0  # positions filled in this request, kept on the host only to refuse an overflow
+        self._length = 0  # positions filled in this request, kept on the host to refuse an overflow
+        # The step's inputs, refilled in place before each step (a graph replays these addresses). The position
+        # is the one the model would derive from the cache; passed in, it is an input of the compiled step
+        # rather than arithmetic inside it (which birbal.serve.attention's flex path needs).
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self._position = torch.zeros((1, 1), dtype=torch.long, device=self.device)
 
     def _new_cache(self):
         """A `StaticCache` of full-attention layers, whatever the model's sliding window.
@@ -145,14 +149,15 @@ class StaticDecoder(EagerDecoder):
         if self._length >= self.max_len:
             raise ServeError(f"decode step {self._length + 1} does not fit the static cache of {self.max_len}")
         self._token.fill_(token_id)
+        self._position.fill_(self._length)  # the slot this token is written to
         self._length += 1
         return self._decode_step()
 
-    def _one_token(self, token: torch.Tensor) -> torch.Tensor:
-        return self._forward(token, all_positions=False)[-1]
+    def _one_token(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self._forward(token, all_positions=False, position_ids=position)[-1]
 
     def _decode_step(self) -> torch.Tensor:
-        return self._step_fn(self._token)
+        return self._step_fn(self._token, self._position)
 
 
 class GraphDecoder(StaticDecoder):
