@@ -30,8 +30,13 @@ The mix (prompt tokens / max new tokens x count), shaped like the open run specs
 BBQ 400/1 x4, BIG-bench 350/16 x4, GSM8K 1000/128 x2, CNN/DM 1500/128 x2. Prompts are random whole-word
 vocabulary pieces (they re-tokenize to about the stated length; the JSON has the exact counts, template
 included). Every request is greedy as HELM asks for it: temperature 1e-7, top_k 200 (the challenge's default).
-On decode-heavy rows the same prompt is also timed with max_new_tokens=1, so the marginal per-token decode time
-(t_N - t_1) / (N - 1) is reported beside t_N / N.
+On decode-heavy rows the same prompt is also timed with max_new_tokens=1 and 2. Reported beside t_N / N: the
+decode time per token (t_N - t_2) / (N - 2), which the per-token target judges: both runs take the same path
+through prefill and the first step, so what differs is N - 2 decode steps and nothing else; and the older
+marginal (t_N - t_1) / (N - 1), which also holds the difference between the prefill a generation takes and the
+one a single-token request takes (ours runs those on different paths), spread over the tokens. For a graph
+decode mode, `graph_step` times the bare replay, to split a token's time into the GPU step and the engine's own
+work.
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ from pathlib import Path
 
 from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
 
-from birbal.serve.attention import CHOICES as ATTENTIONS
 from birbal.serve.decode import GRAPH_MODES, MODES
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -237,21 +241,18 @@ class WinnersServer:
 # ---- (b) ours --------------------------------------------------------------------------------------------------
 class OursServer:
     def __init__(self, merged: Path | None, device, model=None, tokenizer=None, decode: str = "auto"):
-        """The merged folder through `Engine.from_merged`, or (a check of numerics) an already loaded model.
-        `decode`: a serve.decode mode, optionally with a serve.decode_attention after a colon."""
+        """The merged folder through `Engine.from_merged`, or (a check of numerics) an already loaded model."""
         from birbal.config.serve import ServeConfig
         from birbal.serve.engine import Engine
 
         t0 = time.perf_counter()
-        mode, attention = split_mode(decode)
-        cfg = ServeConfig(device=device.type, decode=mode, decode_attention=attention)
+        cfg = ServeConfig(device=device.type, decode=decode)
         self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
                        else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
         sync(device)
         self.load_s = time.perf_counter() - t0
         self.engine_load_s = self.engine.load_s
         self.decode = self.engine.decode_mode
-        self.decode_attention = self.engine.decode_attention
 
     def process(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
         from birbal.serve.schemas import ProcessRequest
@@ -283,17 +284,20 @@ def replay(server, mix: list[dict], device, marginal: bool = True) -> dict:
         if "tied_steps" in out:
             rows[-1]["tied_steps"] = out["tied_steps"]
     total = time.perf_counter() - t0
-    # prefill-only timings of the decode-heavy prompts: the marginal decode cost per new token
+    # the decode-heavy prompts again with 1 and 2 new tokens: the cost of each further token
     for row, req in zip(rows, mix, strict=True):
         if marginal and req["max_new_tokens"] > 1:
-            s = time.perf_counter()
-            one = server.process(req["prompt"], 1, TEMPERATURE, TOP_K)
-            sync(device)
-            row["wall_1_token_s"] = round(time.perf_counter() - s - one.get("diag_s", 0.0), 4)
-            if row["generated"] > 1:
+            for n in (1, 2):
+                s = time.perf_counter()
+                short = server.process(req["prompt"], n, TEMPERATURE, TOP_K)
+                sync(device)
+                row[f"wall_{n}_token_s"] = round(time.perf_counter() - s - short.get("diag_s", 0.0), 4)
+            if row["generated"] > 2:
                 row["ms_per_token"] = round(1e3 * row["wall_s"] / row["generated"], 2)
                 row["marginal_ms_per_token"] = round(
                     1e3 * (row["wall_s"] - row["wall_1_token_s"]) / (row["generated"] - 1), 2)
+                row["decode_ms_per_token"] = round(
+                    1e3 * (row["wall_s"] - row["wall_2_token_s"]) / (row["generated"] - 2), 2)
     return {"total_s": round(total, 3), "rows": rows}
 
 
@@ -329,6 +333,8 @@ def summarise(result: dict) -> dict:
                                           max(r["ms_per_token"] for r in heavy)] if heavy else None,
             "decode_heavy_marginal_ms_per_token": [min(r["marginal_ms_per_token"] for r in heavy),
                                                    max(r["marginal_ms_per_token"] for r in heavy)] if heavy else None,
+            "decode_heavy_decode_ms_per_token": [min(r["decode_ms_per_token"] for r in heavy),
+                                                 max(r["decode_ms_per_token"] for r in heavy)] if heavy else None,
             "generated_tokens": sum(r["generated"] for r in rows)}
 
 
@@ -352,28 +358,20 @@ def compare(a_rows: list[dict], b_rows: list[dict]) -> dict:
             "a_tied_steps": sum(a.get("tied_steps", 0) for a in a_rows)}
 
 
-def split_mode(entry: str) -> tuple[str, str]:
-    """`compiled_graph:sdpa` -> (serve.decode, serve.decode_attention); the attention defaults to auto."""
-    mode, _, attention = entry.partition(":")
-    return mode, attention or "auto"
-
-
-def ours_key(entry: str) -> str:
-    mode, attention = split_mode(entry)
-    return ("ours" if mode == "auto" else f"ours_{mode}") + ("" if attention == "auto" else f"_{attention}")
+def ours_key(mode: str) -> str:
+    return "ours" if mode == "auto" else f"ours_{mode}"
 
 
 def decode_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if split_mode(m)[0] not in DECODE_MODES or split_mode(m)[1] not in ATTENTIONS]
+    unknown = [m for m in modes if m not in DECODE_MODES]
     if not modes or unknown or len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct modes from {', '.join(DECODE_MODES)}, "
-                                         f"each optionally :{'|'.join(ATTENTIONS)}; given {text!r}")
+        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct modes from {', '.join(DECODE_MODES)}; "
+                                         f"given {text!r}")
     return modes
 
 
-def skip_reason(entry: str, device) -> str | None:
-    mode = split_mode(entry)[0]
+def skip_reason(mode: str, device) -> str | None:
     if mode in GRAPH_MODES and device.type != "cuda":
         return f"{mode} needs a CUDA device; this run is on {device} (time static for the same cache path)"
     return None
@@ -381,9 +379,8 @@ def skip_reason(entry: str, device) -> str | None:
 
 def table(res: dict) -> str:
     lines = ["| server | load s | mix total s | MMLU-like request s | ms/token, decode-heavy rows (t/N) | "
-             "marginal ms/token | tokens generated |", "|---|---|---|---|---|---|---|"]
-    ours = [(ours_key(m), "(b) ours: Engine on merged bf16, greedy, decode="
-             + "/".join(str(res.get(ours_key(m), {}).get(k, m)) for k in ("decode", "decode_attention")))
+             "marginal ms/token | decode ms/token | tokens generated |", "|---|---|---|---|---|---|---|---|"]
+    ours = [(ours_key(m), f"(b) ours: Engine on merged bf16, greedy, decode={res.get(ours_key(m), {}).get('decode', m)}")
             for m in res.get("decode_modes", ["auto"])]
     skipped = []
     for key, label in (("winners", "(a) winners: bf16 + unmerged PeftModel, generate, sampling at 1e-7"), *ours,
@@ -395,8 +392,9 @@ def table(res: dict) -> str:
         s, load = res[key]["summary"], res[key].get("load_s", float("nan"))
         rng = s["decode_heavy_ms_per_token"] or ["-", "-"]
         mrg = s["decode_heavy_marginal_ms_per_token"] or ["-", "-"]
+        dec = s["decode_heavy_decode_ms_per_token"] or ["-", "-"]
         lines.append(f"| {label} | {load:.1f} | {s['total_s']:.2f} | {s['mmlu_like_request_s'] * 1e3:.0f} ms | "
-                     f"{rng[0]}-{rng[1]} | {mrg[0]}-{mrg[1]} | {s['generated_tokens']} |")
+                     f"{rng[0]}-{rng[1]} | {mrg[0]}-{mrg[1]} | {dec[0]}-{dec[1]} | {s['generated_tokens']} |")
     return "\n".join(lines + skipped)
 
 
@@ -428,8 +426,7 @@ def main() -> int:
                         help="skip (c), our engine on the unmerged PeftModel (a numerics check, not a server)")
     parser.add_argument("--decode-modes", type=decode_modes, default=["auto"],
                         help="time ours once per serve.decode mode, comma-separated, from " + ", ".join(DECODE_MODES)
-                        + "; a mode may name its serve.decode_attention after a colon (compiled_graph:sdpa) "
-                        "(default auto: the server's own choice)")
+                        + " (default auto: the server's own choice)")
     parser.add_argument("--skip-winners", action="store_true",
                         help="time ours only (the per-token bound is measured in the same run; the total-time "
                              "ratio needs the winners and is left out)")
@@ -469,7 +466,6 @@ def main() -> int:
             res[key] = {"load_s": round(server.load_s, 2)}
             if mode is not None:
                 res[key]["decode"] = server.decode
-                res[key]["decode_attention"] = server.decode_attention
                 timed.append(key)
             if hasattr(server, "engine_load_s"):
                 res[key]["engine_reported_load_s"] = round(server.engine_load_s, 2)
@@ -519,21 +515,22 @@ def main() -> int:
                             "total_target_met": b["total_s"] <= a["total_s"] / 3,
                             "identical_greedy_text_met": res["text_match"]["same_raw_generation"] == len(mix)})
         bw = res["copy_bandwidth"].get("bandwidth_gb_s")
-        if bw and b["decode_heavy_marginal_ms_per_token"]:
+        if bw and b["decode_heavy_decode_ms_per_token"]:
             bound_ms = res["weights"]["weight_bytes"] / (bw * 1e9) * 1e3
-            worst = b["decode_heavy_marginal_ms_per_token"][1]
+            worst = b["decode_heavy_decode_ms_per_token"][1]
             targets.update({"bandwidth_bound_ms_per_token": round(bound_ms, 3),
-                            "ours_worst_marginal_ms_per_token": worst,
+                            "ours_worst_decode_ms_per_token": worst,
+                            "ours_worst_marginal_ms_per_token": b["decode_heavy_marginal_ms_per_token"][1],
                             "ours_over_bound": round(worst / bound_ms, 2),
                             "decode_within_2x_bound_met": worst <= 2 * bound_ms})
             by_mode = {}
             for key in timed:
-                marginal = res[key]["summary"]["decode_heavy_marginal_ms_per_token"]
-                if marginal:
-                    by_mode[key] = {"decode": res[key]["decode"], "decode_attention": res[key]["decode_attention"],
-                                    "marginal_ms_per_token": marginal,
-                                    "over_bound": round(marginal[1] / bound_ms, 2),
-                                    "within_2x_bound_met": marginal[1] <= 2 * bound_ms}
+                decode = res[key]["summary"]["decode_heavy_decode_ms_per_token"]
+                if decode:
+                    by_mode[key] = {"decode": res[key]["decode"], "decode_ms_per_token": decode,
+                                    "marginal_ms_per_token": res[key]["summary"]["decode_heavy_marginal_ms_per_token"],
+                                    "over_bound": round(decode[1] / bound_ms, 2),
+                                    "within_2x_bound_met": decode[1] <= 2 * bound_ms}
                     if "graph_step" in res[key]:
                         by_mode[key]["graph_step_ms"] = res[key]["graph_step"]["ms_per_step"]
             targets["decode_by_mode"] = by_mode

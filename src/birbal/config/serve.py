@@ -28,11 +28,6 @@ class ServeConfig(Section):
         "at the first request); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
         "one eager forward per token; auto: compiled_graph on CUDA (eager for a 4-bit base), eager elsewhere."
     )
-    decode_attention: Literal["auto", "sdpa", "flex"] = Field(
-        "auto", description="Attention of a 1-token decode step. flex: PyTorch's flex-decoding kernel, split over the "
-        "cache, grouped KV heads read once (compiled_graph only); sdpa: transformers' SDPA; auto: flex under "
-        "compiled_graph, sdpa otherwise."
-    )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
     startup_timeout_s: float = Field(600.0, gt=0.0, description="How long callers wait for /health.")

@@ -243,8 +243,7 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAP
     async def health() -> dict[str, Any]:
         engine = slot.ready()
         return {"status": "ready", "model": engine.source, "load_s": engine.load_s,
-                "device": str(engine.device), "decode": engine.decode_mode,
-                "decode_attention": engine.decode_attention, "postprocess": engine.policy.name,
+                "device": str(engine.device), "decode": engine.decode_mode, "postprocess": engine.policy.name,
                 "requests": engine.stats.requests}
 
     app.add_middleware(BodySizeLimit, max_bytes=serve_cfg.max_body_bytes)

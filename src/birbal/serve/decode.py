@@ -3,8 +3,9 @@
 Three decoders with one interface (`prefill(ids, all_positions)`, `step(token_id)`, each returning fp32 logits):
 - `EagerDecoder`: a fresh `DynamicCache` per request, every step an eager forward (the path the engine began with).
 - `StaticDecoder`: transformers' `StaticCache`, allocated once at `max_len` (serve.max_context) and reset per
-  request, so each step's shapes and addresses are the same; steps still run eagerly. It runs on CPU, so the
-  tests exercise the cache and mask path that the graph replays.
+  request, so each step's shapes and addresses are the same; steps still run eagerly. The prompt runs as the
+  eager decoder runs it and its keys and values are copied in. It runs on CPU, so the tests exercise the cache
+  and mask path that the graph replays.
 - `GraphDecoder`: the `StaticDecoder` whose 1-token step is a CUDA graph, captured once and replayed. A 7B decode
   step is over a thousand kernels; launched one by one from Python they take several times the 3.4 ms the
   weights need to stream through an H200, and a replay launches them all at once.
@@ -78,9 +79,9 @@ class EagerDecoder:
         self._cache_kw = cache_kwarg(model)
         self._cache = None
 
-    def _forward(self, input_ids: torch.Tensor, all_positions: bool, **inputs) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, all_positions: bool, cache=None) -> torch.Tensor:
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_positions else 1,
-                         **{self._cache_kw: self._cache}, **inputs)
+                         **{self._cache_kw: self._cache if cache is None else cache})
         return out.logits[0].float()
 
     def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
@@ -105,12 +106,8 @@ class StaticDecoder(EagerDecoder):
         # dynamic=False: the step's shapes never change, so one specialised graph; Inductor's own CUDA graphs
         # stay off (the GraphDecoder captures its own, around this).
         self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step else self._one_token
-        self._length = 0  # positions filled in this request, kept on the host to refuse an overflow
-        # The step's inputs, refilled in place before each step (a graph replays these addresses). The position
-        # is the one the model would derive from the cache; passed in, it is an input of the compiled step
-        # rather than arithmetic inside it (which birbal.serve.attention's flex path needs).
+        self._length = 0  # positions filled in this request, kept on the host only to refuse an overflow
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        self._position = torch.zeros((1, 1), dtype=torch.long, device=self.device)
 
     def _new_cache(self):
         """A `StaticCache` of full-attention layers, whatever the model's sliding window.
@@ -137,10 +134,25 @@ class StaticDecoder(EagerDecoder):
         self._length = 0
 
     def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
+        """The prompt runs over a fresh `DynamicCache`, as the eager decoder runs it, and its keys and values are
+        then written into the static cache (the cache's own `update`, one copy per layer).
+
+        Why not straight into the static cache: a forward over it attends over all `max_len` slots with an explicit
+        mask, so SDPA can use neither its flash kernel nor `is_causal`, and first copies the 8 KV heads out to 32,
+        for every prompt token. Over a DynamicCache the prompt attends over itself only. The DynamicCache is built
+        without the model's config so that every layer keeps every position (a sliding-window layer would drop
+        those before the window, which the static cache, indexed by position, must hold); the window still
+        applies through the mask, which is built from the model's config.
+        """
+        from transformers import DynamicCache
+
         if len(ids) > self.max_len:
             raise ServeError(f"{len(ids)} prompt tokens do not fit the static cache of {self.max_len}")
         self._reset()
-        logits = self._forward(torch.tensor([ids], device=self.device), all_positions)
+        prompt_cache = DynamicCache()
+        logits = self._forward(torch.tensor([ids], device=self.device), all_positions, cache=prompt_cache)
+        for index, layer in enumerate(prompt_cache.layers):
+            self._cache.update(layer.keys, layer.values, index)
         self._length = len(ids)
         return logits
 
@@ -149,15 +161,14 @@ class StaticDecoder(EagerDecoder):
         if self._length >= self.max_len:
             raise ServeError(f"decode step {self._length + 1} does not fit the static cache of {self.max_len}")
         self._token.fill_(token_id)
-        self._position.fill_(self._length)  # the slot this token is written to
         self._length += 1
         return self._decode_step()
 
-    def _one_token(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return self._forward(token, all_positions=False, position_ids=position)[-1]
+    def _one_token(self, token: torch.Tensor) -> torch.Tensor:
+        return self._forward(token, all_positions=False)[-1]
 
     def _decode_step(self) -> torch.Tensor:
-        return self._step_fn(self._token, self._position)
+        return self._step_fn(self._token)
 
 
 class GraphDecoder(StaticDecoder):

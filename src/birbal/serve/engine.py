@@ -35,7 +35,6 @@ import torch
 from birbal.config.model import QuantizationConfig
 from birbal.config.serve import ServeConfig
 from birbal.errors import ServeError
-from birbal.serve.attention import apply_decode_attention, resolve_attention
 from birbal.serve.decode import make_decoder, resolve_mode
 from birbal.serve.detok import IncrementalDetokenizer, surface_cache
 from birbal.serve.errors import OverloadedError, ValidationError
@@ -103,14 +102,13 @@ class Engine:
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
-        mode = resolve_mode(serve_cfg.decode, model, self.device)
-        self.decode_attention = apply_decode_attention(model, resolve_attention(serve_cfg.decode_attention, mode))
-        self.decoder = make_decoder(mode, model, serve_cfg.max_context)
+        self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
+                                    serve_cfg.max_context)
         self.decode_mode = self.decoder.mode
         self.warmup_s: float | None = None
         # A request that generates at most one token runs no decode step, so a static cache buys it nothing and
-        # costs it attention over every slot of the cache (an explicit mask, no flash kernel) in its prefill.
-        # Most of HELM's requests are of this kind (multiple choice: one new token, or echo with none).
+        # would cost it the copy of its keys and values into the cache. Most of HELM's requests are of this kind
+        # (multiple choice: one new token, or echo with none).
         self.prefill_only = (self.decoder if self.decoder.mode == "eager"
                              else make_decoder("eager", model, serve_cfg.max_context))
 

@@ -139,7 +139,6 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
                "stopped_by": server.stop_signal}
     if engine is not None:
         details.update({"load_s": engine.load_s, "warmup_s": engine.warmup_s, "decode": engine.decode_mode,
-                        "decode_attention": engine.decode_attention,
                         "generation_requests": engine.stats.requests,
                         "prompt_tokens": engine.stats.prompt_tokens,
                         "generated_tokens": engine.stats.generated_tokens,
