@@ -308,17 +308,20 @@ def graph_step_ms(server, prompt_ids: list[int], device, steps: int = 128) -> di
     import torch
 
     decoder = getattr(getattr(server, "engine", None), "decoder", None)
-    if device.type != "cuda" or getattr(decoder, "_graph", None) is None:
+    if device.type != "cuda" or not getattr(decoder, "_graphs", None):
         return {}
     with torch.inference_mode():
-        decoder.prefill(prompt_ids, all_positions=False)  # resets the cache: the replays stay inside it
+        # a reset cache, long enough for the replays, as a generation of `steps` tokens would take
+        decoder.prefill(prompt_ids, all_positions=False, reserve=len(prompt_ids) + steps)
+        graph, _ = decoder._graphs[decoder._cache_len]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            decoder._graph.replay()
+            graph.replay()
         end.record()
         torch.cuda.synchronize(device)
-    return {"prompt_tokens": len(prompt_ids), "steps": steps, "ms_per_step": round(start.elapsed_time(end) / steps, 3)}
+    return {"prompt_tokens": len(prompt_ids), "steps": steps, "cache_length": decoder._cache_len,
+            "ms_per_step": round(start.elapsed_time(end) / steps, 3)}
 
 
 def summarise(result: dict) -> dict:

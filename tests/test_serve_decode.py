@@ -68,6 +68,8 @@ def test_static_cache_equals_eager_and_one_forward_pass_across_requests():
         request = _greedy(prompt, n)
         _assert_same(eager.process(request), static.process(request), tol=1e-5)
         _assert_matches_reference(static, request)
+    # the smoke profile's cache lengths (16, 64) and max_context: these requests moved between all three
+    assert sorted(static.decoder._caches) == [16, 64, static.cfg.max_context]
 
 
 def test_static_cache_echo_scores_the_prompt_like_eager():
@@ -113,6 +115,23 @@ def test_static_decoder_refuses_a_step_past_its_cache():
             decoder.step(6)
         with pytest.raises(ServeError, match="6 prompt tokens do not fit"):
             decoder.prefill([1, 2, 3, 4, 5, 6], all_positions=False)
+
+
+def test_a_request_takes_the_shortest_cache_that_holds_it():
+    decoder = StaticDecoder(engine().model, max_len=32, cache_lengths=(8, 16, 64))
+    assert decoder.cache_lengths == (8, 16, 32)  # 64 is past max_len: max_len is the longest
+    assert [decoder.cache_length_for(n) for n in (1, 8, 9, 16, 17, 32)] == [8, 8, 16, 16, 32, 32]
+    with torch.inference_mode():
+        decoder.prefill([1, 2, 3, 4], all_positions=False, reserve=8)
+        assert decoder._cache is decoder._caches[8] and decoder._cache.layers[0].keys.shape[2] == 8
+        for token in range(5, 9):  # positions 5..8: the cache is full
+            decoder.step(token)
+        with pytest.raises(ServeError, match="decode step 9 does not fit the static cache of 8"):
+            decoder.step(9)
+        decoder.prefill([1, 2, 3, 4], all_positions=False, reserve=9)
+        assert decoder._cache is decoder._caches[16]
+        decoder.prefill([1, 2, 3, 4], all_positions=False)  # no reserve: the prompt's own length
+        assert decoder._cache is decoder._caches[8]
 
 
 def test_static_cache_applies_the_sliding_window():
@@ -190,15 +209,17 @@ def test_one_token_requests_skip_the_static_cache():
 
 def test_compiled_step_equals_eager():
     """The compiled_graph mode's step (torch.compile of the static-cache step), here without the graph: the same
-    tokens and logprobs as eager, across requests that reuse the cache and its one compiled graph."""
+    tokens and logprobs as eager, across requests that reuse the caches, one compiled graph per cache length."""
     eager = engine()
     compiled = _twin(eager, decode="static")
-    compiled.decoder = StaticDecoder(compiled.model, compiled.cfg.max_context, compile_step=True)
+    compiled.decoder = StaticDecoder(compiled.model, compiled.cfg.max_context,
+                                     tuple(compiled.cfg.decode_cache_lengths), compile_step=True)
     torch._dynamo.reset()
     for prompt, n in PROMPTS[:3]:
         request = _greedy(prompt, n)
         _assert_same(eager.process(request), compiled.process(request), tol=1e-4)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert len(compiled.decoder._caches) == 3  # three cache lengths: the step compiled for each
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
 
 
 @pytest.mark.gpu
@@ -210,18 +231,18 @@ def test_cuda_graph_equals_eager_on_cuda(mode):
     assert graph.decode_mode == mode
     eager = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "eager"}))
     static = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "static"}))
-    captured = None
+    graph.warm_up()
+    captured = dict(graph.decoder._graphs)
+    assert sorted(captured) == [16, 64, cfg.max_context]  # one graph per cache length, all in the warm-up
     for prompt, n in PROMPTS + PROMPTS[::-1]:
         request = _greedy(prompt, n)
         replayed = graph.process(request)
-        captured = captured or graph.decoder._graph
-        assert graph.decoder._graph is captured  # captured once, replayed for every later request
+        assert graph.decoder._graphs == captured  # the same graphs, replayed for every later request
         _assert_same(static.process(request), replayed, tol=1e-5)  # the same kernels, replayed
         _assert_same(eager.process(request), replayed, tol=1e-3)
         _assert_matches_reference(graph, request)
     ask = dict(prompt=PROMPTS[0][0], temperature=0.8, top_k=20, max_new_tokens=12, seed=3)
     _assert_same(static.process(ProcessRequest(**ask)), graph.process(ProcessRequest(**ask)), tol=1e-5)
-    assert captured is not None
 
 
 def test_a_failing_warm_up_names_the_decode_path_and_the_way_out():

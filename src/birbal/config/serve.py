@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -27,6 +27,13 @@ class ServeConfig(Section):
         "token (CUDA only); compiled_graph: the same graph around a torch.compile'd step (fused kernels; compiles "
         "at the first request); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
         "one eager forward per token; auto: compiled_graph on CUDA (eager for a 4-bit base), eager elsewhere."
+    )
+    decode_cache_lengths: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [1024, 2048],
+        description="Static-cache lengths below max_context (which is always one): a generation takes the shortest "
+        "that holds its prompt and max_new_tokens, since a decode step attends over every slot of its cache. Each "
+        "is one more CUDA graph (and compile) in the warm-up; lengths at or above max_context add nothing. "
+        "static, cuda_graph and compiled_graph only.",
     )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")

@@ -1,18 +1,20 @@
 """The per-step forward of one request: the prompt in one pass (prefill), then one token per step (decode).
 
-Three decoders with one interface (`prefill(ids, all_positions)`, `step(token_id)`, each returning fp32 logits):
+Three decoders with one interface (`prefill(ids, all_positions, reserve)`, `step(token_id)`, each returning fp32
+logits, and `prepare()` for the warm-up):
 - `EagerDecoder`: a fresh `DynamicCache` per request, every step an eager forward (the path the engine began with).
-- `StaticDecoder`: transformers' `StaticCache`, allocated once at `max_len` (serve.max_context) and reset per
-  request, so each step's shapes and addresses are the same; steps still run eagerly. The prompt runs as the
-  eager decoder runs it and its keys and values are copied in. It runs on CPU, so the tests exercise the cache
-  and mask path that the graph replays.
-- `GraphDecoder`: the `StaticDecoder` whose 1-token step is a CUDA graph, captured once and replayed. A 7B decode
-  step is over a thousand kernels; launched one by one from Python they take several times the 3.4 ms the
-  weights need to stream through an H200, and a replay launches them all at once.
-- `compiled_graph`: the same graph, captured around the step compiled by torch.compile (Inductor, no CUDA graphs
+- `StaticDecoder`: transformers' `StaticCache`s, one per cache length (serve.decode_cache_lengths, and
+  serve.max_context), each allocated once and reset per request, so each step's shapes and addresses are the
+  same; a request takes the shortest that holds `reserve` positions. Steps still run eagerly. The prompt runs as
+  the eager decoder runs it and its keys and values are copied in. It runs on CPU, so the tests exercise the
+  cache and mask path that the graph replays.
+- `GraphDecoder`: the `StaticDecoder` whose 1-token step is a CUDA graph, captured once per cache length and
+  replayed. A 7B decode step is over a thousand kernels; launched one by one from Python they take several times
+  the 3.4 ms the weights need to stream through an H200, and a replay launches them all at once.
+- `compiled_graph`: the same graphs, captured around the step compiled by torch.compile (Inductor, no CUDA graphs
   of its own): the RMSNorms, rotary embeddings, SiLU x up and residual adds become a few fused kernels per layer
   instead of dozens, and each small kernel costs a few microseconds even inside a graph. (SGLang captures its
-  own graphs around a compiled model the same way.) The compile takes tens of seconds, once, at the first request.
+  own graphs around a compiled model the same way.) The compiles take tens of seconds each, once, in the warm-up.
 
 Why replay is correct (checked against transformers 5.17 and 5.24, whose forwards take no `cache_position`):
 the cache owns the position. `StaticLayer` keeps its length in a device tensor (`cumulative_length`); each update
@@ -62,11 +64,13 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
     return requested
 
 
-def make_decoder(mode: str, model, max_len: int):
+def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = ()):
+    """`cache_lengths`: the static decoders' smaller caches (serve.decode_cache_lengths); eager ignores them."""
+    if mode == "eager":
+        return EagerDecoder(model, max_len)
     if mode == "compiled_graph":
-        return GraphDecoder(model, max_len, compile_step=True)
-    cls = {"eager": EagerDecoder, "static": StaticDecoder, "cuda_graph": GraphDecoder}[mode]
-    return cls(model, max_len)
+        return GraphDecoder(model, max_len, cache_lengths, compile_step=True)
+    return {"static": StaticDecoder, "cuda_graph": GraphDecoder}[mode](model, max_len, cache_lengths)
 
 
 class EagerDecoder:
@@ -84,8 +88,12 @@ class EagerDecoder:
                          **{self._cache_kw: self._cache if cache is None else cache})
         return out.logits[0].float()
 
-    def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
-        """Logits of every prompt position (`all_positions`, for echo) or of the last: shape (rows, vocab)."""
+    def prepare(self) -> None:
+        """Work to do before the first request (the graph decoders capture theirs); nothing here."""
+
+    def prefill(self, ids: list[int], all_positions: bool, reserve: int = 0) -> torch.Tensor:
+        """Logits of every prompt position (`all_positions`, for echo) or of the last: shape (rows, vocab).
+        `reserve`: positions the request may fill in all, prompt included (a static decoder sizes its cache by it)."""
         from transformers import DynamicCache
 
         self._cache = DynamicCache(config=self.model.config)
@@ -97,17 +105,31 @@ class EagerDecoder:
 
 
 class StaticDecoder(EagerDecoder):
-    """The eager decoder's forward over a `StaticCache` kept across requests (its own prefill and step)."""
+    """The eager decoder's forward over `StaticCache`s kept across requests (its own prefill and step).
+
+    One cache per length in `cache_lengths` (those below `max_len`) plus one of `max_len`; a request takes the
+    shortest that holds its prompt and its new tokens. Why several: a step attends over every slot of its cache,
+    filled or not (a static shape is what lets a graph replay it), so a 1,100-token request in a 4,096-slot cache
+    would read, and with SDPA's mask first expand to 32 heads, nearly four times the keys and values it needs.
+    """
 
     mode = "static"
 
-    def __init__(self, model, max_len: int, *, compile_step: bool = False):
+    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: bool = False):
         super().__init__(model, max_len)
-        # dynamic=False: the step's shapes never change, so one specialised graph; Inductor's own CUDA graphs
-        # stay off (the GraphDecoder captures its own, around this).
+        self.cache_lengths = tuple(sorted({n for n in cache_lengths if 0 < n < max_len} | {max_len}))
+        self._caches: dict[int, object] = {}  # length -> StaticCache, each built on first use
+        self._cache_len = max_len  # the length of the cache `_cache` is, for this request
+        # dynamic=False: the step's shapes change only with the cache's length, so one specialised graph per
+        # length (a new length is a recompile, well inside Dynamo's limit of 8); Inductor's own CUDA graphs stay
+        # off (the GraphDecoder captures its own, around this).
         self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step else self._one_token
         self._length = 0  # positions filled in this request, kept on the host only to refuse an overflow
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+
+    def cache_length_for(self, positions: int) -> int:
+        """The shortest cache that holds `positions` (the longest when none does: the step check refuses)."""
+        return next((n for n in self.cache_lengths if n >= positions), self.max_len)
 
     def _new_cache(self):
         """A `StaticCache` of full-attention layers, whatever the model's sliding window.
@@ -122,20 +144,24 @@ class StaticDecoder(EagerDecoder):
         config = copy.deepcopy(self.model.config.get_text_config(decoder=True))
         config.sliding_window = None
         config.layer_types = None
-        return StaticCache(config=config, max_cache_len=self.max_len)
+        return StaticCache(config=config, max_cache_len=self._cache_len)
 
-    def _reset(self) -> None:
+    def _reset(self, cache_len: int) -> None:
+        """Make the cache of `cache_len` slots the current one, emptied."""
         # Built on first use, so that it is made inside the engine's inference mode (its tensors are then
         # inference tensors, updated in place there); its layers allocate on their first update.
-        if self._cache is None:
-            self._cache = self._new_cache()
+        self._cache_len = cache_len
+        if cache_len not in self._caches:
+            self._caches[cache_len] = self._new_cache()
         else:
-            self._cache.reset()  # in place: the graph's captured addresses stay valid
+            self._caches[cache_len].reset()  # in place: the graph's captured addresses stay valid
+        self._cache = self._caches[cache_len]
         self._length = 0
 
-    def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
+    def prefill(self, ids: list[int], all_positions: bool, reserve: int = 0) -> torch.Tensor:
         """The prompt runs over a fresh `DynamicCache`, as the eager decoder runs it, and its keys and values are
-        then written into the static cache (the cache's own `update`, one copy per layer).
+        then written into the static cache that holds `reserve` positions (the cache's own `update`, one copy per
+        layer).
 
         Why not straight into the static cache: a forward over it attends over all `max_len` slots with an explicit
         mask, so SDPA can use neither its flash kernel nor `is_causal`, and first copies the 8 KV heads out to 32,
@@ -148,7 +174,7 @@ class StaticDecoder(EagerDecoder):
 
         if len(ids) > self.max_len:
             raise ServeError(f"{len(ids)} prompt tokens do not fit the static cache of {self.max_len}")
-        self._reset()
+        self._reset(self.cache_length_for(max(len(ids), reserve)))
         prompt_cache = DynamicCache()
         logits = self._forward(torch.tensor([ids], device=self.device), all_positions, cache=prompt_cache)
         for index, layer in enumerate(prompt_cache.layers):
@@ -158,8 +184,8 @@ class StaticDecoder(EagerDecoder):
 
     def step(self, token_id: int) -> torch.Tensor:
         # Past the end, index_copy_ would raise on CPU but write out of bounds on CUDA: refuse it here.
-        if self._length >= self.max_len:
-            raise ServeError(f"decode step {self._length + 1} does not fit the static cache of {self.max_len}")
+        if self._length >= self._cache_len:
+            raise ServeError(f"decode step {self._length + 1} does not fit the static cache of {self._cache_len}")
         self._token.fill_(token_id)
         self._length += 1
         return self._decode_step()
@@ -174,25 +200,33 @@ class StaticDecoder(EagerDecoder):
 class GraphDecoder(StaticDecoder):
     mode = "cuda_graph"
 
-    def __init__(self, model, max_len: int, *, compile_step: bool = False):
-        super().__init__(model, max_len, compile_step=compile_step)
+    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: bool = False):
+        super().__init__(model, max_len, cache_lengths, compile_step=compile_step)
         if compile_step:
             self.mode = "compiled_graph"
         if self.device.type != "cuda":
             raise ServeError(f"the cuda_graph decoder needs a CUDA device; the model is on {self.device}")
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._logits: torch.Tensor | None = None
+        # cache length -> (the captured step, its fp32 logits: a fixed buffer in the graph's pool, overwritten by
+        # each replay)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def prefill(self, ids: list[int], all_positions: bool) -> torch.Tensor:
-        if self._graph is None:
-            self._capture()
-        return super().prefill(ids, all_positions)
+    def prepare(self) -> None:
+        """Capture the step for every cache length now (the server's warm-up), not at the first request of each."""
+        for cache_len in self.cache_lengths:
+            if cache_len not in self._graphs:
+                self._capture(cache_len)
 
-    def _capture(self) -> None:
-        """Capture the 1-token step once, on the first request (before its prefill, whose reset undoes the
-        warm-up's writes). Warm-up runs eagerly on a side stream: it allocates the cache layers and lets libraries
-        pick kernels and workspaces outside the capture."""
-        self._reset()
+    def prefill(self, ids: list[int], all_positions: bool, reserve: int = 0) -> torch.Tensor:
+        cache_len = self.cache_length_for(max(len(ids), reserve))
+        if cache_len not in self._graphs:
+            self._capture(cache_len)
+        return super().prefill(ids, all_positions, reserve)
+
+    def _capture(self, cache_len: int) -> None:
+        """Capture the 1-token step over the cache of `cache_len` slots, once (before a prefill, whose reset
+        undoes the warm-up's writes). Warm-up runs eagerly on a side stream: it allocates the cache layers and
+        lets libraries pick kernels and workspaces outside the capture; compiled, it also compiles this length."""
+        self._reset(cache_len)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -201,10 +235,10 @@ class GraphDecoder(StaticDecoder):
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            # The fp32 logits are the graph's output: a fixed buffer in its pool, overwritten by each replay.
-            self._logits = super()._decode_step()
-        self._graph = graph
+            logits = super()._decode_step()
+        self._graphs[cache_len] = (graph, logits)
 
     def _decode_step(self) -> torch.Tensor:
-        self._graph.replay()
-        return self._logits
+        graph, logits = self._graphs[self._cache_len]
+        graph.replay()
+        return logits

@@ -103,7 +103,7 @@ class Engine:
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
-                                    serve_cfg.max_context)
+                                    serve_cfg.max_context, tuple(serve_cfg.decode_cache_lengths))
         self.decode_mode = self.decoder.mode
         self.warmup_s: float | None = None
         # A request that generates at most one token runs no decode step, so a static cache buys it nothing and
@@ -113,11 +113,14 @@ class Engine:
                              else make_decoder("eager", model, serve_cfg.max_context))
 
     def warm_up(self) -> float:
-        """One short greedy generation through the decode path, before the server says it is ready: otherwise
-        the first request would pay the CUDA graph capture (and for compiled_graph the compile). Seconds taken."""
+        """The decoder's own preparation (a graph per cache length: the CUDA graph captures, and for
+        compiled_graph the compiles), then one short greedy generation through the decode path, before the server
+        says it is ready: otherwise the first requests would pay them. Seconds taken."""
         t0 = time.perf_counter()
         prompt = "Warm-up: count to three. One, two,"
         try:
+            with torch.inference_mode():  # the caches are made, and later updated, in inference mode
+                self.decoder.prepare()
             self._run(self.encode(prompt), ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=2),
                       stops=[])
         except Exception as err:
@@ -248,7 +251,7 @@ class Engine:
         if request.max_new_tokens == 0 and not echo:
             return tokens, generated
         decoder = self.decoder if request.max_new_tokens > 1 else self.prefill_only
-        logits = decoder.prefill(ids, all_positions=echo)
+        logits = decoder.prefill(ids, all_positions=echo, reserve=len(ids) + request.max_new_tokens)
         if echo:
             tokens.extend(self._prompt_tokens(ids, logits, detok, k))
         prompt_chars, first_generated = len(detok.text), len(tokens)
