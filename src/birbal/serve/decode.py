@@ -163,9 +163,9 @@ class StaticDecoder(EagerDecoder):
         then written into the static cache that holds `reserve` positions (the cache's own `update`, one copy per
         layer).
 
-        Why not straight into the static cache: a forward over it attends over all `max_len` slots with an explicit
-        mask, so SDPA can use neither its flash kernel nor `is_causal`, and first copies the 8 KV heads out to 32,
-        for every prompt token. Over a DynamicCache the prompt attends over itself only. The DynamicCache is built
+        Why not straight into the static cache: a forward over it attends over every slot of the cache with an
+        explicit mask, so SDPA can use neither its flash kernel nor `is_causal`, and first copies the 8 KV heads
+        out to 32, for every prompt token. Over a DynamicCache the prompt attends over itself only. The DynamicCache is built
         without the model's config so that every layer keeps every position (a sliding-window layer would drop
         those before the window, which the static cache, indexed by position, must hold); the window still
         applies through the mask, which is built from the model's config.
