@@ -106,16 +106,21 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(smoke_recipe, shared_
     assert_compiled_matches_eager(smoke_recipe, shared_cache, tokenizer, torch.device("cpu"))
 
 
+def randomise_lora_b(model):
+    """LoRA B starts at zero, which would leave every A gradient zero: small random values instead, seeded."""
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = (torch.randn(param.shape, generator=generator) * 0.05).to(param.device, param.dtype)
+    return model
+
+
 def assert_compiled_matches_eager(recipe, cache, tokenizer, device: torch.device) -> None:
     """Also run on CUDA by tests/test_gpu_train.py, with the GPU attention paths."""
     from birbal.train.model import compile_decoder_layers
 
     torch._dynamo.reset()  # a fresh compile cache: earlier graphs must not count against the recompile limit
-    model = build_qlora_model(recipe, cache, device).eval()
-    generator = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero, which would leave every A gradient zero
-            param.data = (torch.randn(param.shape, generator=generator) * 0.05).to(param.device, param.dtype)
+    model = randomise_lora_b(build_qlora_model(recipe, cache, device).eval())
     rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
     batch = {k: v.to(device) for k, v in collate(rows).items()}
 
@@ -173,11 +178,7 @@ def test_unchecked_layers_skip_their_recompute_and_keep_the_maths(shared_cache, 
 
     def run(unchecked: int):
         recipe = load_recipe("smoke", ["lora.dropout=0.0", f"train.unchecked_layers={unchecked}"])
-        model = build_qlora_model(recipe, shared_cache, torch.device("cpu")).train()
-        generator = torch.Generator().manual_seed(0)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # B starts at zero, which would leave every A gradient zero
-                param.data = torch.randn(param.shape, generator=generator) * 0.05
+        model = randomise_lora_b(build_qlora_model(recipe, shared_cache, torch.device("cpu")).train())
         layers = model.get_base_model().model.layers
         calls = [0] * len(layers)
         index_of = {id(layer.mlp): i for i, layer in enumerate(layers)}
