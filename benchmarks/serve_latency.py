@@ -301,15 +301,16 @@ def replay(server, mix: list[dict], device, marginal: bool = True) -> dict:
     return {"total_s": round(total, 3), "rows": rows}
 
 
-def graph_step_ms(server, prompt_ids: list[int], device, steps: int = 128) -> dict:
+def graph_step_ms(engine, prompt: str, device, steps: int = 128) -> dict:
     """A graph decoder's bare step: `steps` replays after one prefill, timed with CUDA events. Beside the mix's
     marginal ms/token it splits a token's time into the GPU step and the engine's host work (sampling, logprobs,
     detokenizing, stop checks)."""
     import torch
 
-    decoder = getattr(getattr(server, "engine", None), "decoder", None)
+    decoder = engine.decoder
     if device.type != "cuda" or not getattr(decoder, "_graphs", None):
         return {}
+    prompt_ids = engine.encode(prompt)
     with torch.inference_mode():
         # a reset cache, long enough for the replays, as a generation of `steps` tokens would take
         decoder.prefill(prompt_ids, all_positions=False, reserve=len(prompt_ids) + steps)
@@ -478,8 +479,7 @@ def main() -> int:
             res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)  # a CUDA graph is captured here
             res[key].update(replay(server, mix, device))
             heavy = next(r for r in mix if r["scenario"] == HEAVY[0])
-            if bare := graph_step_ms(server, server.engine.tokenizer.encode(heavy["prompt"]) if mode else [],
-                                     device):
+            if mode is not None and (bare := graph_step_ms(server.engine, heavy["prompt"], device)):
                 res[key]["graph_step"] = bare
             if key == "winners" and not args.skip_unmerged_check:
                 # (c) our engine on the winners' own unmerged model: separates what merging the adapter into

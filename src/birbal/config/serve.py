@@ -25,7 +25,7 @@ class ServeConfig(Section):
     decode: Literal["auto", "eager", "static", "cuda_graph", "compiled_graph"] = Field(
         "auto", description="The per-token forward. cuda_graph: a static KV cache and a CUDA graph replayed per "
         "token (CUDA only); compiled_graph: the same graph around a torch.compile'd step (fused kernels; compiles "
-        "at the first request); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
+        "in the server's warm-up); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
         "one eager forward per token; auto: compiled_graph on CUDA (eager for a 4-bit base), eager elsewhere."
     )
     decode_cache_lengths: list[Annotated[int, Field(gt=0)]] = Field(
