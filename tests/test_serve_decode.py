@@ -207,6 +207,40 @@ def test_one_token_requests_skip_the_static_cache():
     assert static.decoder._cache is not None
 
 
+def test_each_step_is_queued_before_the_host_reads_the_token_it_appends(monkeypatch):
+    """The engine hands the chosen token to the next step as a device tensor and reads it on the host only after
+    that step is queued (so the host's per-token work overlaps the GPU's step). A generation cut by a stop
+    sequence has queued one step it did not need; the next request starts from a reset cache regardless."""
+    eager = engine()
+    static = _twin(eager, decode="static")
+    calls: list[str] = []
+    step, read = static.decoder.step, static._read
+
+    def logged_step(token):
+        calls.append("step(tensor)" if isinstance(token, torch.Tensor) else "step(int)")
+        return step(token)
+
+    def logged_read(pending, k):
+        calls.append("read")
+        return read(pending, k)
+
+    monkeypatch.setattr(static.decoder, "step", logged_step)
+    monkeypatch.setattr(static, "_read", logged_read)
+    prompt, n = PROMPTS[0]
+    full = static.process(_greedy(prompt, n))
+    assert len(full.tokens) == n, "an end of sequence came early: pick a prompt that runs to max_new_tokens"
+    assert calls == ["step(tensor)", "read"] * (n - 1) + ["read"]
+    _assert_same(eager.process(_greedy(prompt, n)), full, tol=1e-5)
+
+    calls.clear()
+    stop = next(t.text for t in full.tokens[2:] if t.text.strip() and full.text.find(t.text) > 0)
+    cut = static.process(_greedy(prompt, n, stop_sequences=[stop]))
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert calls[-2:] == ["step(tensor)", "read"]  # the step after the stop's token was queued, then unused
+    for prompt, n in PROMPTS[1:]:
+        _assert_same(eager.process(_greedy(prompt, n)), static.process(_greedy(prompt, n)), tol=1e-5)
+
+
 def test_compiled_step_equals_eager():
     """The compiled_graph mode's step (torch.compile of the static-cache step), here without the graph: the same
     tokens and logprobs as eager, across requests that reuse the caches, one compiled graph per cache length."""

@@ -1,6 +1,6 @@
 """The per-step forward of one request: the prompt in one pass (prefill), then one token per step (decode).
 
-Three decoders with one interface (`prefill(ids, all_positions, reserve)`, `step(token_id)`, each returning fp32
+Three decoders with one interface (`prefill(ids, all_positions, reserve)`, `step(token)`, each returning fp32
 logits, and `prepare()` for the warm-up):
 - `EagerDecoder`: a fresh `DynamicCache` per request, every step an eager forward (the path the engine began with).
 - `StaticDecoder`: transformers' `StaticCache`s, one per cache length (serve.decode_cache_lengths, and
@@ -99,9 +99,10 @@ class EagerDecoder:
         self._cache = DynamicCache(config=self.model.config)
         return self._forward(torch.tensor([ids], device=self.device), all_positions)
 
-    def step(self, token_id: int) -> torch.Tensor:
-        """The logits after appending `token_id`: shape (vocab,)."""
-        return self._forward(torch.tensor([[token_id]], device=self.device), all_positions=False)[-1]
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """The logits after appending `token`: shape (vocab,). `token` is an id, or a 0-d tensor of one on the
+        model's device (the engine's choice, not yet read by the host: the step is queued behind it)."""
+        return self._forward(torch.as_tensor(token, device=self.device).view(1, 1), all_positions=False)[-1]
 
 
 class StaticDecoder(EagerDecoder):
@@ -182,11 +183,14 @@ class StaticDecoder(EagerDecoder):
         self._length = len(ids)
         return logits
 
-    def step(self, token_id: int) -> torch.Tensor:
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
         # Past the end, index_copy_ would raise on CPU but write out of bounds on CUDA: refuse it here.
         if self._length >= self._cache_len:
             raise ServeError(f"decode step {self._length + 1} does not fit the static cache of {self._cache_len}")
-        self._token.fill_(token_id)
+        if isinstance(token, torch.Tensor):
+            self._token.copy_(token.view(1, 1))  # on the device, queued: the graph reads its input from here
+        else:
+            self._token.fill_(token)
         self._length += 1
         return self._decode_step()
 

@@ -6,6 +6,13 @@ Why not `model.generate`: the winners' server asked it for `output_scores` and t
 of every stored step afterwards; here each step does only what the response needs (the chosen token's logprob
 and the `top_k_per_token` best), on the device, with one device-to-host copy per step.
 
+The next step is queued before the host reads the token it appends: the chosen id stays on the device, the step
+is launched with it, and only then does the host wait, for the small copy alone, which the stream runs before the
+step. The host's work per token (the logprob dict, detokenizing, stop checks) then runs while the GPU computes
+the next step, instead of between steps. (SGLang's overlap scheduler does the same across a batch.) When the
+token ends the generation (end of sequence, a stop sequence) that step was wasted; its writes go to a cache the
+next request resets.
+
 Which distribution a logprob is under (HELM reads `logprob` as the model's log-probability of the text):
 - greedy (temperature <= 1e-5): the model's own distribution, log_softmax of the raw logits. Greedy is the
   temperature -> 0 limit, whose distribution is a point mass that says nothing; the raw distribution is what
@@ -72,6 +79,16 @@ class _Step:
     token_id: int
     logprob: float
     top: dict[str, float]
+
+
+@dataclass
+class _Pending:
+    """A chosen token still on its way to the host: `token` (0-d, on the model's device) can be fed to the next
+    step at once; `packed` (its id, its logprob, the top-k values and ids) is read once `copied` has completed."""
+
+    token: torch.Tensor
+    packed: torch.Tensor
+    copied: torch.cuda.Event | None
 
 
 @dataclass
@@ -259,7 +276,10 @@ class Engine:
         longest_stop = max((len(s) for s in stops), default=0)
         last = logits[-1]
         for step in range(request.max_new_tokens):
-            chosen = self._choose(last, sampling, k)
+            pending = self._choose(last, sampling, k)
+            if step + 1 < request.max_new_tokens:
+                last = decoder.step(pending.token)  # queued behind the choice and its copy, before the host reads
+            chosen = self._read(pending, k)
             if chosen.token_id in self._eos_ids:
                 break
             generated.append(chosen.token_id)
@@ -268,8 +288,6 @@ class Engine:
             if stops and self._cut_at_stop(tokens, first_generated, detok.text[prompt_chars:],
                                            max(0, scanned_to - longest_stop + 1), stops):
                 return tokens, generated
-            if step + 1 < request.max_new_tokens:
-                last = decoder.step(chosen.token_id)
         held_back = detok.flush()
         if held_back and len(tokens) > first_generated:
             last_token = tokens[-1]
@@ -296,7 +314,8 @@ class Engine:
             out.append(Token(text=piece, logprob=chosen[position - 1], top_logprob=top))
         return out
 
-    def _choose(self, logits: torch.Tensor, sampling: _Sampling, k: int) -> _Step:
+    def _choose(self, logits: torch.Tensor, sampling: _Sampling, k: int) -> _Pending:
+        """Queue the choice of the next token and the copy of what the response needs to the host; no wait."""
         if sampling.greedy:
             token = torch.argmax(logits)  # on the logits, exactly as `generate` does
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -304,9 +323,23 @@ class Engine:
             logprobs = torch.log_softmax(self._processed_scores(logits, sampling), dim=-1)
             token = torch.multinomial(logprobs.exp(), 1, generator=sampling.generator)[0]
         top_values, top_ids = torch.topk(logprobs, k)
-        # One device-to-host copy per step: the token, its logprob and the top-k, packed (ids < 2**24 are exact).
+        # One device-to-host copy per step: the token, its logprob and the top-k, packed (float64 holds every id
+        # exactly), into pinned memory without a wait, so that the next step can be queued behind it.
         packed = torch.cat([token.view(1).to(torch.float64), logprobs[token].view(1).to(torch.float64),
-                            top_values.to(torch.float64), top_ids.to(torch.float64)]).tolist()
+                            top_values.to(torch.float64), top_ids.to(torch.float64)])
+        if self.device.type != "cuda":
+            return _Pending(token=token, packed=packed, copied=None)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return _Pending(token=token, packed=host, copied=copied)
+
+    def _read(self, pending: _Pending, k: int) -> _Step:
+        """Wait for the copy alone (not for a step queued after it) and unpack it."""
+        if pending.copied is not None:
+            pending.copied.synchronize()
+        packed = pending.packed.tolist()
         top = self._top_dict([int(i) for i in packed[2 + k:]], packed[2:2 + k])
         return _Step(token_id=int(packed[0]), logprob=packed[1], top=top)
 
