@@ -279,6 +279,33 @@ def test_cuda_graph_equals_eager_on_cuda(mode):
     _assert_same(static.process(ProcessRequest(**ask)), graph.process(ProcessRequest(**ask)), tol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("temperature", [GREEDY, 0.8])
+def test_choosing_a_token_and_queuing_the_next_step_never_wait_for_the_gpu(temperature):
+    """What lets the host's per-token work overlap the GPU's step: between the logits and the next replay nothing
+    synchronises (CUDA's sync debug mode turns any synchronising call into an error)."""
+    cfg = serve_cfg(postprocess="none", device="cuda", decode="cuda_graph")
+    eng = Engine.from_merged(merged_folder(), cfg)
+    eng.warm_up()
+    request = ProcessRequest(prompt=PROMPTS[0][0], temperature=temperature, top_k=20, top_p=0.9, seed=1,
+                             max_new_tokens=8, top_k_per_token=3)
+    ids = eng.encode(request.prompt)
+    sampling = eng._sampling(request)
+    with torch.inference_mode():
+        last = eng.decoder.prefill(ids, all_positions=False, reserve=len(ids) + 8)[-1]
+        torch.cuda.synchronize()
+        for _ in range(4):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                pending = eng._choose(last, sampling, 3)
+                last = eng.decoder.step(pending.token)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            eng._read(pending, 3)
+    assert eng.process(request).text == eng.process(request).text  # and a whole request still runs, seeded
+
+
 def test_a_failing_warm_up_names_the_decode_path_and_the_way_out():
     static = _twin(engine(), decode="static")
     static.decoder = StaticDecoder(static.model, max_len=4)  # too small for the warm-up prompt

@@ -325,7 +325,9 @@ class Engine:
         top_values, top_ids = torch.topk(logprobs, k)
         # One device-to-host copy per step: the token, its logprob and the top-k, packed (float64 holds every id
         # exactly), into pinned memory without a wait, so that the next step can be queued behind it.
-        packed = torch.cat([token.view(1).to(torch.float64), logprobs[token].view(1).to(torch.float64),
+        # gather, not logprobs[token]: indexing with a 0-d CUDA tensor copies it to the host first, a sync
+        # (pytorch/pytorch#105641), which would make the host wait for the step before it could queue the next.
+        packed = torch.cat([token.view(1).to(torch.float64), logprobs.gather(0, token.view(1)).to(torch.float64),
                             top_values.to(torch.float64), top_ids.to(torch.float64)])
         if self.device.type != "cuda":
             return _Pending(token=token, packed=packed, copied=None)
