@@ -54,6 +54,7 @@ def live(tmp_path_factory):
               "from birbal.serve.stage import serve_stage\n"
               "serve_stage(load_recipe('smoke'), RunDir(sys.argv[1]), host='127.0.0.1', port=0)\n")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     log = open(run_dir.path / "server.log", "w")  # noqa: SIM115 - closed in the finaliser
     proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir.path)], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -94,6 +95,16 @@ def test_many_concurrent_clients_all_succeed(live):
     assert len(results) == 48 and all(status == 200 for status, _ in results)
     texts = {text for status, text in results if not text.startswith("[")}
     assert len(texts) == 1  # greedy: every client got the same completion
+
+
+def test_compiled_kernels_are_kept_with_the_run(live, monkeypatch):
+    """torch.compile's cache goes under the run (a container's /tmp is lost at exit), unless the user chose one."""
+    from birbal.serve.stage import use_compile_cache
+
+    run_dir = live["run_dir"]
+    assert run_dir.record("serve").details["compile_cache"] == str(run_dir.path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    assert use_compile_cache(run_dir.path / "cache") == "/somewhere/chosen"
 
 
 def test_bad_input_does_not_hurt_the_live_server(live):

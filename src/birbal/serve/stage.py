@@ -8,6 +8,7 @@ A model that fails to load stops the server and leaves the record `failed` with 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -52,6 +53,17 @@ def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path | None = Non
 
     return load, {"model": f"{base}@{revision}" if revision else base, "adapter": str(adapter),
                   "upstream": _digest(run_dir, "train")}
+
+
+def use_compile_cache(cache_dir: Path) -> str:
+    """Where torch.compile keeps the kernels it builds for the decode step: `TORCHINDUCTOR_CACHE_DIR` when set,
+    else `<cache_dir>/inductor`, set for this process.
+
+    Inductor's default is under /tmp, which a container loses when it exits, so every start of the server would
+    compile each cache length's step again (minutes on a 7B model). Kept with the run, a restart reuses the
+    generated kernels; Dynamo still traces, which is the smaller part.
+    """
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
 
 
 def _digest(run_dir: RunDir, stage: str) -> str | None:
@@ -106,6 +118,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     host = cfg.host if host is None else host
     port = cfg.port if port is None else port
     factory, sources = engine_factory(recipe, run_dir, cache_dir)
+    compile_cache = use_compile_cache(cache_dir or run_dir.path / "cache")
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{bound_port}"
@@ -113,7 +126,8 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     server = _server_class()(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
 
     record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
-    record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess})
+    record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess,
+                           "compile_cache": compile_cache})
     run_dir.write_record(record)
     slot = app.state.slot
 
