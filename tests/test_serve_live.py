@@ -151,9 +151,10 @@ def test_sigterm_stops_gracefully_and_completes_the_record(live):
     assert run_dir.manifest()["stages"]["serve"]["status"] == "complete"
 
 
-def test_a_model_that_fails_to_load_fails_the_stage(tmp_path):
+def test_a_model_that_fails_to_load_fails_the_stage(tmp_path, monkeypatch):
     from birbal.serve.stage import serve_stage
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # serve_stage sets it if unset
     run_dir = RunDir(tmp_path / "run")
     merged = run_dir.stage_dir("export") / "merged"
     merged.mkdir(parents=True)

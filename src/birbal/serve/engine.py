@@ -334,7 +334,7 @@ class Engine:
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(self.device))  # the model's device, whichever is current
         return _Pending(token=token, packed=host, copied=copied)
 
     def _read(self, pending: _Pending, k: int) -> _Step:
