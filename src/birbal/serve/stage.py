@@ -26,10 +26,10 @@ MERGED_FOLDER = "merged"
 ADAPTER_FOLDER = "adapter"
 
 
-def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path | None = None):
-    """(a function that loads the engine, the inputs it reads) for `recipe.serve.model`."""
+def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path):
+    """(a function that loads the engine, the inputs it reads) for `recipe.serve.model`; hub downloads go to
+    `cache_dir`."""
     cfg = recipe.serve
-    cache_dir = cache_dir or run_dir.path / "cache"
     if cfg.model == "merged":
         if cfg.quantize != "none":
             raise ServeError("serve.quantize: 4bit needs serve.model: adapter (the merged weights are served as is)")
@@ -117,8 +117,9 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     cfg = recipe.serve
     host = cfg.host if host is None else host
     port = cfg.port if port is None else port
+    cache_dir = cache_dir or run_dir.path / "cache"
     factory, sources = engine_factory(recipe, run_dir, cache_dir)
-    compile_cache = use_compile_cache(cache_dir or run_dir.path / "cache")
+    compile_cache = use_compile_cache(cache_dir)
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{bound_port}"
