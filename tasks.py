@@ -185,7 +185,11 @@ def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, 
         for folder in (run_dir, HUB_CACHE):  # `docker run --mount` does not create them
             folder.mkdir(parents=True, exist_ok=True)
         _record_images(run_dir)
-    for stage in ("prepare-data", "train", "export"):
+    published = recipe.serve.published_adapter
+    if published is not None:  # the submission's own adapter: nothing to build, serve it (birbal-submission)
+        print(f"serving the published adapter {published.name_or_path}@{published.revision}: prepare-data, train "
+              "and export skipped", file=sys.stderr)
+    for stage in () if published is not None else ("prepare-data", "train", "export"):
         extra = ["--budget-hours", str(budget_hours)] if stage == "train" and budget_hours is not None else []
         _call(_stage_command(stage, profile, run_dir, overrides, runtime, extra), dry_run)
     if runtime == "docker":

@@ -102,3 +102,20 @@ class LoraConfig(Section):
     dropout: float = Field(ge=0.0, lt=1.0)
     target_modules: tuple[TargetModule, ...] = Field(min_length=1)
     bias: Literal["none"] = "none"
+
+
+class PublishedAdapterConfig(Section):
+    """A PEFT adapter published on the Hugging Face hub (the submission's own weights), pinned to a commit.
+
+    Read with huggingface_hub at `revision` (HF_TOKEN from the environment), then applied unmerged by peft.
+    """
+
+    name_or_path: str = Field(min_length=1, description="Hub repo id of the adapter, e.g. upaya07/Birbal-7B-V1.")
+    revision: str = Field(description="40-hex commit of the adapter repo.")
+    revision_note: str | None = Field(None, description="Where the pinned revision comes from (docs/PINS.md).")
+
+    @model_validator(mode="after")
+    def _pinned(self) -> PublishedAdapterConfig:
+        if not GIT_SHA.match(self.revision):
+            raise ValueError(f"adapter {self.name_or_path!r} needs revision: a 40-hex commit, got {self.revision!r}")
+        return self

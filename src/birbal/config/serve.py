@@ -7,13 +7,29 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from birbal.config.base import Section
+from birbal.config.model import PublishedAdapterConfig
 
 
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, gt=0, lt=65536)
     model: Literal["merged", "adapter"] = Field(
-        "merged", description="merged: the export's bf16 weights (fast); adapter: base + unmerged adapter."
+        "adapter", description="adapter: the base in serve.dtype plus the run's adapter (export/adapter) unmerged, "
+        "as the winners served (inference/submission_2/main.py); merged: the export's merged weights."
+    )
+    adapter_dtype: Literal["base", "float32"] = Field(
+        "base", description="adapter only. base: the LoRA weights in the base's dtype, as peft 0.5/0.6 loaded them "
+        "for the winners; float32: upcast (peft's autocast_adapter_dtype, its default since 0.12)."
+    )
+    published_adapter: PublishedAdapterConfig | None = Field(
+        None, description="Serve this hub adapter (the submission's own weights) on model.* instead of the run's; "
+        "`invoke reproduce` then skips prepare-data, train and export."
+    )
+    request_policy: Literal["upstream", "kit"] = Field(
+        "upstream", description="upstream: /process uses the fields the winners' ProcessRequest had (prompt, "
+        "max_new_tokens, top_k, temperature, seed, echo_prompt), samples as their model.generate(do_sample=True) "
+        "call did and answers as their main.py did (docs/SERVE.md); kit: every field HELM sends (stop_sequences, "
+        "top_p, top_k_per_token), greedy at temperature <= 1e-5, echoed prompt logprobs."
     )
     quantize: Literal["none", "4bit"] = Field("none", description="4bit: load the base in NF4 (adapter only).")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"

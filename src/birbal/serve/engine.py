@@ -162,15 +162,19 @@ class Engine:
     @classmethod
     def from_adapter(cls, base: str, adapter: str | Path, tokenizer, serve_cfg: ServeConfig, *,
                      revision: str | None = None, quantization: QuantizationConfig | None = None,
-                     device: torch.device | None = None) -> Engine:
-        """`base` (folder, or hub id at `revision`) plus the unmerged PEFT adapter; 4-bit base with `quantization`."""
+                     device: torch.device | None = None, source: str | None = None,
+                     allow_pickle_adapter: bool = False) -> Engine:
+        """`base` (folder, or hub id at `revision`) plus the unmerged PEFT adapter (LoRA weights in
+        `serve.adapter_dtype`); 4-bit base with `quantization`."""
         from birbal.serve.loading import load_base_with_adapter
 
         device = device or resolve_serve_device(serve_cfg.device)
         t0 = time.perf_counter()
         model = load_base_with_adapter(base, Path(adapter), serve_cfg.dtype, device, revision=revision,
-                                       quantization=quantization)
-        return cls(model, tokenizer, serve_cfg, source=f"{base} + {adapter}", load_s=time.perf_counter() - t0)
+                                       quantization=quantization, adapter_dtype=serve_cfg.adapter_dtype,
+                                       allow_pickle_adapter=allow_pickle_adapter)
+        return cls(model, tokenizer, serve_cfg, source=source or f"{base} + {adapter}",
+                   load_s=time.perf_counter() - t0)
 
     @staticmethod
     def _end_ids(model, tokenizer) -> frozenset[int]:
@@ -225,6 +229,8 @@ class Engine:
                 f"{prompt_tokens + max_new_tokens}", field="max_new_tokens")
 
     def process(self, request: ProcessRequest) -> ProcessResponse:
+        if self.cfg.request_policy == "upstream":
+            return self._process_upstream(request)
         t0 = time.perf_counter()
         echo = request.echo_prompt
         prompt = request.prompt if echo else self.policy.prompt(request.prompt)
@@ -250,6 +256,78 @@ class Engine:
         self.stats.busy_s += elapsed
         return ProcessResponse(text=text, tokens=tokens, logprob=math.fsum(t.logprob for t in tokens),
                                request_time=elapsed)
+
+    # ---- serve.request_policy: upstream (the winners' main.py; birbal.serve.upstream says what and where) -----
+
+    def _process_upstream(self, request: ProcessRequest) -> ProcessResponse:
+        from birbal.serve import upstream
+
+        t0 = time.perf_counter()
+        if "temperature" not in request.model_fields_set:
+            # api.py:11: their default was 1e-7, not the challenge spec's 0.8 (HELM always sends one)
+            request = request.model_copy(update={"temperature": upstream.DEFAULT_TEMPERATURE})
+        if request.temperature <= 0:
+            raise ValidationError("temperature must be > 0 under serve.request_policy=upstream (the winners' server "
+                                  "always sampled; HELM sends 1e-7 for 0)", field="temperature")
+        if request.seed is not None:
+            torch.manual_seed(request.seed)  # main.py:54-55: the process's generators
+        ids = self.encode(self.policy.prompt(request.prompt))  # echo requests are wrapped too (main.py:57-61)
+        self.check_lengths(len(ids), request.max_new_tokens)
+        try:
+            steps = self._run_upstream(ids, request, upstream)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OverloadedError(f"out of GPU memory for {len(ids)} prompt tokens + {request.max_new_tokens} "
+                                  "max_new_tokens; retry later or ask for fewer tokens") from None
+        generated = [int(step[0]) for step in steps]
+        decode = self.tokenizer.decode
+        if request.echo_prompt:
+            text = decode(ids + generated, skip_special_tokens=True)
+        else:
+            text = self.policy.output(decode(generated, skip_special_tokens=True))
+        tokens = [Token(text=decode(int(token_id)), logprob=logprob, top_logprob={decode(int(best)): best_logprob})
+                  for token_id, logprob, best, best_logprob in steps]
+        # main.py:122: the float32 sum of the float32 logprobs
+        total = float(torch.tensor([t.logprob for t in tokens], dtype=torch.float32).sum()) if tokens else 0.0
+        elapsed = time.perf_counter() - t0
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(ids)
+        self.stats.generated_tokens += len(generated)
+        self.stats.busy_s += elapsed
+        return ProcessResponse(text=text, tokens=tokens, logprob=total, request_time=elapsed)
+
+    @torch.inference_mode()
+    def _run_upstream(self, ids: list[int], request: ProcessRequest, upstream) -> list[tuple[float, ...]]:
+        """[(id, logprob, argmax id, its logprob)] per generated token, end-of-sequence included and last; each step
+        queued before the host reads the token before it, as in `_run`."""
+        steps: list[tuple[float, ...]] = []
+        if request.max_new_tokens == 0:
+            return steps
+        decoder = self.decoder if request.max_new_tokens > 1 else self.prefill_only
+        last = decoder.prefill(ids, all_positions=False, reserve=len(ids) + request.max_new_tokens)[-1]
+        for step in range(request.max_new_tokens):
+            packed, token = upstream.choose(last, request.temperature, request.top_k)
+            pending = self._pending(token, packed)
+            if step + 1 < request.max_new_tokens:
+                last = decoder.step(pending.token)
+            if pending.copied is not None:
+                pending.copied.synchronize()
+            values = tuple(pending.packed.tolist())
+            steps.append(values)
+            if int(values[0]) in self._eos_ids:
+                break
+        return steps
+
+    def _pending(self, token: torch.Tensor, packed: torch.Tensor) -> _Pending:
+        """`packed` on its way to pinned host memory, the copy queued behind the step that made it (no wait)."""
+        if self.device.type != "cuda":
+            return _Pending(token=token, packed=packed, copied=None)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(self.device))
+        return _Pending(token=token, packed=host, copied=copied)
 
     def _sampling(self, request: ProcessRequest) -> _Sampling:
         if request.temperature <= GREEDY_TEMPERATURE:
@@ -329,13 +407,7 @@ class Engine:
         # (pytorch/pytorch#105641), which would make the host wait for the step before it could queue the next.
         packed = torch.cat([token.view(1).to(torch.float64), logprobs.gather(0, token.view(1)).to(torch.float64),
                             top_values.to(torch.float64), top_ids.to(torch.float64)])
-        if self.device.type != "cuda":
-            return _Pending(token=token, packed=packed, copied=None)
-        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(self.device))  # the model's device, whichever is current
-        return _Pending(token=token, packed=host, copied=copied)
+        return self._pending(token, packed)
 
     def _read(self, pending: _Pending, k: int) -> _Step:
         """Wait for the copy alone (not for a step queued after it) and unpack it."""

@@ -16,6 +16,8 @@ from birbal.models import DTYPES, disable_cpu_4bit_repack, hub_token
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = (ADAPTER_WEIGHTS, "adapter_model.bin")
+ADAPTER_FILES = (ADAPTER_CONFIG, *ADAPTER_WEIGHT_FILES)
 
 
 def _require_safetensors(folder: Path, what: str) -> None:
@@ -57,20 +59,54 @@ def load_merged(folder: Path, dtype: str, device: torch.device, attn_implementat
     return model.eval()
 
 
+def fetch_published_adapter(repo_id: str, revision: str, cache_dir: Path | None = None) -> Path:
+    """The folder of the hub adapter `repo_id` at commit `revision`: huggingface_hub's own cache (HF_HOME, or
+    `cache_dir`), downloaded with HF_TOKEN from the environment when the commit is not there yet.
+
+    The cache is tried first without the network (a commit is immutable, so a cached snapshot of it is that
+    commit); then the hub. Any failure is one line naming the repository and the revision.
+    """
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir),
+                  allow_patterns=list(ADAPTER_FILES))
+    try:
+        folder = snapshot_download(**kwargs, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (huggingface_hub raises several kinds): fetch it below
+        try:
+            folder = snapshot_download(**kwargs, token=hub_token())
+        except Exception as err:  # noqa: BLE001 - network, auth, missing repo or revision: all one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ServeError(f"could not fetch the adapter {repo_id}@{revision} from the Hugging Face hub "
+                             f"({type(err).__name__}: {first}); check network access and HF_TOKEN") from None
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file() or not any((folder / name).is_file() for name in ADAPTER_WEIGHT_FILES):
+        raise ServeError(f"the adapter {repo_id}@{revision} holds no {ADAPTER_CONFIG} with "
+                         f"{' or '.join(ADAPTER_WEIGHT_FILES)}")
+    return folder
+
+
 def load_base_with_adapter(base: str, adapter: Path, dtype: str, device: torch.device, *,
                            revision: str | None = None, quantization: QuantizationConfig | None = None,
-                           attn_implementation: str = "sdpa"):
+                           attn_implementation: str = "sdpa", adapter_dtype: str = "base",
+                           allow_pickle_adapter: bool = False):
     """`base` (local folder, or hub id at `revision`) with the PEFT adapter in `adapter` applied, unmerged.
 
-    With `quantization` the base is loaded in 4 bits (NF4 by default) to fit a 24 GB card with room; the adapter
-    stays in `dtype`. On CPU bitsandbytes' in-place weight repack is switched off (PLATFORM_NOTES.md).
+    `adapter_dtype`: `base` keeps the LoRA weights in the base's dtype, as peft 0.5 and 0.6 did (their
+    `LoraLayer.update_layer` moved a new adapter to the base weight's device and dtype), which is how the winners'
+    server ran; `float32` upcasts them (peft's `autocast_adapter_dtype`, its default since 0.12).
+    With `quantization` the base is loaded in 4 bits (NF4 by default) to fit a 24 GB card with room. On CPU
+    bitsandbytes' in-place weight repack is switched off (PLATFORM_NOTES.md).
+    `allow_pickle_adapter`: accept an `adapter_model.bin` (a published adapter of 2023 may hold only that); peft
+    reads it with `torch.load(weights_only=True)`, which builds tensors and runs no code.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     adapter = Path(adapter)
-    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
-        raise ServeError(f"adapter folder {adapter} must hold {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    weights = ADAPTER_WEIGHT_FILES if allow_pickle_adapter else (ADAPTER_WEIGHTS,)
+    if not (adapter / ADAPTER_CONFIG).is_file() or not any((adapter / name).is_file() for name in weights):
+        raise ServeError(f"adapter folder {adapter} must hold {ADAPTER_CONFIG} and {' or '.join(weights)}")
     local = Path(base).expanduser()
     if local.exists():
         _require_safetensors(local, "base model folder")
@@ -92,7 +128,8 @@ def load_base_with_adapter(base: str, adapter: Path, dtype: str, device: torch.d
     if quantization is not None and device.type == "cpu":
         disable_cpu_4bit_repack(model)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False,
+                                          autocast_adapter_dtype=adapter_dtype == "float32")
     except (OSError, ValueError, RuntimeError) as err:
         raise ServeError(f"adapter {adapter} does not fit base {base}: {err}") from None
     return model.eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from birbal.config import Recipe
 from birbal.errors import RunDirError, ServeError
+from birbal.fsutil import sha256_file
 from birbal.rundir import RunDir
 from birbal.serve.app import create_app
 from birbal.serve.engine import Engine
@@ -26,10 +27,12 @@ MERGED_FOLDER = "merged"
 ADAPTER_FOLDER = "adapter"
 
 
-def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path):
-    """(a function that loads the engine, the inputs it reads) for `recipe.serve.model`; hub downloads go to
-    `cache_dir`."""
+def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path, hub_cache: Path | None = None):
+    """(a function that loads the engine, the inputs it reads) for `recipe.serve`; the random base is materialised
+    under `cache_dir`, hub downloads go to huggingface_hub's cache (`hub_cache`, default HF_HOME's)."""
     cfg = recipe.serve
+    if cfg.published_adapter is not None:
+        return _published_factory(recipe, cache_dir, hub_cache)
     if cfg.model == "merged":
         if cfg.quantize != "none":
             raise ServeError("serve.quantize: 4bit needs serve.model: adapter (the merged weights are served as is)")
@@ -41,9 +44,11 @@ def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path):
 
     from birbal.models import base_model_location, load_tokenizer
 
-    adapter = run_dir.stage_dir("train") / ADAPTER_FOLDER
-    if not adapter.is_dir():
-        raise ServeError(f"{adapter} holds no adapter: run the train stage first")
+    # The export's copy of the adapter: checked against the recipe's LoRA and hashed in export/SHA256SUMS.
+    adapter = run_dir.stage_dir("export") / ADAPTER_FOLDER
+    if not (adapter / "adapter_config.json").is_file():
+        raise ServeError(f"{adapter} holds no adapter: run the export stage first (it checks the trained adapter "
+                         "against the recipe and copies it there)")
     base, revision = base_model_location(recipe.model, cache_dir)
     quantization = recipe.quantization if cfg.quantize == "4bit" else None
 
@@ -52,7 +57,34 @@ def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path):
         return Engine.from_adapter(base, adapter, tokenizer, cfg, revision=revision, quantization=quantization)
 
     return load, {"model": f"{base}@{revision}" if revision else base, "adapter": str(adapter),
-                  "upstream": _digest(run_dir, "train")}
+                  "upstream": _digest(run_dir, "export")}
+
+
+def _published_factory(recipe: Recipe, cache_dir: Path, hub_cache: Path | None):
+    """The submission: `model.*` (the base, pinned) plus `serve.published_adapter` from the hub, unmerged."""
+    from birbal.models import base_model_location, load_tokenizer
+    from birbal.serve.loading import fetch_published_adapter
+
+    cfg = recipe.serve
+    published = cfg.published_adapter
+    assert published is not None
+    if cfg.model != "adapter":
+        raise ServeError("serve.published_adapter needs serve.model: adapter (the published weights are an adapter)")
+    base, revision = base_model_location(recipe.model, cache_dir)
+    quantization = recipe.quantization if cfg.quantize == "4bit" else None
+    where = f"{published.name_or_path}@{published.revision}"
+    # Fetched now, before the server binds: without hub access the stage fails at once, in one line naming it.
+    folder = fetch_published_adapter(published.name_or_path, published.revision, hub_cache)
+
+    def load() -> Engine:
+        tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir)
+        return Engine.from_adapter(base, folder, tokenizer, cfg, revision=revision, quantization=quantization,
+                                   source=f"{base}@{revision} + {where}" if revision else f"{base} + {where}",
+                                   allow_pickle_adapter=True)
+
+    return load, {"model": f"{base}@{revision}" if revision else base, "adapter": where,
+                  "adapter_files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()},
+                  "upstream": None}
 
 
 def use_compile_cache(cache_dir: Path) -> str:
