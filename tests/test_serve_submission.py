@@ -11,7 +11,14 @@ import sys
 import pytest
 from conftest import REPO, run_cli
 from serve_model import engine, merged_folder
-from test_serve_upstream import CASES, adapter_folder, assert_same_response, ours, peft_reference, upstream_process
+from test_serve_upstream import (
+    CASES,
+    adapter_folder,
+    assert_same_response,
+    ours,
+    peft_reference,
+    upstream_process,
+)
 
 from birbal.config import load_recipe
 from birbal.errors import ServeError
