@@ -26,6 +26,12 @@ What it does, in one process:
    timed mode is the one `text_match` and `targets` judge; `targets.decode_by_mode` and `decode_agreement` (each
    mode's generations against that first one) cover the others. A mode the device cannot run (cuda_graph on CPU)
    is recorded as skipped with the reason.
+   (d) "faithful" (`--served unmerged`, on by default): birbal-4090's own server, `Engine.from_adapter` on the
+   same bf16 base and adapter (unmerged, LoRA weights in bf16) with `serve.request_policy: upstream` (the winners'
+   fields, sampling and response), once per decode mode (keys `faithful`, `faithful_<mode>`), on the same static
+   caches and graphs as (b). `faithful_match` compares it with (a) token by token (the same response shape);
+   `faithful_targets` gives its total time over (a)'s and its decode ms per token. `--served merged` times (b)
+   alone. Each server's replay starts from `torch.manual_seed(--seed)`, so sampled ties draw from the same stream.
 
 The mix (prompt tokens / max new tokens x count), shaped like the open run specs
 (run_specs_full_coarse_600_budget.conf) as PLATFORM_NOTES.md measured it: MMLU 700/1 x8, TruthfulQA 500/1 x4,
@@ -236,21 +242,33 @@ class WinnersServer:
         scores = torch.stack(outputs.scores, dim=1)[0]
         tied = int(((scores == scores.max(-1, keepdim=True).values).sum(-1) > 1).sum().item())
         return {"text": output, "raw": raw, "ids": gen_sequences[0].tolist(), "tokens": tokens,
+                "token_texts": [t["text"] for t in tokens],
                 "logprob": logprob, "prompt_tokens": prompt_length, "request_time": request_time,
                 "tied_steps": tied, "diag_s": time.perf_counter() - d0}
 
 
 # ---- (b) ours --------------------------------------------------------------------------------------------------
 class OursServer:
-    def __init__(self, merged: Path | None, device, model=None, tokenizer=None, decode: str = "auto"):
-        """The merged folder through `Engine.from_merged`, or (a check of numerics) an already loaded model."""
+    def __init__(self, merged: Path | None, device, model=None, tokenizer=None, decode: str = "auto",
+                 base: Path | None = None, adapter: Path | None = None):
+        """The merged folder through `Engine.from_merged` with the kit's request policy (birbal-4090-plus's
+        server); with `base` and `adapter`, `Engine.from_adapter` (bf16 base, the adapter unmerged in bf16) with the
+        winners' request policy (birbal-4090's server); or (a check of numerics) an already loaded model."""
         from birbal.config.serve import ServeConfig
         from birbal.serve.engine import Engine
 
         t0 = time.perf_counter()
-        cfg = ServeConfig(device=device.type, decode=decode)
-        self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
-                       else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
+        if adapter is not None:
+            from transformers import AutoTokenizer
+
+            cfg = ServeConfig(device=device.type, decode=decode, model="adapter", adapter_dtype="base",
+                              request_policy="upstream")
+            self.engine = Engine.from_adapter(str(base), adapter, AutoTokenizer.from_pretrained(str(base)), cfg,
+                                              device=device)
+        else:
+            cfg = ServeConfig(device=device.type, decode=decode, model="merged", request_policy="kit")
+            self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
+                           else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
         sync(device)
         self.load_s = time.perf_counter() - t0
         self.engine_load_s = self.engine.load_s
@@ -264,6 +282,7 @@ class OursServer:
         response = self.engine.process(ProcessRequest(prompt=prompt, max_new_tokens=max_new_tokens,
                                                       temperature=temperature, top_k=top_k))
         return {"text": response.text, "raw": "".join(t.text for t in response.tokens),
+                "token_texts": [t.text for t in response.tokens],
                 "generated": self.engine.stats.generated_tokens - before,
                 "prompt_tokens": self.engine.stats.prompt_tokens - prompt_before, "logprob": response.logprob,
                 "request_time": response.request_time}
@@ -282,7 +301,8 @@ def replay(server, mix: list[dict], device, marginal: bool = True) -> dict:
         generated = out["generated"] if "generated" in out else len(out["ids"])
         rows.append({"scenario": req["scenario"], "prompt_tokens": out["prompt_tokens"],
                      "max_new_tokens": req["max_new_tokens"], "generated": generated, "wall_s": round(wall, 4),
-                     "text": out["text"], "raw": out["raw"], "logprob": out["logprob"]})
+                     "text": out["text"], "raw": out["raw"], "logprob": out["logprob"],
+                     "token_texts": out["token_texts"]})
         if "tied_steps" in out:
             rows[-1]["tied_steps"] = out["tied_steps"]
     total = time.perf_counter() - t0
@@ -344,8 +364,13 @@ def summarise(result: dict) -> dict:
             "generated_tokens": sum(r["generated"] for r in rows)}
 
 
-def compare(a_rows: list[dict], b_rows: list[dict]) -> dict:
+def compare(a_rows: list[dict], b_rows: list[dict], by_tokens: bool = False) -> dict:
+    """`by_tokens`: compare the generations by their token texts (the winners' response shape: every token to
+    the limit, one decode per token), for two servers that both answer that way; else by the raw text."""
     same_text = sum(a["text"] == b["text"] for a, b in zip(a_rows, b_rows, strict=True))
+    if by_tokens:
+        a_rows = [{**a, "raw": "\x1f".join(a["token_texts"])} for a in a_rows]
+        b_rows = [{**b, "raw": "\x1f".join(b["token_texts"])} for b in b_rows]
     same_raw = 0
     first_diff = []
     for i, (a, b) in enumerate(zip(a_rows, b_rows, strict=True)):
@@ -368,6 +393,10 @@ def ours_key(mode: str) -> str:
     return "ours" if mode == "auto" else f"ours_{mode}"
 
 
+def faithful_key(mode: str) -> str:
+    return "faithful" if mode == "auto" else f"faithful_{mode}"
+
+
 def decode_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in modes if m not in DECODE_MODES]
@@ -388,6 +417,8 @@ def table(res: dict) -> str:
              "marginal ms/token | decode ms/token | tokens generated |", "|---|---|---|---|---|---|---|---|"]
     ours = [(ours_key(m), f"(b) ours: Engine on merged bf16, greedy, decode={res.get(ours_key(m), {}).get('decode', m)}")
             for m in res.get("decode_modes", ["auto"])]
+    ours += [(faithful_key(m), "(d) faithful: Engine on bf16 + unmerged adapter, their request policy, "
+              f"decode={res.get(faithful_key(m), {}).get('decode', m)}") for m in res.get("decode_modes", ["auto"])]
     skipped = []
     for key, label in (("winners", "(a) winners: bf16 + unmerged PeftModel, generate, sampling at 1e-7"), *ours,
                        ("ours_unmerged", "(c) check: our Engine on (a)'s unmerged PeftModel, greedy")):
@@ -433,6 +464,10 @@ def main() -> int:
     parser.add_argument("--decode-modes", type=decode_modes, default=["auto"],
                         help="time ours once per serve.decode mode, comma-separated, from " + ", ".join(DECODE_MODES)
                         + " (default auto: the server's own choice)")
+    parser.add_argument("--served", default="merged,unmerged",
+                        help="which of our servers to time per decode mode: merged (the export's merged weights, "
+                             "the kit's request policy: birbal-4090-plus) and unmerged (bf16 base + the adapter "
+                             "unmerged, the winners' request policy: birbal-4090), comma-separated")
     parser.add_argument("--skip-winners", action="store_true",
                         help="time ours only (the per-token bound is measured in the same run; the total-time "
                              "ratio needs the winners and is left out)")
@@ -461,14 +496,25 @@ def main() -> int:
         mix = make_mix(tokenizer, args.seed, args.prompt_scale, args.new_scale)
         warm = mix[0]
         timed: list[str] = []  # the ours keys that ran, in order; the first is the one `targets` judges
+        served = {x.strip() for x in args.served.split(",") if x.strip()}
+        if not served or served - {"merged", "unmerged"}:
+            raise ValueError(f"--served takes merged and/or unmerged; given {args.served!r}")
         servers = [] if args.skip_winners else [("winners", None)]
-        for key, mode in [*servers, *((ours_key(m), m) for m in args.decode_modes)]:
+        ours_servers = [(ours_key(m), m) for m in args.decode_modes if "merged" in served]
+        ours_servers += [(faithful_key(m), m) for m in args.decode_modes if "unmerged" in served]
+        faithful_timed: list[str] = []
+        for key, mode in [*servers, *ours_servers]:
             if mode is not None and (reason := skip_reason(mode, device)):
                 res[key] = {"decode": mode, "skipped": reason}
                 print(f"{key}: skipped, {reason}", flush=True)
                 continue
-            server = (WinnersServer(args.workdir / "base", args.workdir / "adapter", device) if key == "winners"
-                      else OursServer(args.workdir / "merged", device, decode=mode))
+            if key == "winners":
+                server = WinnersServer(args.workdir / "base", args.workdir / "adapter", device)
+            elif key.startswith("faithful"):
+                server = OursServer(None, device, decode=mode, base=args.workdir / "base",
+                                    adapter=args.workdir / "adapter")
+            else:
+                server = OursServer(args.workdir / "merged", device, decode=mode)
             res[key] = {"load_s": round(server.load_s, 2)}
             if mode is not None:
                 res[key]["decode"] = server.decode
@@ -476,11 +522,12 @@ def main() -> int:
                 # what the server does before /health says ready: a graph per cache length (captured, and for
                 # compiled_graph compiled), so that no request of the mix pays for one
                 res[key]["engine_warm_up_s"] = round(server.engine.warm_up(), 2)
-                timed.append(key)
+                (faithful_timed if key.startswith("faithful") else timed).append(key)
             s = time.perf_counter()
             server.process(warm["prompt"], 16, TEMPERATURE, TOP_K)
             sync(device)
             res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)
+            torch.manual_seed(args.seed)  # the same random stream for each server's draws (sampling at 1e-7)
             res[key].update(replay(server, mix, device))
             heavy = next(r for r in mix if r["scenario"] == HEAVY[0])
             if mode is not None and (bare := graph_step_ms(server.engine, heavy["prompt"], device)):
@@ -504,8 +551,21 @@ def main() -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if not timed:
+        if not timed and not faithful_timed:
             raise RuntimeError(f"no decode mode of {args.decode_modes} can run on {device}")
+        if "winners" in res and faithful_timed:
+            # the faithful server against the winners': same request policy, same response shape
+            res["faithful_match"] = {key: compare(res["winners"]["rows"], res[key]["rows"], by_tokens=True)
+                                     for key in faithful_timed}
+            res["faithful_targets"] = {
+                key: {"total_ratio_over_winners": round(res[key]["summary"]["total_s"]
+                                                        / res["winners"]["summary"]["total_s"], 3),
+                      "decode_ms_per_token": res[key]["summary"]["decode_heavy_decode_ms_per_token"],
+                      "decode": res[key]["decode"]} for key in faithful_timed}
+        if not timed:
+            save()
+            print(table(res))
+            return 0
         first = timed[0]
         if "winners" in res:
             res["text_match"] = compare(res["winners"]["rows"], res[first]["rows"])
@@ -531,7 +591,7 @@ def main() -> int:
                             "ours_over_bound": round(worst / bound_ms, 2),
                             "decode_within_2x_bound_met": worst <= 2 * bound_ms})
             by_mode = {}
-            for key in timed:
+            for key in (*timed, *faithful_timed):
                 decode = res[key]["summary"]["decode_heavy_decode_ms_per_token"]
                 if decode:
                     by_mode[key] = {"decode": res[key]["decode"], "decode_ms_per_token": decode,
@@ -548,7 +608,8 @@ def main() -> int:
         print(res["error"], file=sys.stderr)
         return 1
     save()
-    servers = ("winners", *(ours_key(m) for m in args.decode_modes), "ours_unmerged")
+    servers = ("winners", *(ours_key(m) for m in args.decode_modes), *(faithful_key(m) for m in args.decode_modes),
+               "ours_unmerged")
     slim = {k: v for k, v in res.items() if k not in servers}
     slim.update({k: {kk: vv for kk, vv in res[k].items() if kk != "rows"} for k in servers if k in res})
     print(json.dumps(slim, indent=1))

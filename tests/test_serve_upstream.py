@@ -263,3 +263,33 @@ def test_adapter_weights_stay_in_the_base_dtype_unless_upcast():
     assert base_dtypes == {torch.bfloat16}
     saved = json.loads((adapter_folder() / "adapter_config.json").read_text())
     assert saved["r"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_graph"])
+def test_unmerged_graph_decode_equals_static_and_their_server_on_cuda(mode):
+    """birbal-4090's server on a GPU: the base plus the unmerged adapter, each step a replayed (compiled) graph;
+    the same answers as the static cache with the same kernels un-replayed, and as main.py's generate."""
+    tokenizer = engine().tokenizer
+    cfg = serve_cfg(request_policy="upstream", postprocess="birbal", device="cuda")
+    graph = Engine.from_adapter(str(merged_folder()), adapter_folder(), tokenizer, cfg.model_copy(update={"decode": mode}))
+    assert graph.decode_mode == mode
+    static = Engine(graph.model, tokenizer, cfg.model_copy(update={"decode": "static"}))
+    graph.warm_up()
+    reference = peft_reference().to("cuda")
+    for _, body in CASES:
+        replayed = ours(graph, body)
+        assert_same_response(ours(static, body), replayed)
+        assert_same_response(upstream_process(reference, tokenizer, body), replayed)
+    kit = Engine(graph.model, tokenizer, cfg.model_copy(update={"decode": mode, "request_policy": "kit"}))
+    kit.warm_up()
+    for prompt, n in (("The capital of France is", 10), ("Once upon a time", 12)):
+        ids = kit.encode(prompt)
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([ids], device="cuda"), attention_mask=torch.ones(1, len(ids),
+                                     device="cuda"), do_sample=False, max_new_tokens=n, pad_token_id=2)
+        new = out[0, len(ids):].tolist()
+        new = new[: new.index(2)] if 2 in new else new
+        assert kit.process(ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=n)).text == \
+            tokenizer.decode(new, skip_special_tokens=True)
