@@ -13,6 +13,9 @@ the next step, instead of between steps. (SGLang's overlap scheduler does the sa
 token ends the generation (end of sequence, a stop sequence) that step was wasted; its writes go to a cache the
 next request resets.
 
+`serve.request_policy: upstream` (birbal-4090) answers as the winners' server did instead, over the same
+decoders and the same queued steps: `birbal.serve.upstream` and `_process_upstream`. What follows is `kit`.
+
 Which distribution a logprob is under (HELM reads `logprob` as the model's log-probability of the text):
 - greedy (temperature <= 1e-5): the model's own distribution, log_softmax of the raw logits. Greedy is the
   temperature -> 0 limit, whose distribution is a point mass that says nothing; the raw distribution is what
