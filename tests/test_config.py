@@ -30,6 +30,18 @@ def test_4090_profile_is_the_winning_recipe():
     assert r.data.mode == "published" and r.data.published.name_or_path == "upaya07/NeurIPS-LLM-data"
     assert len(r.data.published.revision) == 40
     assert r.serve.max_context == 4096 and r.serve.postprocess == "birbal"
+    # inference/submission_2/main.py: bf16 base + the adapter unmerged, their request policy
+    s = r.serve
+    assert (s.model, s.dtype, s.quantize, s.adapter_dtype, s.request_policy) == ("adapter", "bfloat16", "none",
+                                                                                 "base", "upstream")
+    assert s.published_adapter is None
+
+
+def test_plus_profile_switches_the_serving_improvements_on():
+    plus, full = load_recipe("birbal-4090-plus"), load_recipe("birbal-4090")
+    assert (plus.serve.model, plus.serve.request_policy) == ("merged", "kit")
+    assert plus.serve.model_dump(exclude={"model", "request_policy"}) == full.serve.model_dump(
+        exclude={"model", "request_policy"})
 
 
 def test_smoke_is_the_same_recipe_shrunk():
