@@ -293,3 +293,35 @@ def test_unmerged_graph_decode_equals_static_and_their_server_on_cuda(mode):
         new = new[: new.index(2)] if 2 in new else new
         assert kit.process(ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=n)).text == \
             tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_the_serve_stage_loads_the_exported_adapter_unmerged_and_checks_its_bytes(tmp_path):
+    """birbal-4090's serve section on the tiny base: export/adapter (checked against the export record) applied
+    unmerged, answering as main.py."""
+    import shutil
+
+    from birbal.config import load_recipe
+    from birbal.errors import ServeError
+    from birbal.fsutil import sha256_file
+    from birbal.rundir import RunDir
+    from birbal.serve.stage import engine_factory
+
+    smoke = load_recipe("smoke")
+    recipe = load_recipe("birbal-4090", [
+        f"model.name_or_path={merged_folder()}", "model.attn_implementation=sdpa",
+        "model.tokenizer.source=mistral-common", f"model.tokenizer.sha256={smoke.model.tokenizer.sha256}",
+        "serve.dtype=float32", "serve.device=cpu", "serve.decode=static"])
+    run_dir = RunDir(tmp_path / "run")
+    adapter = run_dir.stage_dir("export") / "adapter"
+    shutil.copytree(adapter_folder(), adapter)
+    record = run_dir.begin("export", {"test": "serve"})
+    run_dir.finish(record, outputs={f"adapter/{p.name}": sha256_file(p) for p in sorted(adapter.iterdir())})
+    load, sources = engine_factory(recipe, run_dir, tmp_path / "cache")
+    assert sources["adapter"] == str(adapter) and sources["upstream"] == run_dir.outputs_digest("export")
+    served = load()
+    reference = peft_reference()
+    body = CASES[2][1]
+    assert_same_response(ours(served, body), upstream_process(reference, served.tokenizer, body))
+    (adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text() + " ")
+    with pytest.raises(ServeError, match="adapter_config.json is not the file the export stage recorded"):
+        engine_factory(recipe, run_dir, tmp_path / "cache")

@@ -49,6 +49,7 @@ def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path, hub_cache: 
     if not (adapter / "adapter_config.json").is_file():
         raise ServeError(f"{adapter} holds no adapter: run the export stage first (it checks the trained adapter "
                          "against the recipe and copies it there)")
+    _check_against_record(run_dir, "export", adapter, ADAPTER_FOLDER)
     base, revision = base_model_location(recipe.model, cache_dir)
     quantization = recipe.quantization if cfg.quantize == "4bit" else None
 
@@ -85,6 +86,28 @@ def _published_factory(recipe: Recipe, cache_dir: Path, hub_cache: Path | None):
     return load, {"model": f"{base}@{revision}" if revision else base, "adapter": where,
                   "adapter_files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()},
                   "upstream": None}
+
+
+def _check_against_record(run_dir: RunDir, stage: str, folder: Path, prefix: str) -> None:
+    """Every file of `folder` must have the bytes `stage`'s complete record lists under `prefix/` (an adapter is
+    small enough to hash at every start). Without a complete record there is nothing to check against."""
+    record = run_dir.record(stage)
+    if record is None or record.status != "complete":
+        return
+    listed = {name.split("/", 1)[1]: digest for name, digest in record.outputs.items()
+              if name.startswith(f"{prefix}/")}
+    present = {p.name for p in folder.iterdir() if p.is_file()}
+    for name in sorted(present | set(listed)):
+        if name not in present:
+            reason = "missing"
+        elif name not in listed:
+            reason = "not in the record"
+        elif sha256_file(folder / name) != listed[name]:
+            reason = "sha256 differs"
+        else:
+            continue
+        raise ServeError(f"{folder / name} is not the file the {stage} stage recorded ({reason}); "
+                         f"re-run the {stage} stage")
 
 
 def use_compile_cache(cache_dir: Path) -> str:
