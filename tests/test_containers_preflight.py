@@ -50,7 +50,8 @@ def test_no_gpu(recipe, tmp_path):
 
 def test_small_gpu(recipe, tmp_path):
     assert p.failures(run(recipe, SMALL_GPU, tmp_path)) == [
-        "FAIL gpu: GPU 0 (NVIDIA GeForce RTX 4070) has 12.0 GiB; the recipe needs 24 GiB (train.max_gpu_memory_gib)"]
+        "FAIL gpu: GPU 0 (NVIDIA GeForce RTX 4070) has 12.0 GiB; the recipe needs 24 GiB (train.max_gpu_memory_gib, "
+        "or the served model's weights)"]
 
 
 def test_memory_threshold_defaults_to_22_gib_without_a_cap(recipe):
@@ -98,3 +99,18 @@ def test_smoke_on_cpu_needs_no_gpu_or_token(tmp_path):
     checks = run(load_recipe("smoke"), None, tmp_path, env={}, free=3 * p.GIB)
     assert p.failures(checks) == []
     assert checks[0].message == "not needed (train.device is cpu)"
+
+
+def test_the_submission_profile_needs_what_serving_needs_not_a_training_run(tmp_path):
+    """birbal-submission trains nothing: a bf16 base plus the adapter on the GPU, the base and adapter on disk."""
+    submission = load_recipe("birbal-submission")
+    assert p.serve_only(submission) and not p.serve_only(load_recipe("birbal-4090"))
+    # 2 bytes x (7.24B + 0.34B) = 14.1 GiB of weights, plus the caches' headroom: a 16 GiB card serves it, a 12 GiB not.
+    assert p.required_gpu_gib(submission) == 16.1
+    assert p.check_gpu("NVIDIA RTX A4000, 570.133.07, 16376 MiB", p.required_gpu_gib(submission)).ok
+    assert p.failures(run(submission, SMALL_GPU, tmp_path))[0].startswith("FAIL gpu: GPU 0 (NVIDIA GeForce RTX 4070)")
+    estimate = p.disk_estimate(submission)
+    assert (estimate.checkpoints, estimate.export) == (0, 0)
+    assert estimate.base_weights == 2 * 7_241_732_096 + 4 * 335_544_320
+    # 20 GiB free holds it (the training recipe's 70 GiB estimate did not).
+    assert p.failures(run(submission, RTX_4090, tmp_path, free=20 * p.GIB)) == []

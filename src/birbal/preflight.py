@@ -87,7 +87,19 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
+# What a serve-only recipe needs beyond its bf16 weights: the static KV caches, the prefill's activations and the
+# CUDA context (about 0.5 GiB each for the 4096-slot cache and the context at the Mistral-7B shape, rounded up).
+SERVE_HEADROOM_GIB = 2.0
+
+
+def serve_only(recipe: Recipe) -> bool:
+    """A recipe that trains nothing: it serves a published adapter (birbal-submission)."""
+    return recipe.serve.published_adapter is not None
+
+
 def required_gpu_gib(recipe: Recipe) -> float:
+    if serve_only(recipe):  # bf16 base + the adapter in the base dtype, unmerged
+        return round((2 * (base_parameters(recipe) + lora_parameters(recipe))) / GIB + SERVE_HEADROOM_GIB, 1)
     return recipe.train.max_gpu_memory_gib or DEFAULT_MIN_GPU_GIB
 
 
@@ -104,7 +116,7 @@ def check_gpu(nvidia_smi_output: str | None, min_memory_gib: float) -> Check:
     label = f"GPU 0 ({gpu.name})" if gpu.name else "GPU 0"
     if gpu.memory_total_gib + NOMINAL_SLACK_GIB < min_memory_gib:
         return Check("gpu", False, f"{label} has {gpu.memory_total_gib:.1f} GiB; the recipe needs {min_memory_gib:g} "
-                                   "GiB (train.max_gpu_memory_gib)")
+                                   "GiB (train.max_gpu_memory_gib, or the served model's weights)")
     return Check("gpu", True, f"{label}, {gpu.memory_total_gib:.1f} GiB (needs {min_memory_gib:g} GiB)")
 
 
@@ -168,6 +180,8 @@ def disk_estimate(recipe: Recipe) -> DiskEstimate:
     params = base_parameters(recipe)
     # The hub checkpoint is bf16 safetensors; a random model is built locally, so nothing is downloaded.
     weights = 2 * params if recipe.model.source == "hub" else 0
+    if serve_only(recipe):  # the base and the published adapter (at most fp32) in the hub cache; the run dir holds logs
+        return DiskEstimate(base_weights=weights + 4 * lora_parameters(recipe), checkpoints=0, export=0, data=GIB)
     merged = params * (4 if recipe.export.dtype == "float32" else 2)
     # fp32 adapter (4 B) + AdamW first and second moments (8 B) per trainable parameter.
     checkpoint = lora_parameters(recipe) * 12
