@@ -82,6 +82,14 @@ class BaseModelPredictor:
         self.settings = settings
         self.on_batch: Callable[[int], Any] | None = None
 
+    @classmethod
+    def from_model(cls, model, tokenizer, settings: NIPredictions) -> BaseModelPredictor:
+        """A predictor over a model already built (the benchmark's random-weight Mistral-7B)."""
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.settings, self.on_batch = model.eval(), tokenizer, settings, None
+        self.device = next(model.parameters()).device
+        return self
+
     def encode(self, prompts: list[str]) -> list[list[int]]:
         limit = self.settings.max_prompt_tokens
         return [ids[-limit:] for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
