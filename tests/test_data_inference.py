@@ -90,7 +90,7 @@ def test_batched_predictions_equal_one_row_at_a_time(setup):
     prompts = [r["few_shot_prompt"] for r in task_prompts(tasks[TASKS[1]], TASKS[1], source, 0)][:5]
     batched = predictor(prompts)
     single = [predictor.generate_batch(predictor.encode([p]))[0] for p in prompts]
-    assert batched == single and len(set(batched)) >= 1
+    assert batched == single and len(set(batched)) > 1  # random weights: different prompts, different text
     counted = []
     predictor.on_batch = counted.append
     predictor(prompts)
