@@ -8,23 +8,19 @@ from pathlib import Path
 import pytest
 
 from birbal.config.data import (
-    CnnDailyMailSource,
     HubOrPath,
     InstructionRowsSource,
     LimaSource,
     MathInstructSource,
     PlatypusSource,
-    QuacSource,
 )
 from birbal.data.loaders import (
     format_math_answer,
     keep_length,
-    load_cnn_dailymail,
     load_instruction_rows,
     load_lima,
     load_mathinstruct,
     load_platypus,
-    load_quac,
     strip_hash_suffix,
 )
 from birbal.data.sources import read_rows
@@ -87,30 +83,11 @@ def test_platypus_follows_upstream_code_by_default(tmp_path):
     assert len(described) == 5
 
 
-def test_quac_yields_one_row_per_turn_with_history(tmp_path):
-    rows, report = load_quac(QuacSource(name="quac", kind="quac", origin=local("quac/train.jsonl")), 0, tmp_path)
-    assert report.steps["read"] == 2 and report.steps["turns"] == 5
-    third = rows[2]
-    assert third["input"].endswith("Q: What did his father do?")
-    assert "Q: Where was Malcolm X born?\nA: in Omaha, Nebraska" in third["input"]
-    assert third["output"].startswith("His father Earl Little")
-
-
-def test_cnn_dailymail_sample_is_seeded(tmp_path):
-    source = CnnDailyMailSource(name="cnn", kind="cnn_dailymail", origin=local("cnn_dailymail/train.jsonl"), sample=3)
-    first, report = load_cnn_dailymail(source, 1, tmp_path)
-    again, _ = load_cnn_dailymail(source, 1, tmp_path)
-    other, _ = load_cnn_dailymail(source, 2, tmp_path)
-    assert len(first) == 3 and first == again and report.steps["sample"] == 3
-    assert [r["input"] for r in first] != [r["input"] for r in other]
-    assert first[0]["instruction"] == source.instruction
-
-
 def test_instruction_rows_override(tmp_path):
-    source = InstructionRowsSource(name="openqa", kind="instruction_rows", origin=local("openqa/openQA_train.jsonl"),
+    source = InstructionRowsSource(name="mix", kind="instruction_rows", origin=HubOrPath(path="fixtures/raw_mix.jsonl"),
                                    instruction_override="Pick one.")
-    rows, _ = load_instruction_rows(source, 0, tmp_path)
-    assert len(rows) == 5 and {r["instruction"] for r in rows} == {"Pick one."}
+    rows, report = load_instruction_rows(source, 0, tmp_path)
+    assert len(rows) == report.steps["length"] > 0 and {r["instruction"] for r in rows} == {"Pick one."}
 
 
 def test_length_rules_differ_at_the_limit():

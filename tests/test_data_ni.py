@@ -10,9 +10,11 @@ import pytest
 
 from birbal.config.data import NaturalInstructionsSource, NIPredictions
 from birbal.data.ni import (
+    ALPACA_PREAMBLE,
     band_of,
     cached_predictions,
     few_shot_prompt,
+    instance_prompt,
     is_exact_match_task,
     load_natural_instructions,
     load_task,
@@ -22,6 +24,7 @@ from birbal.data.ni import (
     rouge_l,
     sample_exact_match,
     sample_generation,
+    task_prompts,
 )
 from birbal.data.sources import resolve_path
 from birbal.errors import DataError
@@ -52,13 +55,59 @@ def test_quota_multiplier():
     assert quota_for(0.1, 2.0) == 700
 
 
-def test_task_kind_and_prompt():
+README_TASK = "task241_tweetqa_classification"
+
+
+def readme_example() -> dict:
+    return json.loads(resolve_path(f"{NI}/readme_example.json").read_text())
+
+
+def test_prompt_is_the_readmes_printed_example_exactly():
+    """The winners' README prints one record of their inference input: the same task (task241, Positive
+    Examples as in the natural-instructions file) in the order it shows gives its `few_shot_prompt` exactly."""
+    task = load_task(resolve_path(f"{NI}/tasks"), README_TASK, "ni")
+    example = readme_example()
+    shown = [task["Positive Examples"][i] for i in (3, 1, 2, 0)]  # the README's (shuffled) order
+    prompt = few_shot_prompt(task["Definition"][0], shown, example["orig_input"])
+    assert prompt == example["few_shot_prompt"]
+    assert prompt.startswith(ALPACA_PREAMBLE + "### Instruction:\nIn this task, you are given a context tweet")
+
+
+def test_prompt_uses_every_example_shuffled_per_instance():
+    task = load_task(resolve_path(f"{NI}/tasks"), README_TASK, "ni")
+    settings = NIPredictions()
+    assert settings.num_shots is None and settings.shuffle_examples and settings.max_new_tokens == 32
+    prompts = {instance_prompt(task, "x", settings, random.Random(i)) for i in range(30)}
+    assert len(prompts) > 5  # the order changes with the seed
+    blocks = [f"### Input:\n{e['input']}\n\n### Response:\n{e['output']}\n\n" for e in task["Positive Examples"]]
+    for prompt in prompts:
+        assert all(prompt.count(b) == 1 for b in blocks) and prompt.endswith("### Input:\nx\n\n### Response:\n")
+    assert instance_prompt(task, "x", settings, random.Random(3)) == instance_prompt(task, "x", settings,
+                                                                                     random.Random(3))
+    records = task_prompts(task, README_TASK, source(), 0)
+    assert [r["few_shot_prompt"] for r in records] == [r["few_shot_prompt"] for r in task_prompts(task, README_TASK,
+                                                                                                  source(), 0)]
+    one = instance_prompt(task, "x", NIPredictions(num_shots=1, shuffle_examples=False), random.Random(0))
+    assert one.count("### Input:") == 2 and blocks[0] in one
+
+
+def test_readme_prediction_is_32_tokens_of_the_real_tokenizer(tmp_path):
+    """The README's prediction runs 32 tokens past its prompt and stops mid-word: 32 new tokens, no stop
+    sequence, and decoding those tokens gives the printed text, not stripped."""
+    from birbal.config import load_recipe
+    from birbal.models import load_tokenizer
+
+    tokenizer = load_tokenizer(load_recipe("smoke").model.tokenizer, tmp_path)  # Mistral-7B-v0.1's SentencePiece
+    example = readme_example()
+    prompt = tokenizer(example["few_shot_prompt"], add_special_tokens=True)["input_ids"]
+    full = tokenizer(example["few_shot_prompt"] + example["prediction"], add_special_tokens=True)["input_ids"]
+    assert full[:len(prompt)] == prompt and len(full) - len(prompt) == 32 == NIPredictions().max_new_tokens
+    assert tokenizer.decode(full[len(prompt):], skip_special_tokens=True) == example["prediction"]
+
+
+def test_task_kind():
     loaded = tasks()
     assert is_exact_match_task(loaded[EM_TASK], 1) and not is_exact_match_task(loaded[GEN_TASK], 1)
-    prompt = few_shot_prompt(loaded[GEN_TASK], "Context: x Question: y", num_shots=1)
-    assert prompt.startswith("### Instruction:\nCraft one correct answer")
-    assert prompt.count("### Input:") == 2 and prompt.endswith("### Input:\nContext: x Question: y\n\n### Response:\n")
-    assert "Ravi" not in prompt  # only one shot
 
 
 def test_task_schema_errors(tmp_path):
@@ -136,16 +185,17 @@ class CountingPredictor:
 
 
 def test_prediction_cache_resumes_after_a_crash(tmp_path):
-    src = source(predictions=NIPredictions(batch_size=4))
+    src = source()
     folder = prediction_cache_dir(tmp_path, src, 0, "model")
-    crashing = CountingPredictor(fail_on="Craft one correct answer")
+    # the larger task (GEN, 12 instances) runs first; the crash comes in the EM task's call
+    crashing = CountingPredictor(fail_on="In this task, you are given the beginning of a story")
     with pytest.raises(RuntimeError):
         cached_predictions(tasks(), src, 0, folder, lambda: crashing)
-    assert (folder / f"{EM_TASK}.jsonl").is_file() and not (folder / f"{GEN_TASK}.jsonl").exists()
+    assert (folder / f"{GEN_TASK}.jsonl").is_file() and not (folder / f"{EM_TASK}.jsonl").exists()
     assert not list(folder.glob(".*"))  # no half-written file left
     resumed = CountingPredictor()
     result = cached_predictions(tasks(), src, 0, folder, lambda: resumed)
-    assert resumed.calls == 3  # only the generation task's 12 instances, 4 per batch
+    assert resumed.calls == 1  # only the exact-match task: one call with its 10 prompts
     assert len(result[EM_TASK]) == 10 and len(result[GEN_TASK]) == 12
     again = CountingPredictor()
     cached_predictions(tasks(), src, 0, folder, lambda: again)
@@ -156,6 +206,8 @@ def test_cache_key_follows_settings(tmp_path):
     a = prediction_cache_dir(tmp_path, source(), 0, "model")
     assert a != prediction_cache_dir(tmp_path, source(predictions=NIPredictions(num_shots=1)), 0, "model")
     assert a != prediction_cache_dir(tmp_path, source(), 0, "other-model")
+    # how many processes share the work does not change a prediction, so not the cache either
+    assert a == prediction_cache_dir(tmp_path, source(predictions=NIPredictions(processes=4)), 0, "model")
 
 
 def test_base_model_inference_on_tiny_random_model(tmp_path):

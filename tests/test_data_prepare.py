@@ -139,8 +139,11 @@ def test_published_mode_fails_cleanly_without_the_hub(tmp_path):
 def test_4090_profile_data_section_pins_or_explains_every_hub_load():
     data = load_recipe("birbal-4090").data
     assert data.mode == "published" and data.decontaminate == "report" and data.eval_fraction == 0.02
-    origins = [s.origin for s in data.rebuild.sources if hasattr(s, "origin")]
+    origins = [s.origin for s in data.rebuild.sources if hasattr(s, "origin") and s.kind != "quac"]
     origins += [b.origin for b in data.contamination.benchmarks]
+    quac = next(s for s in data.rebuild.sources if s.kind == "quac").origin.file
+    assert quac.url == "https://s3.amazonaws.com/my89public/quac/train_v0.2.json"  # HELM's quac_scenario.py
+    assert quac.sha256 or quac.sha256_note
     for origin in origins:
         assert origin.path or origin.revision or origin.revision_note, origin
     math = next(s for s in data.rebuild.sources if s.kind == "mathinstruct")

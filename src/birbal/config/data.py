@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from birbal.config.base import Section
 
 HEX40 = r"^[0-9a-f]{40}$"
+HEX64 = r"^[0-9a-f]{64}$"
 
 # The instruction the winners gave the sentence-completion ("openQA") set, replacing the one in the file.
 OPENQA_INSTRUCTION = (
@@ -107,30 +108,85 @@ class PlatypusSource(_SourceBase):
         "carried the question as input for Platypus to reach the mix."))
 
 
+class UrlFile(Section):
+    """One file fetched from a public URL (HELM's own source for a scenario) and checked against its sha256.
+
+    No public sha256 is known for the files HELM downloads (its `ensure_file_downloaded` checks none), so `sha256`
+    has no default: a rebuild refuses to run until it is set (`sha256sum` of the file once fetched), so that two
+    rebuilds can only differ if the recipe says they do."""
+
+    url: str = Field(pattern=r"^https?://")
+    sha256: str | None = Field(None, pattern=HEX64)
+    sha256_note: str | None = None
+
+
+class QuacOrigin(Section):
+    """QuAC's `train_v0.2.json` (`{"data": [dialogue, ...]}`): from its URL, or a local copy of that file."""
+
+    file: UrlFile | None = None
+    path: str | None = Field(None, description="Local copy of train_v0.2.json; wins over `file` when set.")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> QuacOrigin:
+        if not self.file and not self.path:
+            raise ValueError("a QuAC origin needs file (url + sha256) or path")
+        return self
+
+
 class QuacSource(_SourceBase):
-    """QuAC dialogues (allenai/quac schema): one row per turn, the passage and earlier turns as input."""
+    """QuAC as HELM's `quac_scenario.py` builds it (stanford-crfm/helm v0.5.16, unchanged since 2022): one instance
+    per dialogue of `train_v0.2.json`, its stopping point drawn by `random.randint(3, len(qas)) - 1` from
+    `random.seed(0)` in file order; the prompt is HELM's (title, background, section, passage, earlier Q/A pairs,
+    the question); the answer is the first of that question's de-duplicated answers."""
 
     kind: Literal["quac"]
+    origin: QuacOrigin
+    length_rule: LengthRule = "le"
+    helm_seed: int = Field(0, description="HELM's `random.seed(0)` before the train split.")
+    instruction: str = Field("", description=(
+        "HELM's QuAC adapter has no instructions (`instructions=\"\"`); upstream's own value is unpublished."))
+    sample: int | None = Field(None, gt=0, description=(
+        "Instances kept (seeded reservoir); None: all (11,567 train dialogues). Upstream's count is unpublished."))
+
+
+class OpenBookQASource(_SourceBase):
+    """"openQA": OpenBookQA train rows (allenai/openbookqa `main`: {id, question_stem, choices: {text, label},
+    answerKey}), checked as HELM's `OpenBookQA.json_to_instance` checks them (4 choices, the key's label present);
+    the input is the stem and its lettered choices, the answer the correct choice's text (upstream's instruction
+    asks to "return" the completion)."""
+
+    kind: Literal["openbookqa"]
     origin: HubOrPath
     length_rule: LengthRule = "le"
-    instruction: str = "Answer the question using the passage and the conversation so far."
-    max_turns: int | None = Field(None, gt=0, description="Turns kept per dialogue (None: all).")
+    instruction: str = Field(OPENQA_INSTRUCTION, description="Upstream's fixed instruction (combine_datasets.py).")
+    answer: Literal["text", "letter"] = Field("text", description=(
+        "text: the correct completion (the instruction's 'return that'); letter: HELM's multiple_choice_joint "
+        "reference."))
+    sample: int | None = Field(None, gt=0, description=(
+        "Rows kept (seeded reservoir); None: all (4,957 train rows). Upstream's count is unpublished."))
 
 
 class CnnDailyMailSource(_SourceBase):
-    """abisee/cnn_dailymail rows {article, highlights, id}: summarise the article."""
+    """CNN/DailyMail as HELM's `SummarizationScenario(dataset_name="cnn-dm")` builds its train split, from
+    abisee/cnn_dailymail 3.0.0 rows {article, highlights, id} (HELM itself reads a pickle of the same corpus from
+    its bucket): newlines to spaces, whitespace collapsed, articles cut to `doc_max_length` words, then train
+    articles outside [sampling_min_length, sampling_max_length] words dropped (HELM's run spec: 512, 50, 150)."""
 
     kind: Literal["cnn_dailymail"]
     origin: HubOrPath
     length_rule: LengthRule = "le"
-    instruction: str = "Summarize the given news article in a few sentences."
-    sample: int | None = Field(None, gt=0, description="Random rows kept (upstream used a random sample of "
-                                                       "unpublished size).")
+    instruction: str = Field("Summarize the above article in 3 sentences.", description=(
+        "HELM's summarization adapter's output prefix (num_sents=3); upstream's own value is unpublished."))
+    doc_max_length: int | None = Field(512, gt=0, description="HELM run spec `doc_max_length`; None: no cut.")
+    sampling_min_length: int | None = Field(50, gt=0, description="HELM run spec; None: no minimum.")
+    sampling_max_length: int | None = Field(150, gt=0, description="HELM run spec; None: no maximum.")
+    sample: int | None = Field(None, gt=0, description="Rows kept (seeded reservoir; upstream's file is named "
+                                                       "`..._random_train`, its size unpublished); None: all.")
 
 
 class InstructionRowsSource(_SourceBase):
-    """Rows already in {instruction, input, output} form: the winners' Google-Drive files (quac_train.json,
-    openQA_train.json, cnn_dailymail_summarization_random_train.json) or any such file."""
+    """Rows already in {instruction, input, output} form (the winners' private Drive files had this form; the
+    smoke profile's fixture mix)."""
 
     kind: Literal["instruction_rows"]
     origin: HubOrPath
@@ -139,16 +195,30 @@ class InstructionRowsSource(_SourceBase):
 
 
 class NIPredictions(Section):
-    """The base model's few-shot predictions on each task: computed here (cached per task) or read from a file."""
+    """The base model's few-shot predictions on each task: computed here (cached per task) or read from a file.
+
+    The prompt is the one the winners' README prints: the Alpaca preamble, `### Instruction:` + the Definition, all
+    Positive Examples shuffled, then the instance; the prediction shown there is 32 tokens with no stop sequence."""
 
     precomputed: str | None = Field(None, description=(
         "JSON lines of {task_file, id, orig_input, ground_truth: [..], prediction}, or a folder of per-task JSON "
         "arrays of the same rows (the winners' inference output). Skips inference."))
-    num_shots: int = Field(2, ge=0, description="Positive Examples put before each instance (upstream: unpublished).")
+    num_shots: int | None = Field(None, ge=0, description="Positive Examples put before each instance; None: all "
+                                                           "(the README's prompt).")
+    shuffle_examples: bool = Field(True, description="Shuffle the examples per instance (the README: 'shuffled').")
     max_instances_per_task: int | None = Field(None, gt=0, description="Instances run per task (None: all).")
-    batch_size: int = Field(8, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
-    max_prompt_tokens: int = Field(2048, gt=0, description="Longer prompts are cut from the left.")
+    max_new_tokens: int = Field(32, gt=0, description="The README's prediction is exactly 32 tokens: no stop.")
+    max_prompt_tokens: int = Field(4096, gt=0, description="Longer prompts are cut from the left (ours).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description=(
+        "The base model's precision (inferred: what a 4090 run of the unquantized base would use); CPU: float32."))
+    load_in_4bit: bool = Field(False, description="Predict with the NF4 base instead (not upstream).")
+    backend: Literal["hf", "vllm"] = Field("hf", description=(
+        "hf: batched transformers generate; vllm: vLLM's offline engine (needs vllm installed)."))
+    batch_size: int = Field(64, gt=0, description="Most sequences per forward (prompts sorted by length).")
+    max_batch_tokens: int = Field(131072, gt=0, description=(
+        "Most padded tokens (prompt + new) per batch, so long prompts run in smaller batches."))
+    processes: int | None = Field(None, gt=0, description=(
+        "Worker processes (accelerate launch, one per GPU); None: one per visible GPU, 1 without CUDA."))
 
 
 class NaturalInstructionsSource(_SourceBase):
@@ -172,7 +242,8 @@ class NaturalInstructionsSource(_SourceBase):
 
 
 SourceConfig = Annotated[
-    MathInstructSource | LimaSource | PlatypusSource | QuacSource | CnnDailyMailSource | InstructionRowsSource
+    MathInstructSource | LimaSource | PlatypusSource | QuacSource | OpenBookQASource | CnnDailyMailSource
+    | InstructionRowsSource
     | NaturalInstructionsSource,
     Field(discriminator="kind"),
 ]

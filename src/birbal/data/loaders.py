@@ -22,11 +22,21 @@ from birbal.config.data import (
     LengthRule,
     LimaSource,
     MathInstructSource,
+    OpenBookQASource,
     PlatypusSource,
     QuacSource,
 )
 from birbal.data.filters import words
-from birbal.data.sources import RAW_FIELDS, checked, describe, origin_rows, resolve_path
+from birbal.data.sources import (
+    RAW_FIELDS,
+    checked,
+    describe,
+    fetch_url,
+    json_items,
+    origin_rows,
+    resolve_path,
+    shown_path,
+)
 from birbal.errors import DataError
 from birbal.fsutil import sha256_file
 
@@ -168,38 +178,132 @@ def load_platypus(source: PlatypusSource, seed: int, cache_dir: Path) -> tuple[l
     return list(kept), report
 
 
-# --- QuAC --------------------------------------------------------------------------------------------------------
+# --- QuAC (HELM's quac_scenario.py) ----------------------------------------------------------------------------
 
-QUAC_FIELDS = {"wikipedia_page_title": str, "section_title": str, "context": str, "questions": list,
-               "orig_answers": dict}
+QUAC_NO_ANSWER = " CANNOTANSWER"
+QUAC_NO_ANSWER_ALIASES = ("Not enough information", "Cannot answer", "Do not know")
 
 
-def quac_turns(row: dict, instruction: str, max_turns: int | None, name: str) -> Iterator[dict]:
-    answers = row["orig_answers"].get("texts")
-    if not isinstance(answers, list) or len(answers) != len(row["questions"]):
-        raise DataError(f"source {name!r}: QuAC dialogue {row.get('dialogue_id')!r}: orig_answers.texts must list "
-                        f"one answer per question ({len(row['questions'])})")
-    header = f"Title: {row['wikipedia_page_title']}\nSection: {row['section_title']}\n\n{row['context']}\n\n"
-    history = ""
-    for turn, (question, answer) in enumerate(zip(row["questions"], answers, strict=True)):
-        if max_turns is not None and turn >= max_turns:
-            break
-        yield {"instruction": instruction, "input": f"{header}{history}Q: {question}", "output": answer,
-               "source": name}
-        history += f"Q: {question}\nA: {answer}\n"
+def _quac_dialogue(sample: Any, number: int, name: str) -> tuple[dict, list[dict]]:
+    """The fields HELM's `create_prompt` reads, checked, so a wrong file stops with the dialogue's number."""
+    where = f"source {name!r}: QuAC dialogue {number}"
+    if not isinstance(sample, dict) or not all(isinstance(sample.get(k), str) for k in
+                                               ("title", "background", "section_title")):
+        raise DataError(f"{where}: expected {{title, background, section_title: str, paragraphs: [...]}} "
+                        "(train_v0.2.json's schema)")
+    paragraphs = sample.get("paragraphs")
+    dialogue = paragraphs[0] if isinstance(paragraphs, list) and paragraphs else None
+    if not isinstance(dialogue, dict) or not isinstance(dialogue.get("context"), str) \
+            or not isinstance(dialogue.get("qas"), list):
+        raise DataError(f"{where}: expected paragraphs[0] as {{context: str, qas: [...]}}")
+    if not dialogue["context"].endswith(QUAC_NO_ANSWER):
+        raise DataError(f"{where}: the context does not end in {QUAC_NO_ANSWER!r} (HELM asserts it does)")
+    qas = dialogue["qas"]
+    for qa in qas:
+        if not (isinstance(qa, dict) and isinstance(qa.get("question"), str)
+                and isinstance(qa.get("orig_answer"), dict) and isinstance(qa["orig_answer"].get("text"), str)
+                and isinstance(qa.get("answers"), list)
+                and all(isinstance(x, dict) and isinstance(x.get("text"), str) for x in qa["answers"])):
+            raise DataError(f"{where}: expected every qas entry as {{question: str, orig_answer: {{text}}, "
+                            "answers: [{text}]}")
+    if len(qas) < 3:
+        raise DataError(f"{where}: {len(qas)} questions; HELM draws randint(3, n) and needs at least 3")
+    return dialogue, qas
+
+
+def quac_instance(sample: dict, rng: random.Random, number: int, name: str) -> tuple[str, list[str]]:
+    """HELM's `QuACScenario.create_prompt`, line for line (v0.5.16; unchanged since v0.3.0): the prompt and the
+    de-duplicated references. As in HELM, the history holds the first k-1 pairs, so the pair just before the
+    asked question is left out (`range(k - 1)`)."""
+    dialogue, qas = _quac_dialogue(sample, number, name)
+    prompt = f"Title: {sample['title']}\n\n"
+    prompt += f"Background: {sample['background']}\n\n"
+    prompt += f"Section: {sample['section_title']}\n"
+    context = dialogue["context"][:-len(QUAC_NO_ANSWER)]
+    prompt += f"Passage: {context}\n\n"
+    k = rng.randint(3, len(qas)) - 1
+    for i in range(k - 1):
+        prompt += f"Question: {qas[i]['question']}\n"
+        prompt += f"Answer: {qas[i]['orig_answer']['text']}\n\n"
+    prompt += f"Question: {qas[k]['question']}"
+    answers = list(dict.fromkeys(answer["text"] for answer in qas[k]["answers"]))
+    if answers == ["CANNOTANSWER"]:
+        answers.extend(QUAC_NO_ANSWER_ALIASES)
+    if not answers:
+        raise DataError(f"source {name!r}: QuAC dialogue {number}: question {k} has no answers")
+    return prompt, answers
+
+
+def quac_file(source: QuacSource, cache_dir: Path) -> Path:
+    if source.origin.path:
+        return resolve_path(source.origin.path)
+    assert source.origin.file is not None
+    return fetch_url(source.origin.file, cache_dir, source.name)
 
 
 def load_quac(source: QuacSource, seed: int, cache_dir: Path) -> tuple[list[dict], SourceReport]:
-    report = _origin_report(source)
-    rows = report.count("read", checked(origin_rows(source.origin, source.name, cache_dir), QUAC_FIELDS,
-                                        source.name, report.origin))
-    turns = report.count("turns", (t for r in rows for t in quac_turns(r, source.instruction, source.max_turns,
-                                                                       source.name)))
-    kept = report.count("length", length_filtered(turns, source.length_rule, source.max_words))
+    path = quac_file(source, cache_dir)
+    origin = shown_path(path) if source.origin.path else source.origin.file.url  # type: ignore[union-attr]
+    report = _report(source, origin, None)
+    report.extra["sha256"] = sha256_file(path)
+    helm_rng = random.Random(source.helm_seed)  # HELM: `random.seed(0)`, then the train split in file order
+    rows = []
+    for number, sample in enumerate(report.count("read", json_items(path, "data.item", source.name)), 1):
+        prompt, answers = quac_instance(sample, helm_rng, number, source.name)
+        rows.append({"instruction": source.instruction, "input": prompt, "output": answers[0],
+                     "source": source.name})
+    kept: Iterable[dict] = report.count("length", length_filtered(rows, source.length_rule, source.max_words))
+    if source.sample is not None:
+        kept = report.count("sample", reservoir(kept, source.sample, source_rng(seed, source.name)))
     return list(kept), report
 
 
-# --- CNN/DailyMail -----------------------------------------------------------------------------------------------
+# --- OpenBookQA ("openQA"; HELM's commonsense_scenario.OpenBookQA) -----------------------------------------------
+
+OBQA_LETTERS = ("A", "B", "C", "D")
+
+
+def openbookqa_item(row: Any, number: int, name: str) -> tuple[str, list[str], list[str], str]:
+    """(stem, choice texts, choice labels, answer key) from a hub row (`question_stem`, `choices: {text, label}`)
+    or a row of HELM's own source, the AI2 zip's Data/Main/train.jsonl (`question: {stem, choices: [{text,
+    label}]}`), checked as HELM's `json_to_instance` asserts: four choices, the key's label at its letter."""
+    where = f"source {name!r}: OpenBookQA row {number}"
+    try:
+        if "question_stem" in row:
+            stem, texts, labels = row["question_stem"], list(row["choices"]["text"]), list(row["choices"]["label"])
+        else:
+            stem = row["question"]["stem"]
+            texts = [c["text"] for c in row["question"]["choices"]]
+            labels = [c["label"] for c in row["question"]["choices"]]
+        key = row["answerKey"]
+    except (KeyError, TypeError):
+        raise DataError(f"{where}: expected {{question_stem, choices: {{text, label}}, answerKey}} (the hub rows) "
+                        "or {question: {stem, choices: [{text, label}]}, answerKey} (the AI2 files)") from None
+    if not (isinstance(stem, str) and all(isinstance(t, str) for t in texts) and isinstance(key, str)):
+        raise DataError(f"{where}: stem, choice texts and answerKey must be strings")
+    if len(texts) != 4 or key not in OBQA_LETTERS or labels[OBQA_LETTERS.index(key)] != key:
+        raise DataError(f"{where}: HELM expects 4 choices labelled A-D with the answerKey's label at its letter; "
+                        f"got labels {labels} and key {key!r}")
+    return stem, texts, labels, key
+
+
+def load_openbookqa(source: OpenBookQASource, seed: int, cache_dir: Path) -> tuple[list[dict], SourceReport]:
+    report = _origin_report(source)
+    rows = []
+    for number, row in enumerate(report.count("read", origin_rows(source.origin, source.name, cache_dir)), 1):
+        stem, texts, _, key = openbookqa_item(row, number, source.name)
+        # HELM's multiple_choice_joint layout (input noun "Question", lettered choices), without its "Answer:"
+        text = "\n".join([f"Question: {stem}", *(f"{letter}. {t}" for letter, t in zip(OBQA_LETTERS, texts,
+                                                                                     strict=True))])
+        answer = texts[OBQA_LETTERS.index(key)] if source.answer == "text" else key
+        rows.append({"instruction": source.instruction, "input": text, "output": answer, "source": source.name})
+    kept: Iterable[dict] = report.count("length", length_filtered(rows, source.length_rule, source.max_words))
+    if source.sample is not None:
+        kept = report.count("sample", reservoir(kept, source.sample, source_rng(seed, source.name)))
+    return list(kept), report
+
+
+# --- CNN/DailyMail (HELM's summarization_scenario.py, cnn-dm) -----------------------------------------------------
 
 def reservoir(rows: Iterable[dict], k: int, rng: random.Random) -> list[dict]:
     """A uniform random sample of k rows in one pass, holding only k (the train split is 287k articles)."""
@@ -214,14 +318,31 @@ def reservoir(rows: Iterable[dict], k: int, rng: random.Random) -> list[dict]:
     return sample
 
 
+def helm_clean(text: str, max_length: int | None = None) -> str:
+    """HELM's `SummarizationScenario._clean_and_truncate`: newlines to spaces, whitespace collapsed, the first
+    `max_length` words."""
+    return " ".join(text.replace("\n", " ").split()[:max_length])
+
+
+def helm_summarization_train(rows: Iterable[dict], source: CnnDailyMailSource) -> Iterator[dict]:
+    """HELM's `get_instances` for the train split: clean and cut, then drop articles outside the length window."""
+    for row in rows:
+        article = helm_clean(row["article"], source.doc_max_length)
+        summary = helm_clean(row["highlights"])
+        words_in = len(article.split())
+        if source.sampling_max_length and words_in > source.sampling_max_length:
+            continue
+        if source.sampling_min_length and words_in < source.sampling_min_length:
+            continue
+        yield {"instruction": source.instruction, "input": article, "output": summary, "source": source.name}
+
+
 def load_cnn_dailymail(source: CnnDailyMailSource, seed: int, cache_dir: Path) -> tuple[list[dict], SourceReport]:
     report = _origin_report(source)
     rows = report.count("read", checked(_progress(origin_rows(source.origin, source.name, cache_dir), source.name),
                                         {"article": str, "highlights": str}, source.name, report.origin))
-    shaped = ({"instruction": source.instruction, "input": r["article"], "output": r["highlights"],
-               "source": source.name} for r in rows)
-    kept: Iterable[dict] = length_filtered(shaped, source.length_rule, source.max_words)
-    kept = report.count("length", kept)
+    helm = report.count("helm_length_window", helm_summarization_train(rows, source))
+    kept: Iterable[dict] = report.count("length", length_filtered(helm, source.length_rule, source.max_words))
     if source.sample is not None:
         kept = report.count("sample", reservoir(kept, source.sample, source_rng(seed, source.name)))
     return list(kept), report
@@ -247,6 +368,7 @@ LOADERS: dict[str, Loader] = {
     "lima": load_lima,
     "platypus": load_platypus,
     "quac": load_quac,
+    "openbookqa": load_openbookqa,
     "cnn_dailymail": load_cnn_dailymail,
     "instruction_rows": load_instruction_rows,
 }

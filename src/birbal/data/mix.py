@@ -25,13 +25,17 @@ def load_sources(recipe: Recipe, cache_dir: Path, tokenizer) -> tuple[list[dict]
     reports: dict[str, SourceReport] = {}
     for source in data.rebuild.sources:
         if source.kind == "natural_instructions":
-            from birbal.data.inference import BaseModelPredictor, model_key
+            from birbal.data.inference import launch_workers, make_predictor, model_key, worker_processes
             from birbal.data.ni import load_natural_instructions
 
+            processes = worker_processes(source.predictions)
             rows, report = load_natural_instructions(
                 source, data.seed, cache_dir,
-                predictor_factory=lambda s=source: BaseModelPredictor(recipe, cache_dir, tokenizer, s.predictions),
-                model_key=model_key(recipe))
+                predictor_factory=lambda s=source: make_predictor(recipe, cache_dir, tokenizer, s.predictions),
+                model_key=model_key(recipe, source.predictions),
+                launch=None if processes == 1 else (
+                    lambda folder, names, s=source, n=processes: launch_workers(recipe, s, data.seed, cache_dir,
+                                                                                folder, names, n)))
         else:
             rows, report = LOADERS[source.kind](source, data.seed, cache_dir)
         reports[source.name] = report

@@ -1,16 +1,16 @@
 """Natural Instructions: few-shot predictions of the base model per task, then keep examples it got wrong.
 
 Two steps, as upstream (`process_one_word_response_file.py`, `prepare_generation_tasks_dataset.py`):
-1. predictions: for every selected task, the base model answers each instance greedily after a few-shot prompt.
-   Each finished task is written atomically to `<cache>/ni-predictions/<key>/<task>.jsonl`, so a re-run after a
-   crash resumes at the first unfinished task; `predictions.precomputed` skips inference altogether.
+1. predictions: for every selected task, the base model answers each instance greedily after the few-shot prompt
+   the winners' README prints (`few_shot_prompt`), 32 new tokens, no stop. Each finished task is written atomically
+   to `<cache>/ni-predictions/<key>/<task>.jsonl`, so a re-run after a crash does only the unfinished tasks, and
+   N processes split the tasks (`inference.py`); `predictions.precomputed` skips inference altogether.
 2. sampling, per task: exact-match tasks keep wrong answers up to a quota set by the task's accuracy; generation
    tasks keep a share of each ROUGE-L band (most of the worst, a little of the middling, none of the good).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import defaultdict
@@ -20,12 +20,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from birbal.config.data import NaturalInstructionsSource
+from birbal.config.data import NaturalInstructionsSource, NIPredictions
 from birbal.data.filters import words
 from birbal.data.loaders import SourceReport, keep_length, source_rng
 from birbal.data.sources import read_json, read_rows, resolve_path, shown_path
 from birbal.errors import DataError
-from birbal.fsutil import atomic_write_text, digest_of
+from birbal.fsutil import digest_of
 
 Predictor = Callable[[list[str]], list[str]]
 
@@ -70,13 +70,33 @@ def is_exact_match_task(task: dict[str, Any], max_words: int) -> bool:
     return all(words(o.strip()) <= max_words for inst in task["Instances"] for o in inst["output"])
 
 
-def few_shot_prompt(task: dict[str, Any], instance_input: str, num_shots: int) -> str:
-    """The task definition, `num_shots` positive examples, then the instance, in the training template's blocks."""
-    parts = [f"### Instruction:\n{task['Definition'][0]}\n\n"]
-    for example in task.get("Positive Examples", [])[:num_shots]:
+# The Alpaca preamble the winners' README prints at the head of every base-model prompt (the with-input variant).
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                   "Write a response that appropriately completes the request.\n\n")
+
+
+def few_shot_prompt(definition: str, examples: list[dict], instance_input: str) -> str:
+    """The base-model prompt of the winners' README ("Input and Output Schema for Mistral Inference"): the Alpaca
+    preamble, `### Instruction:` + the definition, each example as `### Input:` / `### Response:` blocks, then the
+    instance with an open `### Response:`. `examples` are used in the order given."""
+    parts = [ALPACA_PREAMBLE, f"### Instruction:\n{definition}\n\n"]
+    for example in examples:
         parts.append(f"### Input:\n{example['input']}\n\n### Response:\n{example['output']}\n\n")
     parts.append(f"### Input:\n{instance_input}\n\n### Response:\n")
     return "".join(parts)
+
+
+def instance_prompt(task: dict[str, Any], instance_input: str, settings: NIPredictions,
+                    rng: random.Random) -> str:
+    """All the task's Positive Examples (or the first `num_shots`), shuffled by `rng` when `shuffle_examples`, as the
+    README's prompt shows them ("all of its Positive Examples in a shuffled order"; its generator is unpublished,
+    so ours is seeded per instance from the recipe seed)."""
+    examples = list(task.get("Positive Examples", []))
+    if settings.num_shots is not None:
+        examples = examples[:settings.num_shots]
+    if settings.shuffle_examples:
+        rng.shuffle(examples)
+    return few_shot_prompt(task["Definition"][0], examples, instance_input)
 
 
 # --- step 1: predictions ------------------------------------------------------------------------------------------
@@ -90,46 +110,44 @@ def _task_instances(task: dict, name: str, source: NaturalInstructionsSource, se
     return instances
 
 
-def predict_task(task: dict, name: str, source: NaturalInstructionsSource, seed: int,
-                 predictor: Predictor) -> list[dict]:
-    cfg = source.predictions
+def task_prompts(task: dict, name: str, source: NaturalInstructionsSource, seed: int) -> list[dict]:
+    """The records of one task before prediction: its (sampled) instances, each with its prompt."""
+    settings = source.predictions
     records = []
-    instances = _task_instances(task, name, source, seed)
-    for start in range(0, len(instances), cfg.batch_size):
-        batch = instances[start:start + cfg.batch_size]
-        prompts = [few_shot_prompt(task, inst["input"], cfg.num_shots) for inst in batch]
-        outputs = predictor(prompts)
-        if len(outputs) != len(prompts):
-            raise DataError(f"source {source.name!r}: predictor returned {len(outputs)} outputs for {len(prompts)} "
-                            f"prompts (task {name})")
-        for inst, prompt, output in zip(batch, prompts, outputs, strict=True):
-            records.append({"task_file": f"{name}.json", "id": inst.get("id"), "orig_input": inst["input"],
-                            "ground_truth": inst["output"], "prediction": output, "few_shot_prompt": prompt})
+    for index, inst in enumerate(_task_instances(task, name, source, seed)):
+        rng = source_rng(seed, f"{source.name}:{name}:{inst.get('id', index)}:shots")
+        records.append({"task_file": f"{name}.json", "id": inst.get("id"), "orig_input": inst["input"],
+                        "ground_truth": inst["output"],
+                        "few_shot_prompt": instance_prompt(task, inst["input"], settings, rng)})
     return records
 
 
 def prediction_cache_dir(cache_dir: Path, source: NaturalInstructionsSource, seed: int, model_key: Any) -> Path:
     """Predictions depend on the model and the prompt settings: both go into the folder name."""
-    key = digest_of({"model": model_key, "predictions": source.predictions.model_dump(mode="json"),
-                     "seed": seed})[:16]
+    settings = source.predictions.model_dump(mode="json", exclude={"precomputed", "processes"})
+    key = digest_of({"model": model_key, "predictions": settings, "seed": seed, "prompt": "readme-v1"})[:16]
     return cache_dir / "ni-predictions" / key
 
 
+def task_sizes(tasks: dict[str, dict], source: NaturalInstructionsSource, seed: int) -> dict[str, int]:
+    return {name: len(_task_instances(task, name, source, seed)) for name, task in tasks.items()}
+
+
 def cached_predictions(tasks: dict[str, dict], source: NaturalInstructionsSource, seed: int, folder: Path,
-                       predictor_factory: Callable[[], Predictor]) -> dict[str, list[dict]]:
-    """Predictions per task: read where cached, else computed and cached (one atomic file per finished task)."""
+                       predictor_factory: Callable[[], Predictor],
+                       launch: Callable[[list[str]], None] | None = None) -> dict[str, list[dict]]:
+    """Predictions per task: read where cached, else computed and cached (one atomic file per finished task),
+    in this process or, with `launch`, by worker processes that split the missing tasks."""
+    from birbal.data.inference import run_tasks
+
     folder.mkdir(parents=True, exist_ok=True)
-    predictor: Predictor | None = None
-    result = {}
-    for name in tqdm(tasks, desc="NI predictions", unit="task"):
-        path = folder / f"{name}.jsonl"
-        if not path.is_file():
-            predictor = predictor or predictor_factory()
-            records = predict_task(tasks[name], name, source, seed, predictor)
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
-                                            for r in records))
-        result[name] = list(read_rows(path, source.name))
-    return result
+    missing = [name for name in tasks if not (folder / f"{name}.jsonl").is_file()]
+    if missing and launch is not None:
+        launch(missing)
+    elif missing:
+        run_tasks(task_sizes({n: tasks[n] for n in missing}, source, seed),
+                  lambda name: task_prompts(tasks[name], name, source, seed), folder, predictor_factory)
+    return {name: list(read_rows(folder / f"{name}.jsonl", source.name)) for name in tasks}
 
 
 PREDICTION_FIELDS = ("task_file", "orig_input", "ground_truth", "prediction")
@@ -244,6 +262,7 @@ def sample_generation(records: list[dict], instruction: str, source: NaturalInst
 
 def load_natural_instructions(source: NaturalInstructionsSource, seed: int, cache_dir: Path,
                               predictor_factory: Callable[[], Predictor], model_key: Any,
+                              launch: Callable[[Path, list[str]], None] | None = None,
                               ) -> tuple[list[dict], SourceReport]:
     tasks_dir = resolve_path(source.tasks_dir)
     if not tasks_dir.is_dir():
@@ -266,7 +285,8 @@ def load_natural_instructions(source: NaturalInstructionsSource, seed: int, cach
                             f"{', '.join(missing[:3])}")
     else:
         folder = prediction_cache_dir(cache_dir, source, seed, model_key)
-        predictions = cached_predictions(tasks, source, seed, folder, predictor_factory)
+        predictions = cached_predictions(tasks, source, seed, folder, predictor_factory,
+                                         None if launch is None else lambda names: launch(folder, names))
         report.extra["predictions"] = {"cache_key": folder.name, "model": model_key}
     rows: list[dict] = []
     per_task = {}

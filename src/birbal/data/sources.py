@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from birbal.config.data import HubOrPath
+from birbal.config.data import HubOrPath, UrlFile
 from birbal.errors import DataError
+from birbal.fsutil import sha256_file
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = PACKAGE_ROOT / "fixtures"
@@ -123,3 +125,61 @@ def origin_rows(origin: HubOrPath, source: str, cache_dir: Path) -> Iterator[dic
         raise DataError(f"source {source!r}: could not load {describe(origin)} from the Hugging Face hub "
                         f"({type(err).__name__}: {first}); check network access and HF_TOKEN, or set its path "
                         f"to a local file of the same schema") from None
+
+
+def json_items(path: Path, prefix: str, source: str) -> Iterator[Any]:
+    """The items of the array at `prefix` (ijson's path syntax, e.g. `data.item`) of one JSON document, streamed:
+    QuAC's train_v0.2.json is 68 MB of `{"data": [...]}`."""
+    if not path.is_file():
+        raise DataError(f"source {source!r}: file not found: {path}")
+    import ijson
+
+    with open(path, "rb") as handle:
+        try:
+            yield from ijson.items(handle, prefix, use_float=True)
+        except ijson.JSONError as err:
+            raise DataError(f"source {source!r}: {path}: not valid JSON: {err}") from None
+
+
+def fetch_url(file: UrlFile, cache_dir: Path, source: str) -> Path:
+    """A public file (HELM's own download URL), fetched once into `<cache>/urls/<sha256>/` and checked.
+
+    Hand-written over httpx (a dependency already) rather than HELM's `ensure_file_downloaded`, which would pull
+    all of crfm-helm and checks no digest. A file is renamed into the cache only after its sha256 matched.
+    """
+    name = file.url.rstrip("/").rsplit("/", 1)[-1] or "download"
+    if file.sha256 is None:
+        raise DataError(f"source {source!r}: {file.url} has no pinned sha256 ({file.sha256_note or 'no note'}); no "
+                        f"public digest is known for it: fetch it once, set origin.file.sha256 to its `sha256sum`, "
+                        f"or set origin.path to a local copy")
+    target = cache_dir / "urls" / file.sha256 / name
+    if target.is_file() and sha256_file(target) == file.sha256:
+        return target
+    import hashlib
+    import tempfile
+
+    import httpx
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as handle, httpx.stream("GET", file.url, follow_redirects=True,
+                                                         timeout=60.0) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(1 << 20):
+                digest.update(chunk)
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if digest.hexdigest() != file.sha256:
+            raise DataError(f"source {source!r}: {file.url}: sha256 {digest.hexdigest()} does not match the pinned "
+                            f"{file.sha256}; the file changed upstream or the pin is wrong")
+        os.replace(tmp, target)
+    except httpx.HTTPError as err:
+        raise DataError(f"source {source!r}: could not fetch {file.url} ({type(err).__name__}: {err}); check "
+                        f"network access, or set origin.path to a local copy") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

@@ -1,0 +1,123 @@
+"""The NI predictions step at scale: length-sorted batches, the task split across processes, 1 and 2 processes
+giving the same files (two real CPU worker processes through torch.distributed.run), resuming per task."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from birbal.config import load_recipe
+from birbal.data.inference import (
+    BaseModelPredictor,
+    assign,
+    launch_command,
+    launch_workers,
+    length_batches,
+    run_tasks,
+)
+from birbal.data.ni import load_task, task_prompts, task_sizes
+from birbal.data.sources import resolve_path
+from birbal.errors import DataError
+from birbal.models import load_tokenizer
+
+NI = "fixtures/sources/natural-instructions"
+TASKS = ("task024_cosmosqa_answer_generation", "task065_timetravel_consistent_sentence_classification",
+         "task241_tweetqa_classification")
+
+
+def test_length_batches_sort_and_respect_both_limits():
+    lengths = [5, 50, 7, 50, 20, 3]
+    batches = length_batches(lengths, max_new_tokens=10, batch_size=2, max_batch_tokens=1000)
+    assert batches == [[1, 3], [4, 2], [0, 5]]  # longest first, ties in input order, 2 rows each
+    tight = length_batches(lengths, max_new_tokens=10, batch_size=64, max_batch_tokens=120)
+    assert tight == [[1, 3], [4, 2, 0, 5]]  # 2 x 60 fits 120; 3 x 60 would not; 4 x 30 does
+    assert sorted(i for b in tight for i in b) == list(range(6))
+    assert length_batches([500], 10, 4, 100) == [[0]]  # a row longer than the budget still runs, alone
+
+
+def test_assign_is_deterministic_and_balanced():
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 10, "e": 10}
+    shares = assign(sizes, 2)
+    assert shares == [["a", "d", "e"], ["b", "c"]]  # loads 120 and 110
+    assert assign(sizes, 1) == [["a", "b", "c", "d", "e"]] and assign(sizes, 2) == shares
+    assert sorted(n for s in assign(sizes, 3) for n in s) == sorted(sizes)
+
+
+def test_launchers_are_accelerate_on_gpus_and_torchrun_on_cpu(tmp_path, monkeypatch):
+    job = tmp_path / "job.json"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = launch_command(2, job)
+    assert cpu[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    gpu = launch_command(8, job)
+    assert gpu[1:5] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"] and gpu[5] == "8"
+    assert gpu[-3:] == cpu[-3:] == ["-m", "birbal.data.ni_worker", str(job)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    recipe = load_recipe("smoke", [
+        "data.rebuild.sources=[{name: natural_instructions, kind: natural_instructions, "
+        f"tasks_dir: {NI}/tasks, task_list: {NI}/task_list.txt, "
+        "predictions: {max_new_tokens: 6, batch_size: 4, max_batch_tokens: 4096}}]"])
+    source = recipe.data.rebuild.sources[0]
+    tasks = {name: load_task(resolve_path(source.tasks_dir), name, source.name) for name in TASKS}
+    tokenizer = load_tokenizer(recipe.model.tokenizer, cache)
+    return recipe, source, tasks, tokenizer, cache
+
+
+def _inline(setup, folder):
+    recipe, source, tasks, tokenizer, cache = setup
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs (torch.distributed.run sets OMP_NUM_THREADS=1)
+    try:
+        return run_tasks(task_sizes(tasks, source, recipe.data.seed),
+                         lambda n: task_prompts(tasks[n], n, source, recipe.data.seed), folder,
+                         lambda: BaseModelPredictor(recipe, cache, tokenizer, source.predictions))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_batched_predictions_equal_one_row_at_a_time(setup):
+    """The length-sorted, left-padded batches give what today's one-prompt `generate` gives, on CPU in fp32."""
+    recipe, source, tasks, tokenizer, cache = setup
+    predictor = BaseModelPredictor(recipe, cache, tokenizer, source.predictions)
+    prompts = [r["few_shot_prompt"] for r in task_prompts(tasks[TASKS[1]], TASKS[1], source, 0)][:5]
+    batched = predictor(prompts)
+    single = [predictor.generate_batch(predictor.encode([p]))[0] for p in prompts]
+    assert batched == single and len(set(batched)) > 1  # random weights: different prompts, different text
+    counted = []
+    predictor.on_batch = counted.append
+    predictor(prompts)
+    assert sum(counted) == 5 and len(counted) == 2  # batch_size 4: two batches, reported to the progress bar
+
+
+def test_one_and_two_processes_write_identical_files_and_resume(setup, tmp_path):
+    recipe, source, tasks, _, cache = setup
+    one = tmp_path / "one"
+    done = _inline(setup, one)
+    assert sorted(done) == sorted(TASKS)
+    two = tmp_path / "two"
+    two.mkdir()
+    # resumable: a finished task's file is the unit of work; the workers leave it alone
+    kept = one / f"{TASKS[2]}.jsonl"
+    (two / kept.name).write_bytes(kept.read_bytes())
+    before = os.stat(two / kept.name).st_mtime_ns
+    launch_workers(recipe, source, recipe.data.seed, cache, two, list(TASKS), processes=2)
+    assert os.stat(two / kept.name).st_mtime_ns == before
+    for name in TASKS:
+        assert (two / f"{name}.jsonl").read_bytes() == (one / f"{name}.jsonl").read_bytes(), name
+    rows = [json.loads(line) for line in (two / f"{TASKS[0]}.jsonl").read_text().splitlines()]
+    assert len(rows) == len(tasks[TASKS[0]]["Instances"]) and all(isinstance(r["prediction"], str) for r in rows)
+    assert not list(two.glob(".*")) and not list(tmp_path.glob(".ni-job.*"))
+
+
+def test_a_failed_worker_stops_with_the_unfinished_count(setup, tmp_path):
+    recipe, source, _, _, cache = setup
+    with pytest.raises(DataError, match=r"NI prediction workers exited with [1-9]\d*; 1 of 1 tasks unfinished"):
+        launch_workers(recipe, source, recipe.data.seed, cache, tmp_path / "f", ["task999_not_a_task"], processes=2)
