@@ -169,3 +169,45 @@ def test_helm_per_instance_worst_case_as_helm_takes_it():
     assert plain == {("mmlu", 0, "id1"): 1.0, ("mmlu", 0, "id2"): 1.0}
     assert robust == {("mmlu", 0, "id1"): 0.0, ("mmlu", 0, "id2"): 1.0}
     assert fair == {("mmlu", 0, "id1"): 1.0, ("mmlu", 0, "id2"): 0.0}
+
+
+def _helm_run(root: Path, values: list[float]) -> Path:
+    """A run whose evaluate stage holds one HELM run folder in HELM's layout (run_spec.json, stats.json,
+    per_instance_stats.json), summarised by the kit's own summariser."""
+    from birbal.evaluate.helm_output import summarise_runs
+    from birbal.fsutil import atomic_write_json
+
+    run = RunDir(root)
+    record = run.begin("evaluate", {"suite": "open"})
+    name = "mmlu:subject=anatomy,method=multiple_choice_joint,model=neurips_local"
+    folder = run.stage_dir("evaluate") / "helm" / "runs" / "birbal-open" / name
+    metric = {"name": "exact_match", "split": "test"}
+    atomic_write_json(folder / "run_spec.json", {"name": name})
+    atomic_write_json(folder / "stats.json", [{"name": metric, "count": len(values), "sum": sum(values),
+                                               "sum_squared": sum(v * v for v in values), "min": min(values),
+                                               "max": max(values), "mean": sum(values) / len(values)}])
+    atomic_write_json(folder / "per_instance_stats.json", [
+        {"instance_id": f"id{i}", "train_trial_index": 0,
+         "stats": [{"name": metric, "count": 1, "sum": v, "sum_squared": v * v, "min": v, "max": v, "mean": v}]}
+        for i, v in enumerate(values)])
+    summary = summarise_runs(folder.parent)
+    atomic_write_json(run.stage_dir("evaluate") / "summary.json", {**summary, "suite": "open"})
+    run.finish(record, hash_tree(run.stage_dir("evaluate"), exclude=("stage.json",)))
+    return root
+
+
+def test_helm_scores_side_by_side_with_a_paired_interval(tmp_path):
+    theirs = _helm_run(tmp_path / "submission", [1.0] * 60 + [0.0] * 40)
+    ours = _helm_run(tmp_path / "repro", [1.0] * 58 + [0.0] * 2 + [1.0] * 3 + [0.0] * 37)
+    text = compare_runs(ours, theirs, models=False, resamples=2000).read_text()
+    rows = {r["label"]: r for r in json.loads((ours / "compare" / "compare.json").read_text())["scores"]["rows"]}
+    mmlu = rows["MMLU - EM"]
+    assert mmlu["published"] == pytest.approx(0.629, abs=5e-4)
+    assert (mmlu["other"], mmlu["this"]) == (pytest.approx(0.60), pytest.approx(0.61))
+    ci = mmlu["interval"]
+    assert ci["paired"] and ci["instances_this"] == 100 and ci["delta"] == pytest.approx(0.01)
+    assert ci["low"] < 0 < ci["high"] and ci["within_noise"]  # 2 lost, 3 gained of 100: noise
+    assert mmlu["published_within_this"] and mmlu["published_within_other"]
+    assert rows["GSM8K - EM"]["interval"] is None and rows["GSM8K - EM"]["this"] is None
+    assert "| MMLU - EM | 0.629 | 0.600 | 0.610 | 0.010 | [" in text
+    assert "Not run: --no-models" in text
