@@ -211,3 +211,33 @@ def test_helm_scores_side_by_side_with_a_paired_interval(tmp_path):
     assert rows["GSM8K - EM"]["interval"] is None and rows["GSM8K - EM"]["this"] is None
     assert "| MMLU - EM | 0.629 | 0.600 | 0.610 | 0.010 | [" in text
     assert "Not run: --no-models" in text
+
+
+REVISION = "81601431fbf95ca6f0ef3be364433183fddcec94"  # a public revision of upaya07/Birbal-7B-V1 (issue 18)
+
+
+def _submission_like_run(smoke_run: Path, root: Path) -> Path:
+    """A run shaped like the birbal-submission profile's: no data, train or export stage; a serve record naming
+    a base and a hub adapter at a revision (the fields serve/stage.py records for a published adapter)."""
+    run = RunDir(root)
+    shutil.copyfile(smoke_run / "recipe.yaml", run.path / "recipe.yaml")
+    base = smoke_run / "cache" / "random-base"
+    record = run.begin("serve", {"serve": "digest", "model": str(base), "adapter": f"upaya07/Birbal-7B-V1@{REVISION}",
+                                 "adapter_files": {"adapter_config.json": "0" * 64}, "upstream": None})
+    run.finish(record, outputs={}, outcome="stopped")
+    return root
+
+
+def test_a_submission_shaped_run_names_its_hub_adapter(smoke_run, tmp_path):
+    submission = _submission_like_run(smoke_run, tmp_path / "submission")
+    source = model_source(RunView(submission, "--against"), tmp_path / "cache")
+    assert (source.kind, source.origin) == ("adapter", "serve/stage.json")
+    assert (source.adapter, source.adapter_revision) == ("upaya07/Birbal-7B-V1", REVISION)
+    assert source.base == str(smoke_run / "cache" / "random-base") and source.adapter_files
+    repro = _copy(smoke_run, tmp_path / "repro")
+    result = run_cli("compare", "--run-dir", str(repro), "--against", str(submission), *SMALL, "--resamples", "100",
+                     check=False, env={"HF_HUB_OFFLINE": "1"})
+    lines = [line for line in result.stderr.splitlines() if line.startswith("birbal")]
+    assert result.returncode == 9 and len(lines) == 1, result.stderr
+    assert f"upaya07/Birbal-7B-V1@{REVISION}" in lines[0] and "HF_TOKEN" in lines[0]
+    assert not (repro / "compare").exists()  # nothing half-written
