@@ -491,6 +491,18 @@ def score_against_reference(model, probes: list[Probe], reference: list[Any], de
     }
 
 
+def _check_memory(needed: int) -> None:
+    """The kept log-probabilities must fit in half the memory available now (Linux), or the run stops here."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return  # not Linux: no figure to check against
+    if needed > available // 2:
+        raise EvaluateError(f"the probe set needs {needed / 2**30:.1f} GiB of CPU memory for the reference's "
+                            f"log-probabilities, more than half of the {available / 2**30:.1f} GiB available: "
+                            "lower --rows, --helm-prompts or --max-tokens")
+
+
 def _free(model) -> None:
     import torch
 
@@ -517,6 +529,7 @@ def model_check(repro: RunView, against: RunView, cache_dir: Path, device_name: 
     t0 = time.perf_counter()
     model, tokenizer = load_model(ref_source, against, cache_dir, device)
     ref_probes = tokenize_probes(probes, tokenizer, cfg.max_tokens)
+    _check_memory(sum(_positions(p) for p in ref_probes) * len(tokenizer) * 4)
     reference = score_reference(model, ref_probes, device)
     _free(model)
     log(f"reference scored on {len(ref_probes)} probes, {sum(len(r) for r in reference)} positions "
