@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -241,3 +242,37 @@ def test_a_submission_shaped_run_names_its_hub_adapter(smoke_run, tmp_path):
     assert result.returncode == 9 and len(lines) == 1, result.stderr
     assert f"upaya07/Birbal-7B-V1@{REVISION}" in lines[0] and "HF_TOKEN" in lines[0]
     assert not (repro / "compare").exists()  # nothing half-written
+
+
+HELM_PYTHON = Path(os.environ.get("BIRBAL_TEST_HELM_PYTHON") or os.environ.get("BIRBAL_HELM_PYTHON")
+                   or "/tmp/helm-venv/bin/python")
+
+
+@pytest.mark.skipif(not HELM_PYTHON.is_file(), reason=f"no HELM environment at {HELM_PYTHON}")
+def test_per_instance_worst_case_matches_helms_own():
+    """The robustness and fairness rows' per-instance worst cases average to what crfm-helm's own
+    compute_worst_case_metrics gives for the same per-instance stats (random, 60 instances, two perturbations)."""
+    import subprocess
+
+    from birbal.evaluate.helm_output import TABLE_ROWS
+
+    rng = np.random.default_rng(7)
+    typo = {"name": "misspelling_sweep", "robustness": True, "fairness": False, "computed_on": "perturbed"}
+    dialect = {"name": "dialect", "robustness": False, "fairness": True, "computed_on": "perturbed"}
+    entries = []
+    for i in range(60):
+        for p in (None, typo, dialect):
+            name = {"name": "exact_match", "split": "test", **({"perturbation": p} if p else {})}
+            value = float(rng.integers(0, 2))
+            entries.append({"instance_id": f"id{i}", "train_trial_index": 0, **({"perturbation": p} if p else {}),
+                            "stats": [{"name": name, "count": 1, "sum": value}]})
+    helm = subprocess.run([str(HELM_PYTHON), str(Path(__file__).parent / "helm_worst_case_check.py")],
+                          input=json.dumps(entries), capture_output=True, text=True, timeout=120)
+    assert helm.returncode == 0, helm.stderr[-2000:]
+    theirs = json.loads(helm.stdout)
+    rows = {r.label: r for r in TABLE_ROWS}
+    for kind, label in (("robustness", "MMLU - EM (Robustness)"), ("fairness", "MMLU - EM (Fairness)")):
+        ours = _per_instance_row(rows[label], "exact_match", entries, "mmlu")
+        assert len(ours) == 60
+        assert sum(ours.values()) / len(ours) == pytest.approx(theirs[kind])
+    assert theirs["robustness"] != theirs["fairness"]  # the two kinds really differ on this data
