@@ -796,8 +796,11 @@ def markdown(result: dict[str, Any], heading: str = "#") -> list[str]:
             out.append(f"| {row['label']} | {published} | {_f(row['other'])} | {_f(row['this'])} | "
                        f"{_f(row['delta'])} | {_interval(row['interval'])} | {n} |")
         out.append("")
-        out.append(f"{scores['within_noise']} of {scores['with_interval']} figures with per-instance scores differ "
-                   "by less than their noise (the interval holds 0).\n")
+        if scores["with_interval"]:
+            out.append(f"{scores['within_noise']} of {scores['with_interval']} figures with per-instance scores "
+                       "differ by less than their noise (the interval holds 0).\n")
+        else:
+            out.append("No figure has per-instance scores in both runs, so no interval is claimed.\n")
         if result.get("plot"):
             out.append(f"![score differences]({result['plot']})\n")
     check = result.get("model_check")
