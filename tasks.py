@@ -142,6 +142,18 @@ def report(c, run_dir, dry_run=False):
     _call([*_python(), "report", "--run-dir", run_dir], dry_run)
 
 
+@task(help={"run-dir": "this run (the comparison is written to its compare/ and report.md)",
+            "against": "the other run directory, e.g. the submission's (only read)",
+            "rows": "eval split rows in the probe set", "device": "auto, cpu or cuda",
+            "dtype": "both models in this dtype (default: each run's serve.dtype)",
+            "no-models": "scores only, load no model", "dry-run": DRY_HELP})
+def compare(c, run_dir, against, rows=None, device=None, dtype=None, no_models=False, dry_run=False):
+    """Set two runs side by side: published, their and our scores with bootstrap intervals; model-to-model KL."""
+    extra = (["--rows", str(rows)] if rows is not None else []) + (["--device", device] if device else []) + (
+        ["--dtype", dtype] if dtype else []) + (["--no-models"] if no_models else [])
+    _call([*_python(), "compare", "--run-dir", run_dir, "--against", against, *extra], dry_run)
+
+
 def _record_images(run_dir: Path) -> None:
     """Write the ids and digests of the images this run uses to <run-dir>/images.json (the manifest includes it)."""
     from birbal import __version__
@@ -353,5 +365,5 @@ def lint(c):
         _call([str(hadolint) if hadolint.exists() else "hadolint", dockerfile], False)
 
 
-ns = Collection(prepare_data, train, export, serve, evaluate, report, reproduce, smoke, verify, build, lock,
+ns = Collection(prepare_data, train, export, serve, evaluate, report, compare, reproduce, smoke, verify, build, lock,
                 validate, preflight, test, lint)

@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-eval-instances", type=int, help="cap instances per scenario")
     report = stages.add_parser("report", help="rebuild report.md and its plots from the run directory alone")
     report.add_argument("--run-dir", required=True, help="the run directory")
+    compare = stages.add_parser("compare", help="compare this run's scores and model with another run's")
+    compare.add_argument("--run-dir", required=True, help="this run (the comparison is written to its compare/)")
+    compare.add_argument("--against", required=True, help="the other run directory (only read)")
+    compare.add_argument("--rows", type=int, default=16, help="eval split rows in the probe set (default 16)")
+    compare.add_argument("--helm-prompts", type=int, default=4, help="HELM-shaped prompts per quick scenario (4)")
+    compare.add_argument("--max-tokens", type=int, default=512, help="tokens per probe, longer ones cut (512)")
+    compare.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    compare.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                         help="load both models in this dtype (default: each run's serve.dtype)")
+    compare.add_argument("--against-dtype", choices=["bfloat16", "float16", "float32"],
+                         help="the other run's model in this dtype instead (e.g. to measure rounding noise)")
+    compare.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    compare.add_argument("--seed", type=int, default=20231215, help="bootstrap seed (default 20231215)")
+    compare.add_argument("--no-models", action="store_true", help="scores only: load no model")
     validate = stages.add_parser("validate", help="validate a recipe and print it resolved (loads no model)")
     _common(validate, run_dir=False)
     return parser
@@ -87,6 +101,8 @@ def _run(args) -> int:
         path = build_report(RunDir(args.run_dir))
         print(path)
         return 0
+    if args.stage == "compare":
+        return _compare(args)
     recipe = _recipe(args)
     run_dir = RunDir(args.run_dir)
     run_dir.save_recipe(recipe.to_yaml())
@@ -105,6 +121,18 @@ def _run(args) -> int:
 
         url = args.url or f"http://{recipe.serve.host if recipe.serve.host != '0.0.0.0' else '127.0.0.1'}:{recipe.serve.port}"
         evaluate_stage(recipe, run_dir, url, args.suite, args.max_eval_instances)
+    return 0
+
+
+def _compare(args) -> int:
+    from birbal.evaluate.compare import ProbeConfig, compare_runs
+    from birbal.evaluate.report import build_report
+
+    path = compare_runs(args.run_dir, args.against, device=args.device, dtype=args.dtype,
+                        against_dtype=args.against_dtype, resamples=args.resamples, seed=args.seed,
+                        probes=ProbeConfig(args.rows, args.helm_prompts, args.max_tokens), models=not args.no_models)
+    print(path)
+    print(build_report(args.run_dir))
     return 0
 
 

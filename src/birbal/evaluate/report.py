@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from birbal.evaluate.compare import report_section
 from birbal.evaluate.winners import WINNER_ID, winner_figures
 from birbal.fsutil import atomic_write_text
 from birbal.rundir import RunDir
@@ -244,6 +245,7 @@ def build_report(run_dir: RunDir | str | Path) -> Path:
     summary = _json(root / "evaluate" / "summary.json")
     record = _json(root / "evaluate" / "stage.json")
     _scores_section(summary if record is None or record.get("status") == "complete" else None, record, images, out)
+    out += report_section(root)  # compare/compare.json, when `birbal compare` has been run on this run dir
     _training_section(root, images, out)
     _data_section(root, out)
     _provenance_section(root, out)
