@@ -76,7 +76,7 @@ def _recipe(args):
 
 def _run(args) -> int:
     from birbal import stages
-    from birbal.rundir import RunDir
+    from birbal.rundir import RunDir, flatten
 
     if args.stage == "validate":
         print(_recipe(args).to_yaml(), end="")
@@ -89,7 +89,9 @@ def _run(args) -> int:
         return 0
     recipe = _recipe(args)
     run_dir = RunDir(args.run_dir)
-    run_dir.save_recipe(recipe.to_yaml())
+    # recipe.yaml is written when a stage completes, never by a call that fails (it describes finished stages)
+    run_dir.recipe_yaml = recipe.to_yaml()
+    run_dir.recipe_values = flatten(recipe.model_dump(mode="json"))
     if args.stage == "prepare-data":
         stages.prepare_data_stage(recipe, run_dir, args.force)
     elif args.stage == "train":
