@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from serve_model import exported_run_dir
 
 from birbal.config import load_recipe
 from birbal.errors import EvaluateError
@@ -33,11 +34,11 @@ def _closed_port_url() -> str:
 
 def test_server_down_fails_the_stage_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("BIRBAL_HELM_PYTHON", raising=False)
-    run_dir = RunDir(tmp_path / "run")
+    run_dir = exported_run_dir(tmp_path / "run")
     url = _closed_port_url()
     with pytest.raises(EvaluateError, match=r"not reachable .*invoke serve"):
         evaluate_stage(load_recipe("smoke"), run_dir, url, "quick", 2)
-    record = run_dir.record("evaluate")
+    record = run_dir.attempt("evaluate")
     assert record is not None and record.status == "failed" and url in record.error
     assert json.loads((run_dir.path / "manifest.json").read_text())["stages"]["evaluate"]["status"] == "failed"
 

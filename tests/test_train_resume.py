@@ -30,8 +30,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(smoke_run, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first_checkpoint.is_dir(), "training never reached its first checkpoint"
-    record = json.loads((run / "train" / "stage.json").read_text())
-    assert record["status"] == "running"  # killed: never mistaken for complete
+    assert not (run / "train" / "stage.json").exists()  # killed: never mistaken for complete
+    record = json.loads((run / "train" / "stage.attempt.json").read_text())
+    assert record["status"] == "running"
 
     result = run_cli("train", "--profile", "smoke", "--run-dir", str(run))
     assert "resuming from step-" in result.stderr

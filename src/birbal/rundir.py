@@ -70,11 +70,16 @@ def flatten(payload: Any, prefix: str = "") -> dict[str, Any]:
 def changed_keys(before: dict[str, Any] | None, after: dict[str, Any] | None,
                  sections: tuple[str, ...] | None = None) -> list[str]:
     """`key: old -> new` for each flattened recipe key that differs (within `sections`, dotted prefixes)."""
-    before, after = before or {}, after or {}
+    if before is None or after is None:
+        return []  # a record from before recipes were recorded: nothing to name
     keys = sorted(set(before) | set(after))
     if sections is not None:
         keys = [k for k in keys if any(k == s or k.startswith(s + ".") for s in sections)]
-    return [f"{k}: {before.get(k, '(absent)')!r} -> {after.get(k, '(absent)')!r}" for k in keys
+    def shown(value: Any) -> str:
+        text = json.dumps(value) if not isinstance(value, str) else value
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{k}: {shown(before.get(k, '(absent)'))} -> {shown(after.get(k, '(absent)'))}" for k in keys
             if before.get(k, "(absent)") != after.get(k, "(absent)")]
 
 

@@ -130,10 +130,26 @@ def prepare_data_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> 
 
 
 def train_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRecord | None:
-    from birbal.train.recipe import QLoRARecipe
+    from birbal.errors import TrainError
+    from birbal.rundir import flatten
+    from birbal.train import checkpoint as ckpt
+    from birbal.train.recipe import CHECKPOINTS, LEDGER, METRICS, RESUMABLE_DIFFERENCES, QLoRARecipe
+
+    inputs = stage_inputs(recipe, run_dir, "train")
+    values = run_dir.recipe_values or flatten(recipe.model_dump(mode="json"))
 
     def body(folder: Path):
-        trainer = QLoRARecipe(recipe, run_dir.stage_dir("prepare-data"), folder, cache_dir(run_dir))
+        # Checkpoints trained on other data (or by other numbers) are never resumed: refused, naming what changed,
+        # or with --force moved aside so training starts afresh.
+        problem = ckpt.resume_problem(folder / CHECKPOINTS, inputs["prepare-data"], values, RESUMABLE_DIFFERENCES)
+        if problem and not force:
+            raise TrainError(f"{problem}: resuming it would mix the two. `train --force` moves the old checkpoints "
+                             f"and logs to train/superseded-<time>/ and trains afresh; or use a new --run-dir")
+        if problem:
+            aside = ckpt.supersede(folder, (CHECKPOINTS, METRICS, LEDGER))
+            log(f"train: {problem}; moved to {aside}, training afresh (--force)")
+        trainer = QLoRARecipe(recipe, run_dir.stage_dir("prepare-data"), folder, cache_dir(run_dir),
+                              inputs={"data_digest": inputs["prepare-data"], "recipe": values})
         try:
             trainer.setup()
             outcome = trainer.train()
@@ -146,7 +162,7 @@ def train_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRe
             f"(step {d['best_step']}), budget used {d['budget_used_s'] / 3600:.3f} of {d['budget_hours']} h")
         return result.outputs, result.details, result.outcome
 
-    return run_stage(run_dir, "train", stage_inputs(recipe, run_dir, "train"), body, force)
+    return run_stage(run_dir, "train", inputs, body, force)
 
 
 def export_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRecord | None:

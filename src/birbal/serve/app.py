@@ -171,12 +171,14 @@ def _describe_validation(err: RequestValidationError) -> str:
     return "; ".join(problems)
 
 
-def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAPI:
+def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig,
+               identity: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app around a loaded `Engine`, or around a factory that loads one in the background.
 
     With a factory, /health answers 503 until the model is loaded and /process answers 503 meanwhile.
     `serve_cfg` must be the one the engine was built with: the engine enforces its token limits, the app its
-    body size limit.
+    body size limit. `identity` (`run_id`, `model_digest`, `model_stage`: which run's model this is) is reported
+    by GET /health, so a client can prove it talks to the server of its own run.
     """
     if isinstance(engine, Engine) and engine.cfg != serve_cfg:
         raise ServeError("create_app: the engine was built with another ServeConfig than the app's; the limits "
@@ -242,7 +244,8 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAP
     @app.get("/health", responses=_ERROR_RESPONSES)
     async def health() -> dict[str, Any]:
         engine = slot.ready()
-        return {"status": "ready", "model": engine.source, "load_s": engine.load_s,
+        return {"status": "ready", **(identity or {"run_id": None, "model_digest": None}),
+                "model": engine.source, "load_s": engine.load_s,
                 "device": str(engine.device), "decode": engine.decode_mode, "postprocess": engine.policy.name,
                 "requests": engine.stats.requests}
 
