@@ -107,3 +107,89 @@ def test_a_read_only_run_dir_can_be_read(tmp_path):
     assert not (tmp_path / "typo").exists()
     reader = RunDir(run.path, writable=False)
     assert reader.run_id == run.run_id and reader.manifest()["stages"]["export"]["status"] == "complete"
+
+
+# ---- the server proves whose model it serves (items 1, d) -------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_of_run_a(tmp_path_factory):
+    """Run A's real server (its identity from its export record), uvicorn on a free port."""
+    import threading
+
+    import uvicorn
+    from serve_model import engine, exported_run_dir, identity, serve_cfg
+
+    from birbal.evaluate.client import wait_until_healthy
+    from birbal.serve.app import create_app
+
+    run_a = exported_run_dir(tmp_path_factory.mktemp("a") / "run")
+    app = create_app(engine("none"), serve_cfg(postprocess="none"), identity(run_a))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(url, 60, poll_s=0.2)
+    yield run_a, url, port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_health_reports_the_run_and_the_model_digest(server_of_run_a):
+    import httpx
+
+    run_a, url, _ = server_of_run_a
+    health = httpx.get(f"{url}/health").json()
+    assert health["run_id"] == run_a.run_id and health["run_id"].startswith("run-")
+    assert health["model_digest"] == run_a.record("export").outputs_digest and health["model_stage"] == "export"
+
+
+def test_evaluate_refuses_the_server_of_another_run_naming_both(server_of_run_a, tmp_path, monkeypatch):
+    from serve_model import exported_run_dir
+
+    from birbal.config import load_recipe
+    from birbal.errors import EvaluateError
+    from birbal.evaluate.stage import evaluate_stage
+
+    monkeypatch.delenv("BIRBAL_HELM_PYTHON", raising=False)
+    run_a, url, _ = server_of_run_a
+    run_b = exported_run_dir(tmp_path / "run")  # the very same model: only the run differs
+    with pytest.raises(EvaluateError) as caught:
+        evaluate_stage(load_recipe("smoke").model_copy(update={"serve": load_recipe("smoke").serve.model_copy(
+            update={"postprocess": "none"})}), run_b, url, "quick", 1)
+    message = str(caught.value)
+    assert f"serves run {run_a.run_id}" in message and f"this run is {run_b.run_id}" in message
+    assert run_b.record("evaluate") is None and run_b.attempt("evaluate").status == "failed"
+    assert not (run_b.stage_dir("evaluate") / "quick").exists()
+
+
+def test_a_busy_port_fails_serve_loudly_and_reproduces_wait_notices(server_of_run_a, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from serve_model import exported_run_dir
+
+    from birbal.errors import EvaluateError
+    from birbal.evaluate.client import wait_until_healthy
+
+    _, url, port = server_of_run_a
+    run_b = exported_run_dir(tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "birbal", "serve", "--profile", "smoke", "--run-dir",
+                             str(run_b.path), "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(EvaluateError, match=r"exited \(8\).*answered by the server of another run \(run-"):
+        wait_until_healthy(url, 120, proc, poll_s=0.2, run_id=run_b.run_id)
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr.read()
+    attempt = run_b.attempt("serve")
+    assert attempt.status == "failed" and "Address already in use" in attempt.error

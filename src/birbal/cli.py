@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--suite", choices=["quick", "open"], help="default: evaluate.suite")
     evaluate.add_argument("--max-eval-instances", type=int, help="cap instances per scenario")
     report = stages.add_parser("report", help="rebuild report.md and its plots from the run directory alone")
-    report.add_argument("--run-dir", required=True, help="the run directory")
+    report.add_argument("--run-dir", required=True, help="the run directory (must exist)")
+    verify = stages.add_parser("verify", help="re-hash every recorded output; budget and memory cap (read only)")
+    verify.add_argument("--run-dir", required=True, help="the run directory to check (nothing is written)")
+    verify.add_argument("--against", help="a manifest.json (or run directory) whose outputs must match")
     validate = stages.add_parser("validate", help="validate a recipe and print it resolved (loads no model)")
     _common(validate, run_dir=False)
     return parser
@@ -84,8 +87,21 @@ def _run(args) -> int:
     if args.stage == "report":
         from birbal.evaluate.report import build_report
 
-        path = build_report(RunDir(args.run_dir))
-        print(path)
+        run_dir = RunDir(args.run_dir, writable=False)  # a typo'd path is an error, not a new empty report
+        if not (run_dir.path / "manifest.json").is_file():
+            raise RunDirError(f"{run_dir.path} holds no run (no manifest.json): give the folder a stage ran in")
+        print(build_report(run_dir))
+        return 0
+    if args.stage == "verify":
+        from birbal.verify import verify_run
+
+        problems = verify_run(args.run_dir, args.against)
+        for problem in problems:
+            print(f"- {problem}", file=sys.stderr)
+        if problems:
+            print(f"birbal: {len(problems)} problem(s) in {args.run_dir}", file=sys.stderr)
+            return 1
+        print(f"{args.run_dir}: every recorded output matches; budget and memory cap respected")
         return 0
     recipe = _recipe(args)
     run_dir = RunDir(args.run_dir)

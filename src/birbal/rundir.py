@@ -32,6 +32,9 @@ MANIFEST = "manifest.json"
 RUN_ID = "run-id"  # a random id made at the first stage, so a server can prove which run it serves
 IMAGES = "images.json"  # written by `invoke reproduce --runtime docker`: the images' ids and digests
 SCHEMA_VERSION = 1
+# Outputs whose bytes hold timings (step seconds, wall-clock sessions): recorded and re-hashed like every output,
+# but not comparable between two reproductions (`verify --against` lists them apart).
+VOLATILE_OUTPUTS = {"train": ("metrics.jsonl", "ledger.jsonl")}
 
 
 def utc_now() -> str:
@@ -55,6 +58,7 @@ class StageRecord:
     versions: dict[str, Any] = field(default_factory=software_versions)
     schema_version: int = SCHEMA_VERSION
     recipe: dict[str, Any] | None = None  # the resolved recipe (flattened keys) the stage ran with
+    volatile: list[str] = field(default_factory=list)  # outputs holding timings: not compared between runs
 
 
 def flatten(payload: Any, prefix: str = "") -> dict[str, Any]:
@@ -247,6 +251,7 @@ class RunDir:
         record.outcome = outcome
         record.outputs = dict(sorted(outputs.items()))
         record.outputs_digest = digest_of(record.outputs)
+        record.volatile = [rel for rel in record.outputs if rel in VOLATILE_OUTPUTS.get(record.stage, ())]
         record.finished_at = utc_now()
         record.duration_s = round(time.time() - t0, 3) if t0 else None
         record.details.update(details or {})
@@ -282,6 +287,7 @@ class RunDir:
                 "outputs_digest": shown.outputs_digest, "outputs": shown.outputs,
                 "started_at": shown.started_at, "finished_at": shown.finished_at,
                 "duration_s": shown.duration_s, "details": shown.details, "error": shown.error,
+                "volatile": shown.volatile,
             }
             if record is not None and attempt is not None:
                 stages[stage]["attempt"] = {"status": attempt.status, "started_at": attempt.started_at,

@@ -162,8 +162,11 @@ def run_open(url: str, out_dir: Path, max_eval_instances: int | None) -> dict[st
     summarize = [str(helm_executable("helm-summarize")), "--suite", HELM_SUITE, "--output-path", str(output)]
     summarize_code, _ = _stream(summarize, log, env)
     summary = summarise_runs(suite_dir)
-    summary.update({"client": f"helm-run ({helm_run})", "helm_run_exit": code, "helm_summarize_exit": summarize_code,
-                    "failed_runs": failed, "command": command})
+    # paths relative to the run dir, so two reproductions' summaries compare
+    relative = [arg.replace(str(out_dir), "evaluate/helm") for arg in command]
+    summary.update({"client": "helm-run", "helm_run_exit": code, "helm_summarize_exit": summarize_code,
+                    "failed_runs": failed, "command": relative,
+                    "suite_dir": f"evaluate/helm/benchmark_output/runs/{HELM_SUITE}"})
     if code != 0:
         print(f"[birbal] evaluate: helm-run exited {code}: {len(finished)} run specs finished, {len(failed)} failed"
               + (f" ({', '.join(failed[:5])}{', …' if len(failed) > 5 else ''})" if failed else "")

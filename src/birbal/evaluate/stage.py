@@ -79,12 +79,13 @@ def evaluate_stage(recipe: Recipe, run_dir: RunDir, url: str, suite: str | None 
 
             summary = run_open(url, folder / "helm", limit)
             summary["score"] = score_against_published(figures(summary))
-        summary.update({"suite": suite, "url": url, "max_eval_instances": limit})
+        # the URL (its port differs run to run) is in the record's details, so summary.json compares across runs
+        summary.update({"suite": suite, "max_eval_instances": limit})
         atomic_write_json(folder / "api_check.json", api)
         atomic_write_json(folder / SUMMARY, summary)
         outputs = evaluate_outputs(folder, suite)
         failed = summary.get("failed_runs") or []
-        details = {"suite": suite, "client": summary.get("client"), "api_check": "passed",
+        details = {"suite": suite, "url": url, "client": summary.get("client"), "api_check": "passed",
                    "figures": {row["label"]: row["value"] for row in summary["rows"]}, "failed_runs": failed}
         record = run_dir.finish(record, outputs, details, outcome="partial" if failed else "finished")
     except BirbalError as err:

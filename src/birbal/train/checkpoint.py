@@ -34,8 +34,21 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, trainer_state: dict) -> Path:
+def run_independent_adapter_config(model, base_model: str | None) -> None:
+    """Make the adapter's saved config the same in every reproduction: the base named by the recipe (not the
+    absolute cache path it was loaded from, which peft writes into adapter_config.json and the README), and
+    `target_modules` sorted (peft keeps a set, saved in an order that changes with Python's hash seed)."""
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if base_model:
+            config.base_model_name_or_path = base_model
+        if isinstance(config.target_modules, (set, frozenset, list, tuple)):
+            config.target_modules = sorted(config.target_modules)
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                    base_model: str | None = None) -> Path:
     final = folder / f"step-{step:08d}"
+    run_independent_adapter_config(model, base_model)
     with atomic_directory(final) as tmp:
         model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -262,7 +262,8 @@ class QLoRARecipe:
         evaluated = [e["eval_loss"] for e in self.state["eval_history"] if e["step"] == step]
         if evaluated and (self.state["best_eval_loss"] is None or evaluated[-1] < self.state["best_eval_loss"]):
             self.state["best_eval_loss"], self.state["best_step"] = evaluated[-1], step
-        ckpt.save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.state)
+        ckpt.save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.state,
+                             base_model=self.cfg.model.name_or_path)
         self.ledger.checkpoint(step)
         protect = {step} | ({self.state["best_step"]} if self.state["best_step"] is not None else set())
         ckpt.prune_checkpoints(self.checkpoint_dir, self.train_cfg.save_total_limit, protect)
