@@ -163,7 +163,8 @@ def run_open(url: str, out_dir: Path, max_eval_instances: int | None) -> dict[st
     summarize_code, _ = _stream(summarize, log, env)
     summary = summarise_runs(suite_dir)
     # paths relative to the run dir, so two reproductions' summaries compare
-    relative = [arg.replace(str(out_dir), "evaluate/helm") for arg in command]
+    relative = ["helm-run", *(conf.name if arg == str(conf) else arg.replace(str(out_dir), "evaluate/helm")
+                              for arg in command[1:])]
     summary.update({"client": "helm-run", "helm_run_exit": code, "helm_summarize_exit": summarize_code,
                     "failed_runs": failed, "command": relative,
                     "suite_dir": f"evaluate/helm/benchmark_output/runs/{HELM_SUITE}"})
