@@ -44,7 +44,7 @@ from birbal.config.serve import ServeConfig
 from birbal.errors import ServeError
 from birbal.serve.decode import make_decoder, resolve_mode
 from birbal.serve.detok import IncrementalDetokenizer, surface_cache
-from birbal.serve.errors import OverloadedError, ValidationError
+from birbal.serve.errors import CancelledError, OverloadedError, ValidationError
 from birbal.serve.postprocess import BLANK_LINE, get_policy
 from birbal.serve.schemas import (
     DecodeRequest,
@@ -224,7 +224,9 @@ class Engine:
                 f"{prompt_tokens} prompt tokens + {max_new_tokens} max_new_tokens = "
                 f"{prompt_tokens + max_new_tokens}", field="max_new_tokens")
 
-    def process(self, request: ProcessRequest) -> ProcessResponse:
+    def process(self, request: ProcessRequest, cancelled=None) -> ProcessResponse:
+        """`cancelled` (a threading.Event), when set, ends the generation at its next step with CancelledError:
+        the app sets it when the client has gone away."""
         t0 = time.perf_counter()
         echo = request.echo_prompt
         prompt = request.prompt if echo else self.policy.prompt(request.prompt)
@@ -234,7 +236,7 @@ class Engine:
         if not echo and self.policy.name == "birbal" and BLANK_LINE not in stops:
             stops.append(BLANK_LINE)  # the policy cuts the output there anyway: stop generating at it
         try:
-            tokens, generated = self._run(ids, request, stops)
+            tokens, generated = self._run(ids, request, stops, cancelled)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -259,7 +261,8 @@ class Engine:
         return _Sampling(False, request.temperature, request.top_k, request.top_p, generator)
 
     @torch.inference_mode()
-    def _run(self, ids: list[int], request: ProcessRequest, stops: list[str]) -> tuple[list[Token], list[int]]:
+    def _run(self, ids: list[int], request: ProcessRequest, stops: list[str],
+             cancelled=None) -> tuple[list[Token], list[int]]:
         """(returned tokens, the ids generated, before any stop cut)."""
         echo, k = request.echo_prompt, request.top_k_per_token
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -276,6 +279,9 @@ class Engine:
         longest_stop = max((len(s) for s in stops), default=0)
         last = logits[-1]
         for step in range(request.max_new_tokens):
+            if cancelled is not None and cancelled.is_set():
+                raise CancelledError(f"the client went away: generation stopped after {step} of "
+                                     f"{request.max_new_tokens} tokens")
             pending = self._choose(last, sampling, k)
             if step + 1 < request.max_new_tokens:
                 last = decoder.step(pending.token)  # queued behind the choice and its copy, before the host reads

@@ -137,7 +137,8 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     identity = {"run_id": run_dir.run_id, "model_digest": sources["upstream"],
                 "model_stage": "export" if cfg.model == "merged" else "train"}
     app = create_app(factory, cfg, identity)
-    server = _server_class()(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
+    # no access line per request (HELM sends thousands): the counts by path and status go to serve/stage.json
+    server = _server_class()(uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=30))
     record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess,
                            "compile_cache": compile_cache, **identity})
     run_dir.write_record(record)
@@ -162,6 +163,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
         raise ServeError(f"the model failed to load: {slot.error}")
     engine = slot.engine
     details = {"requests": dict(sorted(app.state.request_counts.items())), "url": url,
+               "cancelled_for_gone_clients": dict(app.state.cancelled),
                "stopped_by": server.stop_signal}
     if engine is not None:
         details.update({"load_s": engine.load_s, "warmup_s": engine.warmup_s, "decode": engine.decode_mode,
