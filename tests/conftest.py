@@ -64,4 +64,5 @@ def smoke_run(tmp_path_factory) -> Path:
     if result.returncode != 0:
         raise AssertionError(f"invoke smoke exited {result.returncode}:\n{result.stderr[-4000:]}")
     (run_dir / "invoke-smoke.out").write_text(result.stdout)
+    (run_dir / "invoke-smoke.err").write_text(result.stderr)
     return run_dir

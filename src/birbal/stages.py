@@ -120,9 +120,7 @@ def prepare_data_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> 
             # The data first: without hub access the stage then fails naming the dataset it tried to fetch.
             fetch_published(recipe.data.published, cache_dir(run_dir))
         tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir(run_dir))
-        manifest = prepare_data(recipe, folder, cache_dir(run_dir), tokenizer)
-        log(f"prepare-data: {manifest['rows']['train']} train / {manifest['rows']['eval']} eval rows; "
-            f"projected {manifest['projected_tokens_per_epoch']:,} tokens per epoch")
+        manifest = prepare_data(recipe, folder, cache_dir(run_dir), tokenizer)  # it prints the rows and tokens
         outputs = hash_tree(folder, exclude=("stage.json",))
         return outputs, {"rows": manifest["rows"], "tokens_per_epoch": manifest["projected_tokens_per_epoch"]}, "finished"
 
