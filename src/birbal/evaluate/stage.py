@@ -66,7 +66,8 @@ def evaluate_stage(recipe: Recipe, run_dir: RunDir, url: str, suite: str | None 
     record = run_dir.begin(STAGE, inputs)
     folder = run_dir.stage_dir(STAGE)
     try:
-        check_identity(url, check_server(url), run_dir.run_id, model_digest, model_stage)
+        health = check_server(url)
+        check_identity(url, health, run_dir.run_id, model_digest, model_stage)
         api = check_api(url, recipe.evaluate.request_timeout_s)
         # The results of an earlier complete evaluation stay in place until this one has all of its own: the quick
         # suite runs into a temporary folder that replaces quick/ in one rename at the end.
@@ -85,7 +86,8 @@ def evaluate_stage(recipe: Recipe, run_dir: RunDir, url: str, suite: str | None 
         atomic_write_json(folder / SUMMARY, summary)
         outputs = evaluate_outputs(folder, suite)
         failed = summary.get("failed_runs") or []
-        details = {"suite": suite, "url": url, "client": summary.get("client"), "api_check": "passed",
+        details = {"suite": suite, "url": url, "server_run_id": health.get("run_id"), "model_digest": model_digest,
+                   "client": summary.get("client"), "api_check": "passed",
                    "figures": {row["label"]: row["value"] for row in summary["rows"]}, "failed_runs": failed}
         record = run_dir.finish(record, outputs, details, outcome="partial" if failed else "finished")
     except BirbalError as err:
