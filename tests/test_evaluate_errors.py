@@ -117,7 +117,7 @@ def test_helm_download_failure_names_what_it_tried_to_reach(tmp_path, monkeypatc
 def test_packaged_run_specs_are_the_challenges():
     conf = open_suite.run_specs_path()
     text = conf.read_text()
-    # RECIPE.md says 89 entries; the file holds 88 (counted)
+    # the project's design notes say 89 entries; the file holds 88 (counted)
     assert text.count("{description:") == 88 and text.count("model=neurips/local") == 88
     assert open_suite.run_spec_scenarios(conf) == ["big_bench", "mmlu", "truthful_qa", "summarization_cnndm",
                                                    "gsm", "bbq"]

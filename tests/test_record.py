@@ -193,3 +193,58 @@ def test_a_busy_port_fails_serve_loudly_and_reproduces_wait_notices(server_of_ru
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr.read()
     attempt = run_b.attempt("serve")
     assert attempt.status == "failed" and "Address already in use" in attempt.error
+
+
+def test_every_file_the_docs_and_configs_cite_exists():
+    """docs/*.md and tests/*.py (::test) named in configs/, docs/ and the README are there (issue 14 found two that
+    were not)."""
+    import re
+
+    from conftest import REPO
+
+    texts = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "configs").glob("*.yaml"))]
+    missing = []
+    for path in texts:
+        for ref, test in re.findall(r"\b((?:docs|tests)/[A-Za-z0-9_./-]+\.(?:md|py))(?:::(\w+))?", path.read_text()):
+            target = REPO / ref
+            if not target.is_file() or (test and f"def {test}(" not in target.read_text()):
+                missing.append(f"{path.name}: {ref}{'::' + test if test else ''}")
+    assert missing == []
+
+
+def _invoke(*args: str):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+
+
+def test_report_and_verify_help_and_a_typo_d_run_dir(tmp_path):
+    from conftest import run_cli
+
+    for verb in ("report", "verify"):
+        result = _invoke(verb, "--help")
+        assert result.returncode == 0 and "--run-dir" in result.stdout and "--help" not in result.stderr
+    typo = tmp_path / "runs" / "smoek"
+    result = run_cli("report", "--run-dir", str(typo), check=False)
+    assert result.returncode == 3 and "does not exist" in result.stderr and not typo.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("report", "--run-dir", str(empty), check=False)
+    assert result.returncode == 3 and "holds no run" in result.stderr and not (empty / "report.md").exists()
+
+
+def test_the_cli_and_invoke_agree_on_flags(tmp_path):
+    from conftest import REPO, run_cli
+
+    dry = _invoke("train", "--config", "configs/smoke.yaml", "--force", "--runtime", "local", "--dry-run",
+                  "--run-dir", str(tmp_path / "r"))
+    assert dry.returncode == 0, dry.stderr
+    assert f"train --config {REPO / 'configs' / 'smoke.yaml'} --run-dir {tmp_path / 'r'} --force" in dry.stderr
+    for verb in ("prepare-data", "export"):
+        assert "--force" in _invoke(verb, "--help").stdout and "--config" in _invoke(verb, "--help").stdout
+    result = run_cli("verify", "--run-dir", str(tmp_path / "nothing"), check=False)
+    assert result.returncode == 1 and "no such run directory" in result.stderr
