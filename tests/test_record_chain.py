@@ -68,9 +68,9 @@ def test_evaluate_without_a_server_leaves_the_complete_evaluation(finished):
     assert result.returncode == 9 and "not reachable" in result.stderr
     assert (finished / "evaluate" / "stage.json").read_bytes() == before
     assert verify_run(finished) == []
-    report = _cli("report", finished, check=True)
+    report = run_cli("report", "--run-dir", str(finished))
     text = Path(report.stdout.strip()).read_text()
-    assert "quick: multiple choice" in text and "last attempt failed" in text
+    assert "quick: multiple choice" in text and "The last evaluate attempt failed" in text
 
 
 @pytest.mark.parametrize("damage", ["safetensors", "json", "missing"])
@@ -97,7 +97,9 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(finished):
     assert len(warnings) == 1 and f"{latest.name} is unreadable" in warnings[0]
     assert f"resuming from {previous.name}" in result.stderr
     assert (latest.parent / f"{latest.name}.corrupt").is_dir()
-    assert verify_run(finished) == []
+    # train's outputs are re-recorded (its timing logs differ), so the export made before says it is stale
+    problems = verify_run(finished)
+    assert len(problems) == 1 and problems[0].startswith("export: made from train outputs"), problems
 
 
 def test_verify_reads_a_run_its_user_cannot_write(smoke_run, tmp_path_factory):
@@ -142,3 +144,4 @@ def test_the_output_says_only_what_a_user_can_act_on(smoke_run):
     assert str(smoke_run) not in (smoke_run / "train" / "adapter" / "README.md").read_text()
     for name in ("manifest.json", "recipe.yaml", "train/stage.json", "train/adapter/adapter_model.safetensors"):
         assert stat.S_IMODE((smoke_run / name).stat().st_mode) & 0o044 == 0o044, name
+
