@@ -45,12 +45,23 @@ def run_independent_adapter_config(model, base_model: str | None) -> None:
             config.target_modules = sorted(config.target_modules)
 
 
+def _readme_names_the_recipe_base(folder: Path, model, base_model: str | None) -> None:
+    """peft's model card (README.md) names the base by the path it was loaded from (the base config's
+    `_name_or_path`, not the adapter config): put the recipe's name there too. Hand-written: peft has no option."""
+    readme = folder / "README.md"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loaded_from = getattr(getattr(base, "config", None), "_name_or_path", None)
+    if base_model and loaded_from and loaded_from != base_model and readme.is_file():
+        readme.write_text(readme.read_text().replace(str(loaded_from), base_model))
+
+
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
                     base_model: str | None = None) -> Path:
     final = folder / f"step-{step:08d}"
     run_independent_adapter_config(model, base_model)
     with atomic_directory(final) as tmp:
         model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
+        _readme_names_the_recipe_base(tmp / ADAPTER, model, base_model)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
