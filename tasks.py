@@ -70,8 +70,13 @@ def _gpu_present() -> bool:
     return query_nvidia_smi() is not None
 
 
+def _source(profile: str, config: str | None) -> list[str]:
+    """`--config FILE` when given (a recipe file of one's own), else `--profile NAME`: as the CLI takes them."""
+    return ["--config", str(Path(config).resolve())] if config else ["--profile", profile]
+
+
 def _stage_command(stage: str, profile: str, run_dir: Path, overrides: list[str], runtime: str,
-                   extra: list[str] | None = None) -> list[str]:
+                   extra: list[str] | None = None, config: str | None = None) -> list[str]:
     if runtime == "docker":
         from birbal import __version__
         from birbal.containers import STAGE_IMAGE, image_tags, run_command
@@ -82,64 +87,82 @@ def _stage_command(stage: str, profile: str, run_dir: Path, overrides: list[str]
                            overrides=overrides, user=f"{os.getuid()}:{os.getgid()}",
                            network="host" if stage == "evaluate" else None,
                            gpus=None if stage == "evaluate" else "all") + (extra or [])
-    return [*_python(), stage, "--profile", profile, "--run-dir", str(run_dir),
+    return [*_python(), stage, *_source(profile, config), "--run-dir", str(run_dir),
             *[arg for o in overrides for arg in ("--set", o)], *(extra or [])]
 
 
 def _stage_task(stage: str, c, profile: str, run_dir: str | None, set_: list[str], runtime: str, dry_run: bool,
-                extra: list[str] | None = None) -> None:
+                extra: list[str] | None = None, config: str | None = None, force: bool = False) -> None:
     where = _runtime(runtime)
-    _call(_stage_command(stage, profile, _run_dir(profile, run_dir), list(set_ or []), where, extra), dry_run)
+    if config and where == "docker":
+        raise Exit("--config works with --runtime local (the images take a profile under configs/)", code=2)
+    extra = [*(extra or []), *(["--force"] if force else [])]
+    _call(_stage_command(stage, profile, _run_dir(profile, run_dir), list(set_ or []), where, extra, config),
+          dry_run)
 
 
+CONFIG_HELP = "a recipe YAML file instead of --profile (local runtime)"
+FORCE_HELP = "run the stage even if it is complete (train: set aside checkpoints that no longer apply)"
 COMMON_HELP = {"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP, "set": SET_HELP, "runtime": RUNTIME_HELP,
-               "dry-run": DRY_HELP}
+               "dry-run": DRY_HELP, "config": CONFIG_HELP}
+FORCE_STAGE_HELP = {**COMMON_HELP, "force": FORCE_HELP}
 
 
-@task(help=COMMON_HELP, iterable=["set_"])
-def prepare_data(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", dry_run=False):
+@task(help=FORCE_STAGE_HELP, iterable=["set_"])
+def prepare_data(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", dry_run=False, config=None,
+                 force=False):
     """Build the train/eval splits, the data manifest and the contamination report."""
-    _stage_task("prepare-data", c, profile, run_dir, set_, runtime, dry_run)
+    _stage_task("prepare-data", c, profile, run_dir, set_, runtime, dry_run, config=config, force=force)
 
 
-@task(help={**COMMON_HELP, "budget-hours": "override train.budget_hours for this run"}, iterable=["set_"])
-def train(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", budget_hours=None, dry_run=False):
+@task(help={**FORCE_STAGE_HELP, "budget-hours": "override train.budget_hours for this run"}, iterable=["set_"])
+def train(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", budget_hours=None, dry_run=False,
+          config=None, force=False):
     """4-bit QLoRA training inside its wall-clock budget; resumes from the last complete checkpoint."""
     extra = ["--budget-hours", str(budget_hours)] if budget_hours is not None else []
-    _stage_task("train", c, profile, run_dir, set_, runtime, dry_run, extra)
+    _stage_task("train", c, profile, run_dir, set_, runtime, dry_run, extra, config=config, force=force)
 
 
-@task(help=COMMON_HELP, iterable=["set_"])
-def export(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", dry_run=False):
+@task(help=FORCE_STAGE_HELP, iterable=["set_"])
+def export(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", dry_run=False, config=None,
+           force=False):
     """Check the adapter against the recipe and merge it into a bf16 copy of the base."""
-    _stage_task("export", c, profile, run_dir, set_, runtime, dry_run)
+    _stage_task("export", c, profile, run_dir, set_, runtime, dry_run, config=config, force=force)
 
 
 @task(help={**COMMON_HELP, "host": "address to bind (default: serve.host)", "port": "port (default: serve.port)"},
       iterable=["set_"])
-def serve(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", host=None, port=None, dry_run=False):
+def serve(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", host=None, port=None, dry_run=False,
+          config=None):
     """Start the challenge HTTP API on the run's exported model (foreground; Ctrl-C stops it)."""
     extra = (["--host", host] if host else []) + (["--port", str(port)] if port else [])
     if _runtime(runtime) == "docker":
         extra = []  # the container listens on 0.0.0.0:8080; the host port is published by `docker run`
-    _stage_task("serve", c, profile, run_dir, set_, runtime, dry_run, extra)
+    _stage_task("serve", c, profile, run_dir, set_, runtime, dry_run, extra, config=config)
 
 
 @task(help={**COMMON_HELP, "url": "server base URL (default: from the recipe's serve section)",
             "suite": "quick (offline, minutes) or open (HELM with the challenge's run specs)",
             "max-eval-instances": "cap the instances per scenario"}, iterable=["set_"])
 def evaluate(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", url=None, suite=None,
-             max_eval_instances=None, dry_run=False):
+             max_eval_instances=None, dry_run=False, config=None):
     """Score the running server and write the evaluation summary."""
     extra = (["--url", url] if url else []) + (["--suite", suite] if suite else []) + (
         ["--max-eval-instances", str(max_eval_instances)] if max_eval_instances else [])
-    _stage_task("evaluate", c, profile, run_dir, set_, runtime, dry_run, extra)
+    _stage_task("evaluate", c, profile, run_dir, set_, runtime, dry_run, extra, config=config)
 
 
-@task(help={"run-dir": "the run directory", "dry-run": DRY_HELP})
-def report(c, run_dir, dry_run=False):
+def _required_run_dir(run_dir: str | None, verb: str) -> str:
+    # A keyword, not a positional: a positional would take `--help` as the run dir.
+    if not run_dir:
+        raise Exit(f"invoke {verb}: --run-dir is required (see `invoke {verb} --help`)", code=2)
+    return run_dir
+
+
+@task(help={"run-dir": "the run directory (must exist)", "dry-run": DRY_HELP})
+def report(c, run_dir=None, dry_run=False):
     """Rebuild report.md and its plots from the run directory alone."""
-    _call([*_python(), "report", "--run-dir", run_dir], dry_run)
+    _call([*_python(), "report", "--run-dir", _required_run_dir(run_dir, "report")], dry_run)
 
 
 @task(help={"run-dir": "this run (the comparison is written to its compare/ and report.md)",
@@ -180,18 +203,27 @@ def _load_recipe(profile: str, overrides: list[str]):
         raise Exit(f"birbal: error: {err}", code=2) from None
 
 
-def _wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None) -> None:
+def _wait_healthy(url: str, timeout_s: float, server: subprocess.Popen | None, run_id: str | None = None) -> None:
     from birbal.errors import EvaluateError
     from birbal.evaluate.client import wait_until_healthy
 
     try:
-        wait_until_healthy(url, timeout_s, server, poll_s=1.0)
+        wait_until_healthy(url, timeout_s, server, poll_s=1.0, run_id=run_id)
     except EvaluateError as err:
         raise Exit(f"birbal: error: {err}", code=1) from None
 
 
+def _read_run_id(run_dir: Path) -> str | None:
+    from birbal.rundir import RUN_ID
+
+    try:
+        return (run_dir / RUN_ID).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, dry_run: bool,
-               budget_hours: float | None) -> None:
+               budget_hours: float | None, port: int | None = None) -> None:
     recipe = _load_recipe(profile, overrides)  # fails fast, before any stage, on a bad profile or override
     if runtime == "docker" and not dry_run:
         for folder in (run_dir, HUB_CACHE):  # `docker run --mount` does not create them
@@ -215,15 +247,16 @@ def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, 
         server = None
     else:
         host = "127.0.0.1"
-        url = f"http://{host}:{recipe.serve.port}"
-        serve_cmd = _stage_command("serve", profile, run_dir, overrides, runtime, ["--host", host])
+        port = port or recipe.serve.port
+        url = f"http://{host}:{port}"
+        serve_cmd = _stage_command("serve", profile, run_dir, overrides, runtime, ["--host", host, "--port", str(port)])
         _echo(serve_cmd, background=True)
         server = None if dry_run else subprocess.Popen(serve_cmd, env=_env(), cwd=REPO)
         stop = None
     try:
         print(f"waiting for {url}/health (up to {recipe.serve.startup_timeout_s:.0f} s)", file=sys.stderr)
-        if not dry_run:
-            _wait_healthy(url, recipe.serve.startup_timeout_s, server)
+        if not dry_run:  # a server of another run answering at `url` is not ours: wait for our own, or its exit
+            _wait_healthy(url, recipe.serve.startup_timeout_s, server, _read_run_id(run_dir))
         _call(_stage_command("evaluate", profile, run_dir, overrides, runtime, ["--url", url]), dry_run)
     finally:
         if stop is not None:
@@ -241,9 +274,14 @@ def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, 
               f"report:        {run_dir.resolve() / 'report.md'}")
 
 
+PORT_HELP = "port for this run's server (local runtime; default: serve.port). Another run's server on it is refused"
+
+
 @task(help={"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP, "set": SET_HELP, "runtime": RUNTIME_HELP,
-            "budget-hours": "override train.budget_hours for this run", "dry-run": DRY_HELP}, iterable=["set_"])
-def reproduce(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", budget_hours=None, dry_run=False):
+            "budget-hours": "override train.budget_hours for this run", "dry-run": DRY_HELP, "port": PORT_HELP},
+      iterable=["set_"])
+def reproduce(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", budget_hours=None, dry_run=False,
+              port=None):
     """The whole chain: prepare-data, train, export, serve, evaluate, report. Completed stages are skipped."""
     where = _runtime(runtime)
     if where == "docker" and not dry_run:
@@ -254,7 +292,7 @@ def reproduce(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto",
             raise Exit(f"--runtime docker: {reason}", code=1)
     folder = _run_dir(profile, run_dir)
     _preflight(_load_recipe(profile, list(set_ or [])), folder, stop=not dry_run)
-    _reproduce(profile, folder, list(set_ or []), where, dry_run, budget_hours)
+    _reproduce(profile, folder, list(set_ or []), where, dry_run, budget_hours, int(port) if port else None)
 
 
 def _preflight(recipe, run_dir: Path, stop: bool) -> None:
@@ -268,18 +306,19 @@ def _preflight(recipe, run_dir: Path, stop: bool) -> None:
         raise Exit(f"preflight: {len(failures(checks))} check(s) failed (see above)", code=1)
 
 
-@task(help={"run-dir": "run directory (default: runs/smoke)", "dry-run": DRY_HELP})
-def smoke(c, run_dir=None, dry_run=False):
+@task(help={"run-dir": "run directory (default: runs/smoke)", "dry-run": DRY_HELP, "port": PORT_HELP})
+def smoke(c, run_dir=None, dry_run=False, port=None):
     """The whole chain on a laptop CPU in minutes: tiny random Mistral, real tokenizer, 4-bit, fixture data."""
-    _reproduce("smoke", _run_dir("smoke", run_dir), [], "local", dry_run, None)
+    _reproduce("smoke", _run_dir("smoke", run_dir), [], "local", dry_run, None, int(port) if port else None)
 
 
-@task(help={"run-dir": "the run directory to check",
+@task(help={"run-dir": "the run directory to check (read only: nothing is written)",
             "against": "a manifest.json (or run directory) whose outputs must match"})
-def verify(c, run_dir, against=None):
+def verify(c, run_dir=None, against=None):
     """Re-hash every recorded output and check the training stayed inside its budget and memory cap."""
     from birbal.verify import verify_run
 
+    run_dir = _required_run_dir(run_dir, "verify")
     problems = verify_run(run_dir, against)
     if problems:
         for problem in problems:

@@ -13,6 +13,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A port nothing listens on now (other test runs and servers share this machine: never assume serve.port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600):
     """`python -m birbal ...` in a subprocess, as a user (and a container) runs it."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"),
@@ -50,9 +59,10 @@ def smoke_run(tmp_path_factory) -> Path:
     the evaluate stage and stopped, the report written. Also the uninterrupted reference for the resume test."""
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "invoke", "smoke", "--run-dir", str(run_dir)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "invoke", "smoke", "--run-dir", str(run_dir), "--port",
+                             str(free_port())], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise AssertionError(f"invoke smoke exited {result.returncode}:\n{result.stderr[-4000:]}")
     (run_dir / "invoke-smoke.out").write_text(result.stdout)
+    (run_dir / "invoke-smoke.err").write_text(result.stderr)
     return run_dir

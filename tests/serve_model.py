@@ -38,3 +38,25 @@ def engine(postprocess: str = "none"):
     from birbal.serve.engine import Engine
 
     return Engine.from_merged(merged_folder(), serve_cfg(postprocess=postprocess))
+
+
+def exported_run_dir(root: Path):
+    """A run dir whose export stage is complete, holding the tiny model as export/merged/ (hashed, recorded)."""
+    import shutil
+
+    from birbal.fsutil import sha256_file
+    from birbal.rundir import RunDir
+
+    run_dir = RunDir(root)
+    merged = run_dir.stage_dir("export") / "merged"
+    shutil.copytree(merged_folder(), merged)
+    record = run_dir.begin("export", {"test": "serve"})
+    outputs = {f"merged/{p.name}": sha256_file(p) for p in sorted(merged.iterdir()) if p.is_file()}
+    run_dir.finish(record, outputs=outputs)
+    return run_dir
+
+
+def identity(run_dir) -> dict:
+    """What this run's server reports in GET /health (as the serve stage builds it)."""
+    digest, stage = run_dir.model_digest("merged")
+    return {"run_id": run_dir.run_id, "model_digest": digest, "model_stage": stage}

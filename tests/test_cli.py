@@ -57,5 +57,6 @@ def test_4090_published_data_without_hub_names_what_it_tried_to_fetch(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("birbal: error:")]
     assert len(errors) == 1
     assert "train_dataset.json of dataset upaya07/NeurIPS-LLM-data at revision 5d3ce1ca" in errors[0]
-    record = json.loads((run / "data" / "stage.json").read_text())
+    assert not (run / "data" / "stage.json").exists()  # a failure never writes the stage record
+    record = json.loads((run / "data" / "stage.attempt.json").read_text())
     assert record["status"] == "failed" and not (run / "data" / "train.jsonl").exists()

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from serve_model import exported_run_dir
 
 from birbal.config import load_recipe
 from birbal.errors import EvaluateError
@@ -33,11 +34,11 @@ def _closed_port_url() -> str:
 
 def test_server_down_fails_the_stage_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("BIRBAL_HELM_PYTHON", raising=False)
-    run_dir = RunDir(tmp_path / "run")
+    run_dir = exported_run_dir(tmp_path / "run")
     url = _closed_port_url()
     with pytest.raises(EvaluateError, match=r"not reachable .*invoke serve"):
         evaluate_stage(load_recipe("smoke"), run_dir, url, "quick", 2)
-    record = run_dir.record("evaluate")
+    record = run_dir.attempt("evaluate")
     assert record is not None and record.status == "failed" and url in record.error
     assert json.loads((run_dir.path / "manifest.json").read_text())["stages"]["evaluate"]["status"] == "failed"
 
@@ -116,7 +117,7 @@ def test_helm_download_failure_names_what_it_tried_to_reach(tmp_path, monkeypatc
 def test_packaged_run_specs_are_the_challenges():
     conf = open_suite.run_specs_path()
     text = conf.read_text()
-    # RECIPE.md says 89 entries; the file holds 88 (counted)
+    # the project's design notes say 89 entries; the file holds 88 (counted)
     assert text.count("{description:") == 88 and text.count("model=neurips/local") == 88
     assert open_suite.run_spec_scenarios(conf) == ["big_bench", "mmlu", "truthful_qa", "summarization_cnndm",
                                                    "gsm", "bbq"]

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from serve_model import exported_run_dir, identity
 
 from birbal.config import load_recipe
 from birbal.evaluate.client import wait_until_healthy
@@ -36,15 +37,14 @@ def live_server():
         "birbal.serve.app", reason="birbal.serve.app is not on this branch yet (the serve issue adds it)")
     import uvicorn
 
-    from birbal.models import load_tokenizer, materialise_random_base
     from birbal.serve.engine import Engine
 
     recipe = load_recipe("smoke")
     root = Path(tempfile.mkdtemp(prefix="birbal-evaluate-tests-"))
-    folder = materialise_random_base(recipe.model, root / "merged")
-    load_tokenizer(recipe.model.tokenizer, root).save_pretrained(folder)
+    run_dir = exported_run_dir(root / "run")  # the server proves it serves this run's model (GET /health)
     serve_cfg = recipe.serve
-    app = app_module.create_app(Engine.from_merged(folder, serve_cfg), serve_cfg)
+    app = app_module.create_app(Engine.from_merged(run_dir.stage_dir("export") / "merged", serve_cfg), serve_cfg,
+                                identity(run_dir))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -53,7 +53,7 @@ def live_server():
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, 60, poll_s=0.2)
-    yield recipe, url
+    yield recipe, url, run_dir
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -78,9 +78,8 @@ def _check_quick_run(run_dir: RunDir, client_word: str) -> dict:
 
 
 def test_quick_suite_through_httpx(live_server, tmp_path, monkeypatch):
-    recipe, url = live_server
+    recipe, url, run_dir = live_server
     monkeypatch.delenv("BIRBAL_HELM_PYTHON", raising=False)
-    run_dir = RunDir(tmp_path / "run")
     evaluate_stage(recipe, run_dir, url, "quick", 2)
     _check_quick_run(run_dir, "httpx")
 
@@ -88,8 +87,7 @@ def test_quick_suite_through_httpx(live_server, tmp_path, monkeypatch):
 @pytest.mark.skipif(not HELM_VENV_PYTHON.is_file(), reason=f"no HELM client environment at {HELM_VENV_PYTHON} "
                     "(create one with `python -m birbal.evaluate.helm_env --client-only`)")
 def test_quick_suite_through_helm_client_classes(live_server, tmp_path, monkeypatch):
-    recipe, url = live_server
+    recipe, url, run_dir = live_server
     monkeypatch.setenv("BIRBAL_HELM_PYTHON", str(HELM_VENV_PYTHON))
-    run_dir = RunDir(tmp_path / "run")
     evaluate_stage(recipe, run_dir, url, "quick", 2)
     _check_quick_run(run_dir, "HTTPModelClient")

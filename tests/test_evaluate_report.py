@@ -33,7 +33,8 @@ def _smoke_like_run(root: Path) -> RunDir:
     atomic_write_text(train / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in lines) + '{"event": "tr')
     run_dir.finish(record, hash_tree(train, exclude=(RECORD,)), outcome="finished", details={
         "budget_hours": 0.25, "budget_used_s": 540.0, "peak_gpu_memory_gib": 26.5, "max_gpu_memory_gib": 24,
-        "global_step": 36, "tokens_seen": 294912, "outcome": "finished"})
+        "global_step": 36, "tokens_seen": 294912, "outcome": "finished", "sessions": 2,
+        "time_lost_to_crashes_s": 90.0})
 
     evaluate = run_dir.stage_dir("evaluate")
     record = run_dir.begin("evaluate", {"suite": "open"})
@@ -58,7 +59,14 @@ def test_report_from_a_full_run_dir(tmp_path):
     assert "rank " in text and "of 9" in text  # the win-rate score against the published pool
     assert "| optimiser steps | 36 |" in text
     assert "tokens/s (mean of logged steps) | 918" in text  # (901 + ... + 936) / 36
-    assert "Budget used: 0.6% of the challenge's 24 h" in text
+    assert "Budget used: 60.0% of this run's 0.25 h; 0.6% of the challenge's 24 h" in text
+    assert "| sessions / time lost to crashes | 2 / 1.5 min |" in text
+    assert "Time lost to crashes: 1.5 min" in text
+    assert "{" not in text.split("## Images")[0]  # no Python dicts, no JSON dumps
+    assert "not run GiB" not in text
+    for stage in ("prepare-data", "train", "export", "serve", "evaluate"):
+        assert f"| {stage} |" in text.split("## Stages")[1].split("##")[0]
+    assert "| export | not run |" in text
     assert "OVER the 4090 limit" in text  # 26.5 GiB > 24 GiB
     assert "| train | 90 | 12345 |" in text
     assert "Contamination check: not run" in text
@@ -74,7 +82,7 @@ def test_report_of_an_empty_run_dir_says_not_run(tmp_path):
     assert "Training: not run" in text
     assert "Data preparation: not run" in text
     assert "Image build: not run" in text
-    assert "| MMLU - EM | 0.629 |" in text  # the winners' figures are still shown
+    assert "| MMLU - EM | 0.629 | not run |" in text  # the winners' figures are still shown
     assert not (tmp_path / "empty" / "report" / "loss.png").exists()
 
 
@@ -85,3 +93,22 @@ def test_failed_evaluation_is_reported_not_hidden(tmp_path):
     text = build_report(run_dir).read_text()
     assert "The evaluate stage failed: HELM could not download its datasets" in text
     assert "Evaluation: not run" in text
+
+
+def test_a_quick_run_shows_the_winners_table_marked_not_comparable(tmp_path):
+    run_dir = RunDir(tmp_path / "run-q")
+    evaluate = run_dir.stage_dir("evaluate")
+    record = run_dir.begin("evaluate", {"suite": "quick"})
+    atomic_write_json(evaluate / "summary.json", {"suite": "quick", "client": "httpx", "rows": [
+        {"label": "quick: short answers - EM", "value": 0.25, "metric": "exact_match"}]})
+    run_dir.finish(record, hash_tree(evaluate, exclude=(RECORD,)), details={"url": "http://127.0.0.1:9"})
+    record = run_dir.begin("train", {"t": 1})
+    run_dir.finish(record, {}, details={"budget_hours": 0.25, "budget_used_s": 45.0, "device": "cpu",
+                                        "peak_gpu_memory_gib": None, "max_gpu_memory_gib": None})
+    run_dir.fail(run_dir.begin("evaluate", {"suite": "quick"}), "the model server at http://x is not reachable")
+    text = build_report(run_dir).read_text()
+    assert "The winners' published figures" in text and "**not comparable**" in text
+    assert "| MMLU - EM | 0.629 | not comparable |" in text
+    assert "The last evaluate attempt failed" in text and "| quick: short answers - EM | 0.250 |" in text
+    assert "not measured (trained on cpu)" in text and "not run GiB" not in text
+    assert "against http://127.0.0.1:9" in text

@@ -36,9 +36,9 @@ def test_a_failed_or_killed_stage_is_never_complete(tmp_path):
 
     with pytest.raises(RuntimeError):
         run_stage(run, "train", {"a": 1}, boom)
-    assert run.record("train").status == "failed" and not run.is_complete("train")
+    assert run.latest("train").status == "failed" and not run.is_complete("train")
     run.begin("export", {"a": 1})  # a process killed after begin leaves `running`
-    assert not run.is_complete("export")
+    assert not run.is_complete("export") and run.latest("export").status == "running"
 
 
 def test_missing_output_or_corrupt_record_means_incomplete(tmp_path):

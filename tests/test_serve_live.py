@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_model import merged_folder, smoke
+from serve_model import exported_run_dir, smoke
 
 from birbal.errors import ServeError
 from birbal.fsutil import sha256_file
@@ -27,14 +26,7 @@ PROMPT = "The capital of France is"
 
 
 def _exported_run_dir(root: Path) -> RunDir:
-    """A run dir whose export stage is complete, holding the tiny model as export/merged/."""
-    run_dir = RunDir(root)
-    merged = run_dir.stage_dir("export") / "merged"
-    shutil.copytree(merged_folder(), merged)
-    record = run_dir.begin("export", {"test": "serve"})
-    outputs = {f"merged/{p.name}": sha256_file(p) for p in sorted(merged.iterdir()) if p.is_file()}
-    run_dir.finish(record, outputs=outputs)
-    return run_dir
+    return exported_run_dir(root)
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -60,7 +52,7 @@ def live(tmp_path_factory):
                             stderr=subprocess.STDOUT)
 
     def url():
-        record = run_dir.record("serve")
+        record = run_dir.latest("serve")
         if proc.poll() is not None:
             raise AssertionError(f"server exited: {(run_dir.path / 'server.log').read_text()[-3000:]}")
         return record and record.status == "running" and record.details.get("url")
@@ -102,7 +94,7 @@ def test_compiled_kernels_are_kept_with_the_run(live, monkeypatch):
     from birbal.serve.stage import use_compile_cache
 
     run_dir = live["run_dir"]
-    assert run_dir.record("serve").details["compile_cache"] == str(run_dir.path / "cache" / "inductor")
+    assert run_dir.latest("serve").details["compile_cache"] == str(run_dir.path / "cache" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
     assert use_compile_cache(run_dir.path / "cache") == "/somewhere/chosen"
 
@@ -160,9 +152,11 @@ def test_a_model_that_fails_to_load_fails_the_stage(tmp_path, monkeypatch):
     merged.mkdir(parents=True)
     (merged / "config.json").write_text('{"model_type": "mistral"}')
     (merged / "model.safetensors").write_bytes(b"not safetensors")
+    run_dir.finish(run_dir.begin("export", {"test": "broken"}),
+                   {f"merged/{p.name}": sha256_file(p) for p in sorted(merged.iterdir())})
     with pytest.raises(ServeError, match="failed to load"):
         serve_stage(smoke(), run_dir, host="127.0.0.1", port=0)
-    record = run_dir.record("serve")
+    record = run_dir.attempt("serve")
     assert record.status == "failed" and "failed to load" in record.error
 
 

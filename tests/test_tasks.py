@@ -45,7 +45,7 @@ def test_local_dry_run_and_budget_override(tmp_path):
     lines = [line[2:] for line in result.stderr.splitlines() if line.startswith("$ ")]
     assert "-m birbal train --profile smoke" in lines[1]
     assert lines[1].endswith("--set train.learning_rate=0.001 --budget-hours 0.5")
-    assert lines[3].endswith("--host 127.0.0.1 &")
+    assert lines[3].endswith("--host 127.0.0.1 --port 8089 &")  # the port evaluate is pointed at
 
 
 def test_build_dry_run_tags_with_version_and_revision():

@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--suite", choices=["quick", "open"], help="default: evaluate.suite")
     evaluate.add_argument("--max-eval-instances", type=int, help="cap instances per scenario")
     report = stages.add_parser("report", help="rebuild report.md and its plots from the run directory alone")
-    report.add_argument("--run-dir", required=True, help="the run directory")
+    report.add_argument("--run-dir", required=True, help="the run directory (must exist)")
+    verify = stages.add_parser("verify", help="re-hash every recorded output; budget and memory cap (read only)")
+    verify.add_argument("--run-dir", required=True, help="the run directory to check (nothing is written)")
+    verify.add_argument("--against", help="a manifest.json (or run directory) whose outputs must match")
     compare = stages.add_parser("compare", help="compare this run's scores and model with another run's")
     compare.add_argument("--run-dir", required=True, help="this run (the comparison is written to its compare/)")
     compare.add_argument("--against", required=True, help="the other run directory (only read)")
@@ -90,7 +93,7 @@ def _recipe(args):
 
 def _run(args) -> int:
     from birbal import stages
-    from birbal.rundir import RunDir
+    from birbal.rundir import RunDir, flatten
 
     if args.stage == "validate":
         print(_recipe(args).to_yaml(), end="")
@@ -98,14 +101,29 @@ def _run(args) -> int:
     if args.stage == "report":
         from birbal.evaluate.report import build_report
 
-        path = build_report(RunDir(args.run_dir))
-        print(path)
+        run_dir = RunDir(args.run_dir, writable=False)  # a typo'd path is an error, not a new empty report
+        if not (run_dir.path / "manifest.json").is_file():
+            raise RunDirError(f"{run_dir.path} holds no run (no manifest.json): give the folder a stage ran in")
+        print(build_report(run_dir))
+        return 0
+    if args.stage == "verify":
+        from birbal.verify import verify_run
+
+        problems = verify_run(args.run_dir, args.against)
+        for problem in problems:
+            print(f"- {problem}", file=sys.stderr)
+        if problems:
+            print(f"birbal: {len(problems)} problem(s) in {args.run_dir}", file=sys.stderr)
+            return 1
+        print(f"{args.run_dir}: every recorded output matches; budget and memory cap respected")
         return 0
     if args.stage == "compare":
         return _compare(args)
     recipe = _recipe(args)
     run_dir = RunDir(args.run_dir)
-    run_dir.save_recipe(recipe.to_yaml())
+    # recipe.yaml is written when a stage completes, never by a call that fails (it describes finished stages)
+    run_dir.recipe_yaml = recipe.to_yaml()
+    run_dir.recipe_values = flatten(recipe.model_dump(mode="json"))
     if args.stage == "prepare-data":
         stages.prepare_data_stage(recipe, run_dir, args.force)
     elif args.stage == "train":

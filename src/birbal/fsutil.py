@@ -17,6 +17,24 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
+RECORD_FILES = ("stage.json", "stage.attempt.json")  # a stage's own records: never among its hashed outputs
+ATTEMPT_RECORD = RECORD_FILES[1]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _readable(fd_or_path: int | str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp make 0600/0700 entries; give them the mode a plain open()/mkdir() would (umask applied),
+    so the judge's colleagues can read a run."""
+    mode = (0o777 if directory else 0o666) & ~_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
 
 
 def fsync_dir(path: Path) -> None:
@@ -31,6 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _readable(fd)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -60,6 +79,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
+        _readable(tmp, directory=True)
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
@@ -88,7 +108,9 @@ def sha256_file(path: Path) -> str:
 
 
 def hash_tree(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
-    """sha256 of every file below `root`, by relative POSIX path; hidden temporaries are skipped."""
+    """sha256 of every file below `root`, by relative POSIX path; hidden temporaries and the stage's own records
+    (`RECORD_FILES` at the top) are skipped."""
+    exclude = (*exclude, *RECORD_FILES)
     hashes = {}
     for file in sorted(root.rglob("*")):
         rel = file.relative_to(root).as_posix()

@@ -97,6 +97,6 @@ def prepare_data(recipe: Recipe, out_dir: Path, cache_dir: Path, tokenizer) -> d
                           "rows_dropped": decontaminator.report.rows_dropped},
     }
     atomic_write_json(out_dir / DATA_MANIFEST, manifest)
-    print(f"prepare-data: {rows['train']:,} train / {rows['eval']:,} eval rows; projected "
+    print(f"[birbal] prepare-data: {rows['train']:,} train / {rows['eval']:,} eval rows; projected "
           f"{manifest['projected_tokens_per_epoch']:,} tokens per epoch", file=sys.stderr)
     return manifest

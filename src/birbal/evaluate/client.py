@@ -31,8 +31,26 @@ class Transport(Protocol):
     def run(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
 
 
-def check_server(url: str, timeout_s: float = 10.0) -> None:
-    """Fail now, with the fix, when nothing answers at `url` (rather than once per request later)."""
+def _short(digest: Any) -> str:
+    return f"{digest[:12]}…" if isinstance(digest, str) else "unknown"
+
+
+def check_identity(url: str, health: dict[str, Any], run_id: str, model_digest: str, model_stage: str) -> None:
+    """Refuse a server that is not this run's: its GET /health must report this run's id and the digest of the
+    model this run made (the export's outputs, or the train stage's adapter), as `serve` does."""
+    their_run, their_model = health.get("run_id"), health.get("model_digest")
+    if their_run == run_id and their_model == model_digest:
+        return
+    raise EvaluateError(
+        f"the server at {url} is not this run's: it serves run {their_run or 'unknown'} (model "
+        f"{_short(their_model)}), this run is {run_id} (model {_short(model_digest)} from its {model_stage} stage). "
+        f"Another server holds that address? Stop it, or start this run's server on a free port (`serve --port N`) "
+        f"and pass --url http://127.0.0.1:N")
+
+
+def check_server(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Fail now, with the fix, when nothing answers at `url` (rather than once per request later). Returns the
+    body of GET /health."""
     try:
         response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
     except httpx.HTTPError as err:
@@ -42,17 +60,29 @@ def check_server(url: str, timeout_s: float = 10.0) -> None:
     if response.status_code != 200:
         raise EvaluateError(f"the model server at {url} is not ready: GET /health answered {response.status_code} "
                             f"{response.text[:200]!r}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {}
 
 
-def wait_until_healthy(url: str, timeout_s: float, process=None, poll_s: float = 0.5) -> None:
-    """Poll GET /health until it answers 200; fail when `timeout_s` passes or `process` (the server) exits first."""
+def wait_until_healthy(url: str, timeout_s: float, process=None, poll_s: float = 0.5,
+                       run_id: str | None = None) -> None:
+    """Poll GET /health until it answers 200 (for `run_id`, when given: a server of another run answering at `url`
+    is not ours); fail when `timeout_s` passes or `process` (the server) exits first."""
     deadline = time.monotonic() + timeout_s
+    foreign = None
     while True:
         if process is not None and process.poll() is not None:
-            raise EvaluateError(f"the model server exited ({process.returncode}) before {url} became healthy")
+            other = f"; meanwhile {url} is answered by the server of another run ({foreign})" if foreign else ""
+            raise EvaluateError(f"the model server exited ({process.returncode}) before {url} became healthy{other}")
         try:
-            check_server(url, timeout_s=min(5.0, timeout_s))
-            return
+            health = check_server(url, timeout_s=min(5.0, timeout_s))
+            if run_id is None or health.get("run_id") == run_id:
+                return
+            foreign = health.get("run_id") or "unknown"
+            raise EvaluateError(f"{url} is answered by the server of another run ({foreign}), not {run_id}")
         except EvaluateError as err:
             if time.monotonic() >= deadline:
                 raise EvaluateError(f"the model server at {url} was not healthy within {timeout_s:.0f} s: {err}") \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from importlib import resources
@@ -39,6 +40,23 @@ _NETWORK_ERRORS = re.compile(
     r"connection|Network is unreachable|Couldn't reach|Max retries exceeded|ConnectionError|getaddrinfo failed|"
     r"Connection refused|timed out", re.IGNORECASE)
 _URL = re.compile(r"https?://[^\s'\"<>)\]]+")
+_FAILED_RUNS = re.compile(r"Failed runs: \[(.*)\]")  # crfm-helm's RunnerError, when some run specs raised
+_LOCAL = ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+
+
+def output_files(rel: str) -> bool:
+    """Whether `rel` (relative to evaluate/) is an output of the open suite: HELM's runs of our suite and its log,
+    not its scenarios cache (downloaded input data, which is kept between evaluations)."""
+    return rel == "helm/helm.log" or rel.startswith(f"helm/benchmark_output/runs/{HELM_SUITE}/")
+
+
+def failed_run_specs(lines: list[str]) -> list[str]:
+    """The run spec names helm-run's `Failed runs: [...]` line lists (none when it has none)."""
+    for line in reversed(lines):
+        match = _FAILED_RUNS.search(line)
+        if match:
+            return re.findall(r'"([^"]+)"', match.group(1)) or [n.strip() for n in match.group(1).split(",") if n.strip()]
+    return []
 
 
 def run_specs_path() -> Path:
@@ -79,9 +97,10 @@ def _stream(command: list[str], log: Path, env: dict[str, str]) -> tuple[int, li
     return process.wait(), lines
 
 
-def download_failure(lines: list[str], scenarios: list[str]) -> str | None:
+def download_failure(lines: list[str], scenarios: list[str], cache: Path | None = None) -> str | None:
     """A message naming what HELM tried to reach, when its output shows a network failure; else None."""
-    failures = [line.strip() for line in lines if _NETWORK_ERRORS.search(line)]
+    # errors that name our own server (refused, timed out) are not downloads
+    failures = [line.strip() for line in lines if _NETWORK_ERRORS.search(line) and not any(h in line for h in _LOCAL)]
     if not failures:
         return None
     seen = list(dict.fromkeys(url for line in lines for url in _URL.findall(line)
@@ -91,32 +110,66 @@ def download_failure(lines: list[str], scenarios: list[str]) -> str | None:
     if seen:
         message.append("addresses in HELM's output: " + ", ".join(seen))
     message.append("the open run specs fetch their data from:\n" + "\n".join(needed))
-    message.append("run where these are reachable, or copy a filled HELM scenarios/ cache from such a machine "
-                   "into the output folder; `--suite quick` runs offline")
+    where = f" into {cache}" if cache is not None else " into evaluate/helm/benchmark_output/scenarios/"
+    message.append("run where these are reachable, or copy a filled HELM scenarios/ cache from such a machine"
+                   f"{where} (evaluate keeps it); `--suite quick` runs offline")
     return "\n".join(message)
 
 
 def run_open(url: str, out_dir: Path, max_eval_instances: int | None) -> dict[str, Any]:
-    """helm-run + helm-summarize into `out_dir/benchmark_output`; returns the winners' table rows."""
+    """helm-run + helm-summarize into `out_dir/benchmark_output`; returns the winners' table rows.
+
+    A run spec that fails (helm-run then exits 1 naming it) does not discard the others: what finished is
+    summarised and the failures are listed in the summary (`failed_runs`). Only when nothing finished is the
+    stage failed. The previous evaluation's runs and log stay in place until this one has runs of its own, and
+    HELM's scenarios cache (`benchmark_output/scenarios/`, filled by hand for an offline machine) is never removed.
+    """
     helm_run = helm_executable("helm-run")
     conf = run_specs_path()
     output = out_dir / "benchmark_output"
     log = out_dir / "helm.log"
+    suite_dir = output / "runs" / HELM_SUITE
+    kept = [(path, path.with_name(f".{path.name}.previous")) for path in (suite_dir, log)]
+    for path, aside in kept:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
+        if path.exists():
+            path.rename(aside)
     env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=url)
     command = helm_run_command(helm_run, conf, output, max_eval_instances)
     code, lines = _stream(command, log, env)
-    suite_dir = output / "runs" / HELM_SUITE
-    finished = list(suite_dir.glob("*/stats.json")) if suite_dir.is_dir() else []
-    if code != 0 or not finished:
-        reason = download_failure(lines, run_spec_scenarios(conf))
+    finished = sorted(suite_dir.glob("*/stats.json")) if suite_dir.is_dir() else []
+    failed = failed_run_specs(lines) if code != 0 else []
+    if not finished:  # nothing new: the earlier evaluation's runs and log come back; this log is kept beside
+        failed_log = log
+        (suite_path, suite_aside), (_, log_aside) = kept
+        if log_aside.exists():
+            failed_log = log.with_name("helm.failed.log")
+            if log.exists():
+                log.replace(failed_log)
+            log_aside.rename(log)
+        if suite_aside.exists():
+            shutil.rmtree(suite_path, ignore_errors=True)
+            suite_aside.rename(suite_path)
+        reason = download_failure(lines, run_spec_scenarios(conf), output / "scenarios")
         if reason:
-            raise EvaluateError(f"{reason}\n(full log: {log})")
+            raise EvaluateError(f"{reason}\n(full log: {failed_log})")
         tail = "\n".join(lines[-15:])
-        raise EvaluateError(f"helm-run exited {code} with {len(finished)} finished runs; last lines:\n{tail}\n"
-                            f"(full log: {log})")
+        raise EvaluateError(f"helm-run exited {code} with no finished run"
+                            + (f" ({len(failed)} run specs failed)" if failed else "")
+                            + f"; last lines:\n{tail}\n(full log: {failed_log})")
+    for _, aside in kept:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
     summarize = [str(helm_executable("helm-summarize")), "--suite", HELM_SUITE, "--output-path", str(output)]
     summarize_code, _ = _stream(summarize, log, env)
     summary = summarise_runs(suite_dir)
-    summary.update({"client": f"helm-run ({helm_run})", "helm_summarize_exit": summarize_code,
-                    "command": command})
+    # paths relative to the run dir, so two reproductions' summaries compare
+    relative = ["helm-run", *(conf.name if arg == str(conf) else arg.replace(str(out_dir), "evaluate/helm")
+                              for arg in command[1:])]
+    summary.update({"client": "helm-run", "helm_run_exit": code, "helm_summarize_exit": summarize_code,
+                    "failed_runs": failed, "command": relative,
+                    "suite_dir": f"evaluate/helm/benchmark_output/runs/{HELM_SUITE}"})
+    if code != 0:
+        print(f"[birbal] evaluate: helm-run exited {code}: {len(finished)} run specs finished, {len(failed)} failed"
+              + (f" ({', '.join(failed[:5])}{', …' if len(failed) > 5 else ''})" if failed else "")
+              + f"; the summary holds what finished (full log: {log})", file=sys.stderr, flush=True)
     return summary

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from birbal.config.serve import ServeConfig
 from birbal.errors import ServeError
 from birbal.serve.engine import Engine
-from birbal.serve.errors import NotReadyError, PayloadTooLargeError, RequestError
+from birbal.serve.errors import CancelledError, NotReadyError, PayloadTooLargeError, RequestError
 from birbal.serve.schemas import (
     DecodeRequest,
     DecodeResponse,
@@ -150,6 +150,36 @@ class RequestCounter:
         await self.app(scope, receive, counting)
 
 
+class InternalErrors:
+    """A bug in this server (any exception no handler took) becomes one logged traceback and a 500 with the error
+    body, answered here, inside RequestCounter, so that it is counted. (Starlette's own last-resort handler sits
+    outside every middleware, where the count misses it, and re-raises, so uvicorn logs the traceback again.)"""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as err:  # noqa: BLE001 - the last resort: logged once, answered, the server keeps serving
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                response = JSONResponse(status_code=500, content={
+                    "error": f"internal server error: {type(err).__name__}: {err}", "error_type": "internal"})
+                await response(scope, receive, send)
+
+
 def _error_response(err: RequestError) -> JSONResponse:
     return JSONResponse(status_code=err.status, content={"error": str(err), "error_type": err.error_type})
 
@@ -171,12 +201,14 @@ def _describe_validation(err: RequestValidationError) -> str:
     return "; ".join(problems)
 
 
-def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAPI:
+def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig,
+               identity: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app around a loaded `Engine`, or around a factory that loads one in the background.
 
     With a factory, /health answers 503 until the model is loaded and /process answers 503 meanwhile.
     `serve_cfg` must be the one the engine was built with: the engine enforces its token limits, the app its
-    body size limit.
+    body size limit. `identity` (`run_id`, `model_digest`, `model_stage`: which run's model this is) is reported
+    by GET /health, so a client can prove it talks to the server of its own run.
     """
     if isinstance(engine, Engine) and engine.cfg != serve_cfg:
         raise ServeError("create_app: the engine was built with another ServeConfig than the app's; the limits "
@@ -221,15 +253,34 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAP
         error_type = _HTTP_ERROR_TYPES.get(err.status_code, "http")
         return JSONResponse(status_code=err.status_code, content={"error": str(err.detail), "error_type": error_type})
 
-    @app.exception_handler(Exception)
-    async def _internal_error(_, err: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return JSONResponse(status_code=500, content={"error": f"internal server error: {type(err).__name__}: {err}",
-                                                      "error_type": "internal"})
+    cancelled_counts: Counter = Counter()
+    app.state.cancelled = cancelled_counts
 
     @app.post("/process", response_model=ProcessResponse, responses=_ERROR_RESPONSES)
-    async def process(request: ProcessRequest) -> ProcessResponse:
-        return await run(generation, slot.ready().process, request)
+    async def process(request: ProcessRequest, raw: Request) -> ProcessResponse:
+        """Runs on the generation thread; a client that disconnects meanwhile has its generation cancelled: a
+        queued one never starts, a running one stops at its next token."""
+        engine = slot.ready()
+        stop = threading.Event()
+        started = threading.Event()
+
+        def generate() -> ProcessResponse:
+            started.set()
+            return engine.process(request, stop)
+
+        future = asyncio.get_running_loop().run_in_executor(generation, generate)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.05)
+            if done:
+                return future.result()
+            if await raw.is_disconnected():
+                stop.set()
+                where = "running" if started.is_set() else "queued"
+                if where == "queued":
+                    future.cancel()  # not started: the executor drops it
+                cancelled_counts[where] += 1
+                log.info("client went away: %s generation cancelled", where)
+                raise CancelledError(f"the client went away: {where} generation cancelled")
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
@@ -242,12 +293,14 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig) -> FastAP
     @app.get("/health", responses=_ERROR_RESPONSES)
     async def health() -> dict[str, Any]:
         engine = slot.ready()
-        return {"status": "ready", "model": engine.source, "load_s": engine.load_s,
+        return {"status": "ready", **(identity or {"run_id": None, "model_digest": None}),
+                "model": engine.source, "load_s": engine.load_s,
                 "device": str(engine.device), "decode": engine.decode_mode, "postprocess": engine.policy.name,
                 "requests": engine.stats.requests}
 
     app.add_middleware(BodySizeLimit, max_bytes=serve_cfg.max_body_bytes)
-    app.add_middleware(RequestCounter, counts=counts)  # added last = outermost: it sees the 413s too
+    app.add_middleware(InternalErrors)
+    app.add_middleware(RequestCounter, counts=counts)  # added last = outermost: it sees the 413s and 500s too
     return app
 
 

@@ -47,7 +47,7 @@ from birbal.config.serve import ServeConfig
 from birbal.errors import ServeError
 from birbal.serve.decode import make_decoder, resolve_mode
 from birbal.serve.detok import IncrementalDetokenizer, surface_cache
-from birbal.serve.errors import OverloadedError, ValidationError
+from birbal.serve.errors import CancelledError, OverloadedError, ValidationError
 from birbal.serve.postprocess import BLANK_LINE, get_policy
 from birbal.serve.schemas import (
     DecodeRequest,
@@ -231,9 +231,11 @@ class Engine:
                 f"{prompt_tokens} prompt tokens + {max_new_tokens} max_new_tokens = "
                 f"{prompt_tokens + max_new_tokens}", field="max_new_tokens")
 
-    def process(self, request: ProcessRequest) -> ProcessResponse:
+    def process(self, request: ProcessRequest, cancelled=None) -> ProcessResponse:
+        """`cancelled` (a threading.Event), when set, ends the generation at its next step with CancelledError:
+        the app sets it when the client has gone away."""
         if self.cfg.request_policy == "upstream":
-            return self._process_upstream(request)
+            return self._process_upstream(request, cancelled)
         t0 = time.perf_counter()
         echo = request.echo_prompt
         prompt = request.prompt if echo else self.policy.prompt(request.prompt)
@@ -243,7 +245,7 @@ class Engine:
         if not echo and self.policy.name == "birbal" and BLANK_LINE not in stops:
             stops.append(BLANK_LINE)  # the policy cuts the output there anyway: stop generating at it
         try:
-            tokens, generated = self._run(ids, request, stops)
+            tokens, generated = self._run(ids, request, stops, cancelled)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -262,7 +264,7 @@ class Engine:
 
     # ---- serve.request_policy: upstream (the winners' main.py; birbal.serve.upstream says what and where) -----
 
-    def _process_upstream(self, request: ProcessRequest) -> ProcessResponse:
+    def _process_upstream(self, request: ProcessRequest, cancelled=None) -> ProcessResponse:
         from birbal.serve import upstream
 
         t0 = time.perf_counter()
@@ -277,7 +279,7 @@ class Engine:
         ids = self.encode(self.policy.prompt(request.prompt))  # echo requests are wrapped too (main.py:57-61)
         self.check_lengths(len(ids), request.max_new_tokens)
         try:
-            steps = self._run_upstream(ids, request, upstream)
+            steps = self._run_upstream(ids, request, upstream, cancelled)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -301,7 +303,8 @@ class Engine:
         return ProcessResponse(text=text, tokens=tokens, logprob=total, request_time=elapsed)
 
     @torch.inference_mode()
-    def _run_upstream(self, ids: list[int], request: ProcessRequest, upstream) -> list[tuple[float, ...]]:
+    def _run_upstream(self, ids: list[int], request: ProcessRequest, upstream,
+                      cancelled=None) -> list[tuple[float, ...]]:
         """[(id, logprob, argmax id, its logprob)] per generated token, end-of-sequence included and last; each step
         queued before the host reads the token before it, as in `_run`."""
         steps: list[tuple[float, ...]] = []
@@ -310,6 +313,9 @@ class Engine:
         decoder = self.decoder if request.max_new_tokens > 1 else self.prefill_only
         last = decoder.prefill(ids, all_positions=False, reserve=len(ids) + request.max_new_tokens)[-1]
         for step in range(request.max_new_tokens):
+            if cancelled is not None and cancelled.is_set():
+                raise CancelledError(f"the client went away: generation stopped after {step} of "
+                                     f"{request.max_new_tokens} tokens")
             packed, token = upstream.choose(last, request.temperature, request.top_k)
             pending = self._pending(token, packed)
             if step + 1 < request.max_new_tokens:
@@ -340,7 +346,8 @@ class Engine:
         return _Sampling(False, request.temperature, request.top_k, request.top_p, generator)
 
     @torch.inference_mode()
-    def _run(self, ids: list[int], request: ProcessRequest, stops: list[str]) -> tuple[list[Token], list[int]]:
+    def _run(self, ids: list[int], request: ProcessRequest, stops: list[str],
+             cancelled=None) -> tuple[list[Token], list[int]]:
         """(returned tokens, the ids generated, before any stop cut)."""
         echo, k = request.echo_prompt, request.top_k_per_token
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -357,6 +364,9 @@ class Engine:
         longest_stop = max((len(s) for s in stops), default=0)
         last = logits[-1]
         for step in range(request.max_new_tokens):
+            if cancelled is not None and cancelled.is_set():
+                raise CancelledError(f"the client went away: generation stopped after {step} of "
+                                     f"{request.max_new_tokens} tokens")
             pending = self._choose(last, sampling, k)
             if step + 1 < request.max_new_tokens:
                 last = decoder.step(pending.token)  # queued behind the choice and its copy, before the host reads

@@ -46,6 +46,15 @@ class OverloadedError(RequestError):
     error_type = "overloaded"
 
 
+class CancelledError(RequestError):
+    """The client disconnected before its generation ended: the generation is stopped (or, queued, never run).
+    499 is nginx's "client closed request"; the client is gone, so it only shows in the request counts."""
+
+    status = 499
+    error_type = "cancelled"
+
+
 # The status table in one place, for the docs and the tests.
 STATUS_TABLE: dict[str, int] = {cls.error_type: cls.status for cls in
-                                (ValidationError, PayloadTooLargeError, NotReadyError, OverloadedError, RequestError)}
+                                (ValidationError, PayloadTooLargeError, NotReadyError, OverloadedError, CancelledError,
+                                 RequestError)}

@@ -82,6 +82,17 @@ class TokenizeRequest(_Request):
     truncation: bool = True
     max_length: int = Field(2048, ge=1, le=MAX_TOKENIZE_LENGTH)
 
+    @field_validator("text")
+    @classmethod
+    def _valid_unicode(cls, value: str) -> str:
+        # A lone surrogate (JSON "\ud800") is no text the tokenizer can encode; /process's prompt is refused the
+        # same way by pydantic's own string check.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"must be valid Unicode: a lone surrogate at position {err.start}") from None
+        return value
+
 
 class TokenizeResponse(BaseModel):
     tokens: list[int]

@@ -1,8 +1,9 @@
 """The serve stage: load the run's exported model, serve the challenge API until told to stop, record it.
 
-`serve/stage.json` says `running` (with the URL and pid) while the server is up, and `complete` with outcome
-`stopped` and the request counts after a graceful SIGTERM/SIGINT (uvicorn finishes the requests in flight).
-A model that fails to load stops the server and leaves the record `failed` with the reason.
+`serve/stage.attempt.json` says `running` (with the URL, pid, run id and model digest) while the server is up;
+`serve/stage.json` is written `complete` with outcome `stopped` and the request counts after a graceful
+SIGTERM/SIGINT (uvicorn finishes the requests in flight). A port that cannot be bound, or a model that fails to
+load, stops the stage and leaves the attempt `failed` with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from birbal.config import Recipe
 from birbal.errors import RunDirError, ServeError
 from birbal.fsutil import sha256_file
-from birbal.rundir import RunDir
+from birbal.rundir import RunDir, published_digest
 from birbal.serve.app import create_app
 from birbal.serve.engine import Engine
 
@@ -40,7 +41,7 @@ def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path, hub_cache: 
         if not (folder / "config.json").is_file():
             raise ServeError(f"{folder} holds no merged model: run the export stage first "
                              "(or set serve.model=adapter to serve the base plus the trained adapter)")
-        return (lambda: Engine.from_merged(folder, cfg)), {"model": str(folder), "upstream": _digest(run_dir, "export")}
+        return (lambda: Engine.from_merged(folder, cfg)), {"model": str(folder), "upstream": _digest(run_dir, "merged")}
 
     from birbal.models import base_model_location, load_tokenizer
 
@@ -58,7 +59,7 @@ def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path, hub_cache: 
         return Engine.from_adapter(base, adapter, tokenizer, cfg, revision=revision, quantization=quantization)
 
     return load, {"model": f"{base}@{revision}" if revision else base, "adapter": str(adapter),
-                  "upstream": _digest(run_dir, "export")}
+                  "upstream": _digest(run_dir, "adapter")}
 
 
 def _published_factory(recipe: Recipe, cache_dir: Path, hub_cache: Path | None):
@@ -85,7 +86,7 @@ def _published_factory(recipe: Recipe, cache_dir: Path, hub_cache: Path | None):
 
     return load, {"model": f"{base}@{revision}" if revision else base, "adapter": where,
                   "adapter_files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()},
-                  "upstream": None}
+                  "upstream": published_digest(recipe)}
 
 
 def _check_against_record(run_dir: RunDir, stage: str, folder: Path, prefix: str) -> None:
@@ -121,11 +122,15 @@ def use_compile_cache(cache_dir: Path) -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
 
 
-def _digest(run_dir: RunDir, stage: str) -> str | None:
+def _digest(run_dir: RunDir, serve_model: str) -> str:
+    """The served model's digest, after re-hashing the files its stage recorded: the server reports it in /health
+    and evaluate checks it. Files not recorded by a complete stage are not served."""
     try:
-        return run_dir.outputs_digest(stage)
-    except RunDirError:
-        return None  # served from files another way (copied in by hand): recorded as unknown, not refused
+        return run_dir.model_digest(serve_model)[0]
+    except RunDirError as err:
+        stage = "export"
+        raise ServeError(f"{err}" if "not complete" not in str(err) else
+                         f"the {stage} stage is not complete in {run_dir.path}: run the {stage} stage first") from None
 
 
 def _server_class():
@@ -156,7 +161,8 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {err.strerror} (another server, perhaps another run's, "
+                         f"holds it: stop it, or pass a free --port)") from None
     sock.set_inheritable(True)
     return sock
 
@@ -175,15 +181,21 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     cache_dir = cache_dir or run_dir.path / "cache"
     factory, sources = engine_factory(recipe, run_dir, cache_dir)
     compile_cache = use_compile_cache(cache_dir)
-    sock = _bind(host, port)
+    record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
+    try:
+        sock = _bind(host, port)
+    except ServeError as err:  # another server holds the port: say so, and leave the failure on record
+        run_dir.fail(record, str(err))
+        raise
     bound_port = sock.getsockname()[1]
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{bound_port}"
-    app = create_app(factory, cfg)
-    server = _server_class()(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=30))
-
-    record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
+    identity = {"run_id": run_dir.run_id, "model_digest": sources["upstream"],
+                "model_stage": "published" if cfg.published_adapter is not None else "export"}
+    app = create_app(factory, cfg, identity)
+    # no access line per request (HELM sends thousands): the counts by path and status go to serve/stage.json
+    server = _server_class()(uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=30))
     record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess,
-                           "compile_cache": compile_cache})
+                           "compile_cache": compile_cache, **identity})
     run_dir.write_record(record)
     slot = app.state.slot
 
@@ -206,6 +218,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
         raise ServeError(f"the model failed to load: {slot.error}")
     engine = slot.engine
     details = {"requests": dict(sorted(app.state.request_counts.items())), "url": url,
+               "cancelled_for_gone_clients": dict(app.state.cancelled),
                "stopped_by": server.stop_signal}
     if engine is not None:
         details.update({"load_s": engine.load_s, "warmup_s": engine.warmup_s, "decode": engine.decode_mode,

@@ -8,7 +8,6 @@ paged AdamW) still do all the numerical work.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -73,7 +72,11 @@ def numeric_recipe_digest(recipe: Recipe) -> str:
 
 
 class QLoRARecipe:
-    def __init__(self, recipe: Recipe, data_dir: Path, out_dir: Path, cache_dir: Path):
+    def __init__(self, recipe: Recipe, data_dir: Path, out_dir: Path, cache_dir: Path,
+                 inputs: dict | None = None):
+        """`inputs` (the data's outputs digest and the flattened recipe, from the train stage) is saved in every
+        checkpoint, so a resume can tell a checkpoint trained on other data (`checkpoint.resume_problem`)."""
+        self.inputs = inputs
         self.cfg = recipe
         self.train_cfg = recipe.train
         self.data_dir = data_dir
@@ -125,7 +128,7 @@ class QLoRARecipe:
                                        num_training_steps=self.total_steps)
         self.state = {"global_step": 0, "tokens_seen": 0, "eval_history": [], "best_step": None,
                       "best_eval_loss": None, "step_time_s": None, "eval_time_s": None, "save_time_s": None,
-                      "recipe_digest": numeric_recipe_digest(self.cfg)}
+                      "recipe_digest": numeric_recipe_digest(self.cfg), "inputs": self.inputs}
         self._resume_if_possible()
 
     def _packed_rows(self, name: str, limit: int | None, shuffle_seed: int | None) -> list[PackedRow]:
@@ -160,26 +163,35 @@ class QLoRARecipe:
         return cls(self.trainable, **kwargs)
 
     def _resume_if_possible(self) -> None:
+        """Resume from the newest checkpoint that reads whole; a corrupt one (a truncated or missing file) is set
+        aside as `step-N.corrupt` with a one-line warning, and the one before it is tried."""
         checkpoints = ckpt.list_checkpoints(self.checkpoint_dir)
-        if not checkpoints:
+        loaded = None
+        for step, folder in reversed(checkpoints):
+            try:
+                loaded = step, folder, ckpt.read_checkpoint(folder, str(self.device))
+                break
+            except ckpt.CorruptCheckpoint as err:
+                aside = ckpt.set_aside(folder)
+                tqdm.write(file=sys.stderr, s=f"warning: {err}; moved to {aside.name}, trying the checkpoint before it")
+        if loaded is None:
             self.metrics.truncate_after(0)
             return
-        step, folder = checkpoints[-1]
-        state = ckpt.load_torch(folder / "rng_state.pt")
-        saved = json.loads((folder / ckpt.STATE).read_text())
+        step, folder, (saved, adapter, optimizer, scheduler, rng) = loaded
         if saved.get("recipe_digest") != self.state["recipe_digest"]:
             raise TrainError(
                 f"checkpoint {folder} was made by a different recipe (model, LoRA or optimisation values differ; "
                 f"only {', '.join(RESUMABLE_DIFFERENCES)} may change on resume): use a new --run-dir")
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(folder / ckpt.ADAPTER / "adapter_model.safetensors",
-                                                        device=str(self.device)))
-        self.optimizer.load_state_dict(ckpt.load_torch(folder / "optimizer.pt"))
-        self.scheduler.load_state_dict(ckpt.load_torch(folder / "scheduler.pt"))
-        ckpt.restore_rng_state(state)
+        set_peft_model_state_dict(self.model, adapter)
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(scheduler)
+        ckpt.restore_rng_state(rng)
+        inputs = self.state.get("inputs")
         self.state.update(saved)
+        if inputs is not None:
+            self.state["inputs"] = inputs  # the checkpoints saved from here on record this run's inputs
         self.metrics.truncate_after(step)
         tqdm.write(file=sys.stderr, s=f"resuming from {folder.name}: step {step}/{self.total_steps}, "
                    f"budget used {self.ledger.used_s() / 3600:.3f} h of {self.train_cfg.budget_hours} h")
@@ -250,7 +262,8 @@ class QLoRARecipe:
         evaluated = [e["eval_loss"] for e in self.state["eval_history"] if e["step"] == step]
         if evaluated and (self.state["best_eval_loss"] is None or evaluated[-1] < self.state["best_eval_loss"]):
             self.state["best_eval_loss"], self.state["best_step"] = evaluated[-1], step
-        ckpt.save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.state)
+        ckpt.save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer, self.scheduler, self.state,
+                             base_model=self.cfg.model.name_or_path)
         self.ledger.checkpoint(step)
         protect = {step} | ({self.state["best_step"]} if self.state["best_step"] is not None else set())
         ckpt.prune_checkpoints(self.checkpoint_dir, self.train_cfg.save_total_limit, protect)
