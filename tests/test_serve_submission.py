@@ -66,13 +66,20 @@ def test_the_profile_validates_and_pins_base_and_adapter():
 
 
 def test_the_published_adapter_loads_from_a_hub_cache_and_serves_as_their_server(tmp_path):
+    from birbal.fsutil import digest_of
+    from birbal.rundir import published_digest
     from birbal.serve.stage import engine_factory
 
     recipe = load_recipe("birbal-submission", _local())
     revision = recipe.serve.published_adapter.revision
     cache = _hub_cache(tmp_path / "hub", revision)
     load, sources = engine_factory(recipe, RunDir(tmp_path / "run"), tmp_path / "run" / "cache", hub_cache=cache)
-    assert sources["adapter"] == f"{REPO_ID}@{revision}" and sources["upstream"] is None
+    assert sources["adapter"] == f"{REPO_ID}@{revision}"
+    # /health's model_digest names the pinned base and adapter commits, as evaluate expects (never another run's)
+    assert sources["upstream"] == published_digest(recipe) == digest_of(
+        {"base": f"{recipe.model.name_or_path}@{recipe.model.revision}", "adapter": f"{REPO_ID}@{revision}"})
+    assert published_digest(load_recipe("birbal-submission", [*_local(), f"serve.published_adapter.revision={'a' * 40}"])) \
+        != sources["upstream"]
     assert set(sources["adapter_files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     served = load()
     assert f"{REPO_ID}@{revision}" in served.source
