@@ -311,3 +311,20 @@ def test_birbal_4090_is_upstreams_and_plus_turns_every_switch_on():
     for name, (upstream, better) in switches.items():
         assert getattr(faithful, name) == upstream, name
         assert getattr(plus, name) == better, name
+
+
+def test_training_window_is_flash_attns(smoke_recipe, shared_cache):
+    """flash-attn's window_size=(w, w) with causal=True keeps keys j with i - w <= j <= i (flash_attn_interface
+    docstring); transformers' overlay with sliding_window + 1 keeps exactly those."""
+    from transformers.masking_utils import sliding_window_overlay
+
+    from birbal.train.model import build_qlora_model
+
+    w = smoke_recipe.model.architecture.sliding_window
+    model = build_qlora_model(smoke_recipe, shared_cache, torch.device("cpu"))
+    window = model.get_base_model().config.sliding_window
+    assert window == w + 1
+    keep = sliding_window_overlay(window)
+    for q in (w - 1, w, w + 5):
+        allowed = [kv for kv in range(q + 1) if keep(0, 0, q, kv)]
+        assert allowed == [kv for kv in range(q + 1) if q - w <= kv]

@@ -48,6 +48,10 @@ class TrainConfig(Section):
     epoch_length: Literal["estimate", "all_bins"] = Field(
         "estimate", description="estimate: each epoch yields axolotl's estimated number of bins and stops (a few "
                                 "bins early); all_bins: every packed bin of every epoch is trained on.")
+    sliding_window_keys: Literal["flash_attn", "transformers"] = Field(
+        "flash_attn", description="flash_attn: a token sees itself and sliding_window tokens before it, as upstream's "
+                                  "flash-attn 2.3 window did while training; transformers: sliding_window keys in "
+                                  "all, transformers 5's mask.")
     eval_at_end: bool = Field(
         False, description="Also evaluate at the last step, making its checkpoint a candidate for the best model "
                            "(HF Trainer 4.35 evaluates only at multiples of eval_steps).")
