@@ -483,6 +483,80 @@ def call_worker(argv: list[str], timeout: float) -> dict | None:
     return {"status": "error", "error": f"worker exited {proc.returncode} without a result"}
 
 
+# ---- the dataset's size, for the 24-hour projection ------------------------------------------------------------
+# The published train_dataset.json (upaya07/NeurIPS-LLM-data) is about 256 MB for about 204k rows (its hub listing,
+# as read in issue 15); their combine_datasets.py:211-212 wrote it with json.dump(rows, f, indent=1), ASCII-escaped.
+PUBLISHED_TRAIN_BYTES = 256e6
+PUBLISHED_TRAIN_ROWS = 204_000
+# A 4090's dense bf16 tensor rate with fp32 accumulation (165 TFLOP/s, spec sheet) over the H200's measured 790.
+RTX4090_OVER_H200 = 165.0 / 790.0
+
+
+def published_tokens_estimate(rows: list[dict], tokenizer) -> dict:
+    """Tokens an epoch of the published file, from bytes per token measured on `rows` ({question, answer, source}
+    in the published schema: the smoke data, built from fixtures of each real source).
+
+    Bytes are counted as the file holds them: each row's two JSON-escaped strings (the row's keys and indentation,
+    the same ~38 bytes for every row, are taken off the file size first); tokens as birbal-4090 trains on them
+    (upstream tokenisation: BOS + prompt, answer + EOS). The ratio depends on the text: digits tokenise one by
+    one (MathInstruct about 2.4 bytes a token), prose about 4-4.7; so the estimate is given for the fixture rows'
+    own ratio and for the ratios of their most and least dense sources.
+    """
+    from collections import defaultdict
+
+    from birbal.train.packing import UpstreamEncoder, tokenize_example
+
+    enc = UpstreamEncoder(tokenizer)
+    per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for row in rows:
+        q, a = row["question"], row["answer"]
+        full = len(json.dumps([{"question": q, "answer": a}], indent=1).encode()) - 4  # without "[\n" and "\n]"
+        content = len(json.dumps(q).encode()) + len(json.dumps(a).encode()) - 4
+        tokens = len(tokenize_example(tokenizer, q, a, mode="upstream", upstream=enc))
+        for key in (row.get("source", "?"), "all"):
+            acc = per_source[key]
+            acc[0] += full
+            acc[1] += content
+            acc[2] += tokens
+            acc[3] += 1
+    overhead = (per_source["all"][0] - per_source["all"][1]) / per_source["all"][3]
+    content_bytes = PUBLISHED_TRAIN_BYTES - PUBLISHED_TRAIN_ROWS * overhead
+    ratios = {k: v[1] / v[2] for k, v in per_source.items()}
+    sources = {k: r for k, r in ratios.items() if k != "all"}
+    estimate = {name: round(content_bytes / ratio) for name, ratio in
+                (("at_fixture_ratio", ratios["all"]), ("if_all_like_" + min(sources, key=sources.get),
+                                                       min(sources.values())),
+                 ("if_all_like_" + max(sources, key=sources.get), max(sources.values())))}
+    return {"file_bytes": PUBLISHED_TRAIN_BYTES, "rows": PUBLISHED_TRAIN_ROWS,
+            "json_overhead_bytes_per_row": round(overhead, 1), "content_bytes": round(content_bytes),
+            "content_bytes_per_token": {k: round(r, 3) for k, r in sorted(ratios.items())},
+            "fixture_rows": {k: v[3] for k, v in sorted(per_source.items())},
+            "tokens_per_epoch": estimate}
+
+
+def projection(tokens_per_epoch: float, useful_tokens_per_s: float, epochs: float = 3.0,
+               budget_h: float = 24.0) -> dict:
+    """Hours for `epochs` on the measuring GPU (an H200 here) and on a 4090 (scaled by RTX4090_OVER_H200), and
+    the epochs a 4090 gets through in the budget."""
+    h200_h = tokens_per_epoch * epochs / useful_tokens_per_s / 3600
+    rtx_h = h200_h / RTX4090_OVER_H200
+    return {"tokens_per_epoch": round(tokens_per_epoch), "h200_hours": round(h200_h, 2),
+            "rtx4090_hours": round(rtx_h, 1), "rtx4090_epochs_in_budget": round(min(epochs, epochs * budget_h / rtx_h), 2)}
+
+
+def estimate_main(data: Path, useful_tokens_per_s: float) -> dict:
+    from birbal.config import load_recipe
+    from birbal.models import load_tokenizer
+
+    tokenizer = load_tokenizer(load_recipe("smoke").model.tokenizer, Path("/tmp/birbal-bench-cache"))
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    # the synthetic `fixture-mix` rows are not text of any real source: left out of the ratio
+    est = published_tokens_estimate([r for r in rows if r.get("source") != "fixture-mix"], tokenizer)
+    est["projection_3_epochs"] = {k: projection(v, useful_tokens_per_s) for k, v in est["tokens_per_epoch"].items()}
+    est["useful_tokens_per_s"] = useful_tokens_per_s
+    return est
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="write the JSON results here (rewritten after every variant)")
@@ -499,10 +573,18 @@ def main() -> int:
     ap.add_argument("--deadline-s", type=float, default=540.0, help="skip variants that cannot finish by then")
     ap.add_argument("--variant-timeout-s", type=float, default=200.0)
     ap.add_argument("--profile-dir", type=Path, help="profile one extra step per variant; tables written here")
+    ap.add_argument("--estimate-tokens", type=Path, metavar="TRAIN_JSONL",
+                    help="no GPU: estimate the published file's tokens an epoch from these rows' bytes per token "
+                         "(e.g. a smoke run's data/train.jsonl) and project 3 epochs at --rate; print JSON")
+    ap.add_argument("--rate", type=float, default=9659.0,
+                    help="useful tokens/s for --estimate-tokens (default: the H200 mix rate in results/README.md)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.checkpoint = args.workdir / f"mistral-{args.arch}-random-bf16"
+    if args.estimate_tokens:
+        print(json.dumps(estimate_main(args.estimate_tokens, args.rate), indent=1))
+        return 0
 
     if args.build:
         arch = MISTRAL_7B if args.arch == "7b" else TINY

@@ -5,6 +5,7 @@ The data is the smoke profile's learnable fixture alone, so the GPU machine need
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -128,3 +129,46 @@ def test_compiled_layers_match_eager_on_cuda(attention, tokenizer, tmp_path):
     recipe = load_recipe("smoke", ["train.device=cuda", "quantization.compute_dtype=float32",
                                    f"model.attn_implementation={attention}"])
     assert_compiled_matches_eager(recipe, tmp_path, tokenizer, torch.device("cuda"))
+
+
+def test_birbal_4090_training_maths_at_the_7b_shape(tmp_path):
+    """The real CLI with birbal-4090's own train settings (upstream tokenisation, one 16,384-token multipack bin
+    per micro-batch, NEFTune by the row, mean of micro-batch means, flex_attention, compiled layers, 2 unchecked,
+    the 24 GiB cap) on random weights of the Mistral-7B shape: it fits, learns nothing absurd, and the bins are
+    upstream's 2 x 8192."""
+    import random
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from shapes import MISTRAL_7B
+    from train_throughput import build_checkpoint
+
+    checkpoint = build_checkpoint(tmp_path / "mistral-7b-random-bf16", MISTRAL_7B, "cuda")["checkpoint"]
+    torch.cuda.empty_cache()
+    words = ["river", "stone", "apple", "paper", "silver", "table", "bread", "cloud", "seven", "green"]
+    rng = random.Random(0)
+    rows = tmp_path / "long_rows.jsonl"
+    with open(rows, "w") as f:  # answers of ~2,000-3,000 tokens, so bins fill past 8,192 tokens
+        for i in range(14):
+            f.write(json.dumps({"instruction": "Repeat the words in the input, then continue the pattern.",
+                                "input": f"Words number {i}: " + " ".join(rng.choices(words, k=12)),
+                                "output": " ".join(rng.choices(words, k=rng.randint(1800, 2600)))}) + "\n")
+    overrides = [
+        f"model.name_or_path={checkpoint}",
+        "model.tokenizer={source: mistral-common, name_or_path: null, revision: null, "
+        "sha256: dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055}",
+        "data.mode=rebuild", "data.eval_fraction=0.15", "data.contamination.benchmarks=[]",
+        f"data.rebuild.sources=[{{name: long, kind: instruction_rows, origin: {{path: {rows}}}}}]",
+        "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "train.budget_hours=1"]
+    args = [a for o in overrides for a in ("--set", o)]
+    run = tmp_path / "run"
+    run_cli("prepare-data", "--profile", "birbal-4090", "--run-dir", str(run), *args)
+    run_cli("train", "--profile", "birbal-4090", "--run-dir", str(run), *args, timeout=1200)
+    details = json.loads((run / "train" / "stage.json").read_text())["details"]
+    train = [m for m in _train_metrics(run) if m["event"] == "train"]
+    assert details["global_step"] == 2 and len(train) == 2
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in train)
+    # one micro-batch of more than 8,192 real tokens: a single 16,384-wide row, as axolotl's multipack made
+    assert max(m["tokens"] for m in train) > 8192 and max(m["tokens"] for m in train) <= 4 * 16384
+    assert details["packing_efficiency_estimate"] > 0.5
+    assert [e["step"] for e in details["eval_history"]] == [2] and math.isfinite(details["eval_history"][0]["eval_loss"])
+    assert 0 < details["peak_gpu_memory_gib"] < 24

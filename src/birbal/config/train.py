@@ -10,7 +10,8 @@ from birbal.config.base import Section
 
 
 class TrainConfig(Section):
-    seed: int = Field(description="Seeds data order, LoRA init, dropout and NEFTune noise (not set upstream).")
+    seed: int = Field(description="Seeds data order, LoRA init, dropout and NEFTune noise (upstream: HF Trainer's "
+                                  "default 42, nips_02 leaving `#seed: 57` commented out).")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sequence_len: int = Field(gt=0, description="Tokens per packed row.")
     sample_packing: bool = True
@@ -29,6 +30,31 @@ class TrainConfig(Section):
     num_epochs: float = Field(gt=0.0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps (None: epochs).")
     neftune_noise_alpha: float | None = Field(None, ge=0.0, description="NEFTune alpha; None turns it off.")
+    # Fidelity switches (docs/FIDELITY.md): the first value of each is what the winners' code did, the default.
+    tokenization: Literal["upstream", "joint"] = Field(
+        "upstream", description="upstream: axolotl's prompt and answer tokenised apart by SentencePiece (the answer "
+                                "gets a dummy-prefix '▁'); joint: question + answer in one call of the tokenizer, "
+                                "as the server tokenises a prompt and its continuation.")
+    neftune_scale: Literal["row", "example"] = Field(
+        "row", description="row: alpha / sqrt(packed row width x d) for every token, as upstream; example: "
+                           "alpha / sqrt(example length x d), NEFTune's own scale for each packed example.")
+    loss_averaging: Literal["micro_batch_mean", "token_mean"] = Field(
+        "micro_batch_mean", description="micro_batch_mean: the step's loss is the mean of its micro-batches' mean "
+                                        "losses (HF Trainer 4.35); token_mean: every labelled token of the step "
+                                        "weighs the same.")
+    eval_loss_averaging: Literal["bin_mean", "token_mean"] = Field(
+        "bin_mean", description="bin_mean: eval_loss is the mean of per-bin mean losses (HF evaluation_loop); "
+                                "token_mean: every labelled eval token weighs the same.")
+    epoch_length: Literal["estimate", "all_bins"] = Field(
+        "estimate", description="estimate: each epoch yields axolotl's estimated number of bins and stops (a few "
+                                "bins early); all_bins: every packed bin of every epoch is trained on.")
+    sliding_window_keys: Literal["flash_attn", "transformers"] = Field(
+        "flash_attn", description="flash_attn: a token sees itself and sliding_window tokens before it, as upstream's "
+                                  "flash-attn 2.3 window did while training; transformers: sliding_window keys in "
+                                  "all, transformers 5's mask.")
+    eval_at_end: bool = Field(
+        False, description="Also evaluate at the last step, making its checkpoint a candidate for the best model "
+                           "(HF Trainer 4.35 evaluates only at multiples of eval_steps).")
     gradient_checkpointing: bool = True
     unchecked_layers: int = Field(
         0, ge=0, description="With gradient checkpointing, leave the last N decoder layers unchecked: their "

@@ -63,25 +63,40 @@ def remove_partials(folder: Path) -> None:
 
 
 class TokenStats:
-    """Tokens per row as training sees them (BOS + question + answer + EOS), tokenised in batches."""
+    """Tokens per row as training sees them. With `tokenization="upstream"` (birbal-4090): the prompt and the
+    answer tokenised apart by SentencePiece, as axolotl did (BOS + prompt, answer + EOS; `train/packing.py`);
+    with "joint": BOS + question + answer + EOS in one call of the tokenizer, in batches."""
 
-    def __init__(self, tokenizer, windows: tuple[int, ...], batch: int = 512):
+    def __init__(self, tokenizer, windows: tuple[int, ...], batch: int = 512, tokenization: str = "joint"):
         self.tokenizer = tokenizer
         self.windows = tuple(sorted(set(windows)))
         self.batch = batch
-        self._pending: list[str] = []
+        self.encoder = None
+        if tokenization == "upstream":
+            from birbal.train.packing import UpstreamEncoder
+
+            self.encoder = UpstreamEncoder(tokenizer)
+        self._pending: list[tuple[str, str]] = []
         self.lengths: Counter[int] = Counter()
 
     def add(self, row: dict) -> None:
-        self._pending.append(row["question"] + row["answer"])
+        self._pending.append((row["question"], row["answer"]))
         if len(self._pending) >= self.batch:
             self._flush()
 
     def _flush(self) -> None:
-        if self._pending:
-            encoded = self.tokenizer(self._pending, add_special_tokens=True)["input_ids"]
+        if not self._pending:
+            return
+        if self.encoder is not None:
+            big = 1 << 30  # no truncation: long rows are counted as long
+            self.lengths.update(
+                len(self.encoder.tokenize(q, add_eos=False, strip_bos=False, max_length=big))
+                + len(self.encoder.tokenize(a, add_eos=True, strip_bos=True, max_length=big))
+                for q, a in self._pending)
+        else:
+            encoded = self.tokenizer([q + a for q, a in self._pending], add_special_tokens=True)["input_ids"]
             self.lengths.update(len(ids) + 1 for ids in encoded)
-            self._pending = []
+        self._pending = []
 
     def as_dict(self) -> dict[str, Any]:
         self._flush()

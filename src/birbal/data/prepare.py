@@ -46,7 +46,8 @@ def _published(recipe: Recipe, out_dir: Path, cache_dir: Path, tokenizer, decont
             raise DataError(f"dataset {published.name_or_path}: {paths[split].name} has sha256 {digest}, expected "
                             f"{published.sha256[split]} (data.published.sha256.{split})")
         counter = {"rows": 0}
-        stats[split] = TokenStats(tokenizer, windows=(TOKEN_WINDOW, recipe.train.sequence_len))
+        stats[split] = TokenStats(tokenizer, windows=(TOKEN_WINDOW, recipe.train.sequence_len),
+                                  tokenization=recipe.train.tokenization)
         writers[split] = _write_split(out_dir / out_name, published_rows(paths[split], published, counter),
                                       stats[split], decontaminator, split)
         if published.expected_rows and counter["rows"] != published.expected_rows[split]:
@@ -58,7 +59,8 @@ def _published(recipe: Recipe, out_dir: Path, cache_dir: Path, tokenizer, decont
 
 def _rebuilt(recipe: Recipe, out_dir: Path, cache_dir: Path, tokenizer, decontaminator: Decontaminator):
     train, evaluation, provenance = rebuild_rows(recipe, cache_dir, tokenizer)
-    stats = {split: TokenStats(tokenizer, windows=(TOKEN_WINDOW, recipe.train.sequence_len))
+    stats = {split: TokenStats(tokenizer, windows=(TOKEN_WINDOW, recipe.train.sequence_len),
+                                  tokenization=recipe.train.tokenization)
              for split in ("train", "eval")}
     writers = {"train": _write_split(out_dir / TRAIN_FILE, train, stats["train"], decontaminator, "train"),
                "eval": _write_split(out_dir / EVAL_FILE, evaluation, stats["eval"], decontaminator, "eval")}

@@ -24,6 +24,13 @@ def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
     quantization = recipe.quantization if recipe.quantization.load_in_4bit else None
     model = load_base_model(recipe.model, cache_dir, device, compute_dtype, quantization)
     model.config.use_cache = False
+    if recipe.train.sliding_window_keys == "flash_attn" and getattr(model.config, "sliding_window", None):
+        # Upstream's flash-attention patch passed window_size=(sliding_window, sliding_window) to flash-attn 2.3
+        # (mistral_attn_hijack_flash.py:153-161, 212-220): a token attends to itself and the 4096 before it, 4097
+        # keys. transformers 5's mask keeps kv > q - sliding_window (masking_utils.sliding_window_overlay), 4096
+        # keys, and its own flash path passes (sliding_window - 1, ...) to match that. One more makes ours
+        # upstream's; it changes only examples longer than the window.
+        model.config.sliding_window = model.config.sliding_window + 1
     for param in model.parameters():
         param.requires_grad_(False)
     if recipe.train.gradient_checkpointing:

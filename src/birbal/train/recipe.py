@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,8 +37,17 @@ from birbal.train.metrics import (
     plot_loss,
 )
 from birbal.train.model import build_qlora_model, response_loss_sum
-from birbal.train.neftune import PerExampleNEFTune
-from birbal.train.packing import PackedRow, collate, pack_examples, tokenize_example
+from birbal.train.multipack import estimated_len, next_fit_bins, plan_steps
+from birbal.train.neftune import NEFTune
+from birbal.train.packing import (
+    Example,
+    PackedRow,
+    UpstreamEncoder,
+    collate,
+    make_row,
+    padded_width,
+    tokenize_example,
+)
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -101,17 +111,20 @@ class QLoRARecipe:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer, self.cache_dir)
-        self.train_rows = self._packed_rows(TRAIN_FILE, None, shuffle_seed=cfg.seed)
-        self.eval_rows = self._packed_rows(EVAL_FILE, cfg.eval_max_rows, shuffle_seed=None)
-        if not self.train_rows:
+        self.upstream_encoder = UpstreamEncoder(self.tokenizer) if cfg.tokenization == "upstream" else None
+        self.train_examples = self._examples(TRAIN_FILE, None)
+        if not self.train_examples:
             raise TrainError("no training rows fit the sequence length")
-        self.micro_batches_per_epoch = math.ceil(len(self.train_rows) / cfg.micro_batch_size)
-        self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / cfg.gradient_accumulation_steps)
-        planned = math.ceil(self.steps_per_epoch * cfg.num_epochs)
-        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
-
+        lengths = np.asarray([len(ex) for ex in self.train_examples], dtype=np.int64)
+        self.plan = plan_steps(lengths, seed=cfg.seed, sequence_len=cfg.sequence_len,
+                               micro_batch_size=cfg.micro_batch_size, accumulation=cfg.gradient_accumulation_steps,
+                               num_epochs=cfg.num_epochs, epoch_length=cfg.epoch_length, max_steps=cfg.max_steps,
+                               packing=cfg.sample_packing)
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        self.total_steps = self.plan.total_steps
+        self.eval_rows = self._eval_rows()
         self.model = build_qlora_model(self.cfg, self.cache_dir, self.device)
-        self.neftune = (PerExampleNEFTune(self.model.get_input_embeddings(), cfg.neftune_noise_alpha)
+        self.neftune = (NEFTune(self.model.get_input_embeddings(), cfg.neftune_noise_alpha, cfg.neftune_scale)
                         if cfg.neftune_noise_alpha else None)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
@@ -131,25 +144,58 @@ class QLoRARecipe:
                       "recipe_digest": numeric_recipe_digest(self.cfg), "inputs": self.inputs}
         self._resume_if_possible()
 
-    def _packed_rows(self, name: str, limit: int | None, shuffle_seed: int | None) -> list[PackedRow]:
+    def _examples(self, name: str, limit: int | None) -> list[Example]:
+        """Tokenised rows in file order; those longer than sequence_len, or empty, dropped (axolotl's
+        `drop_long_seq`, utils/trainer.py:103-104, on train and eval alike)."""
         cfg = self.train_cfg
-        examples = []
+        examples, dropped = [], 0
         for i, row in enumerate(read_rows(self.data_dir / name, name)):
             if limit is not None and i >= limit:
                 break
-            examples.append(tokenize_example(self.tokenizer, row["question"], row["answer"], cfg.train_on_inputs))
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed).shuffle(examples)
-        if not cfg.sample_packing:
-            rows = []
-            for ex in examples:
-                rows.extend(pack_examples([ex], cfg.sequence_len, self.tokenizer.eos_token_id,
-                                          cfg.pad_to_sequence_len)[0])
-            return rows
-        rows, dropped = pack_examples(examples, cfg.sequence_len, self.tokenizer.eos_token_id,
-                                      cfg.pad_to_sequence_len)
+            ex = tokenize_example(self.tokenizer, row["question"], row["answer"], cfg.train_on_inputs,
+                                  mode=cfg.tokenization, upstream=self.upstream_encoder, max_length=cfg.sequence_len)
+            if 0 < len(ex) <= cfg.sequence_len:
+                examples.append(ex)
+            else:
+                dropped += 1
         self.dropped_too_long[name] = dropped
-        return rows
+        return examples
+
+    def _width(self, real: int) -> int:
+        cfg = self.train_cfg
+        return padded_width(real, 64 * math.ceil(cfg.sequence_len / 64) if cfg.pad_to_sequence_len else 64)
+
+    def _row(self, examples: list[Example]) -> PackedRow:
+        return make_row(examples, self.tokenizer.eos_token_id, self._width(sum(len(ex) for ex in examples)))
+
+    def _micro_batch(self, indices, examples: list[Example]) -> list[PackedRow]:
+        """One micro-batch: with packing, ONE row of the bin's examples (axolotl's multipack puts one bin of
+        micro_batch_size x sequence_len tokens in a micro-batch); without, one row per example, as wide as the
+        longest."""
+        chosen = [examples[i] for i in indices]
+        if self.train_cfg.sample_packing:
+            return [self._row(chosen)]
+        width = self._width(max(len(ex) for ex in chosen))
+        return [make_row([ex], self.tokenizer.eos_token_id, width) for ex in chosen]
+
+    def _eval_rows(self) -> list[list[PackedRow]]:
+        """The first eval_max_rows eval rows (`ds["test"].select(range(instances_for_test_metric))`, their
+        utils/data.py:282), next-fit in file order (SequentialSampler) into the same bins as training; the eval
+        loader stops after its own length estimate, as the training one does."""
+        cfg = self.train_cfg
+        examples = self._examples(EVAL_FILE, cfg.eval_max_rows)
+        if not examples:
+            raise TrainError("no eval rows fit the sequence length")
+        order = np.arange(len(examples))
+        if cfg.sample_packing:
+            lengths = np.asarray([len(ex) for ex in examples], dtype=np.int64)
+            bins = next_fit_bins(lengths, order, cfg.sequence_len * cfg.micro_batch_size)
+            if cfg.epoch_length == "estimate":
+                bins = bins[:estimated_len(int(lengths.sum()), self.plan.efficiency, cfg.sequence_len,
+                                           cfg.micro_batch_size)]
+        else:
+            bins = [order[i:i + cfg.micro_batch_size] for i in range(0, len(order), cfg.micro_batch_size)]
+        return [self._micro_batch(b, examples) for b in bins]
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.train_cfg
@@ -197,19 +243,10 @@ class QLoRARecipe:
                    f"budget used {self.ledger.used_s() / 3600:.3f} h of {self.train_cfg.budget_hours} h")
 
     # ---- training ------------------------------------------------------------------------------------
-    def _micro_batches(self, step: int) -> list[list[PackedRow]]:
-        """The micro-batches of optimiser step `step`: a pure function of (seed, step), so resume needs no cursor."""
-        cfg = self.train_cfg
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.train_rows)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        first = within * cfg.gradient_accumulation_steps
-        last = min(first + cfg.gradient_accumulation_steps, self.micro_batches_per_epoch)
-        batches = []
-        for mb in range(first, last):
-            idx = order[mb * cfg.micro_batch_size:(mb + 1) * cfg.micro_batch_size]
-            batches.append([self.train_rows[i] for i in idx])
-        return batches
+    def _micro_batches(self, step: int) -> list[list[PackedRow] | None]:
+        """The micro-batches of optimiser step `step` (None: upstream's no-op batch); the plan is a pure function
+        of (seed, data), so resume needs no cursor."""
+        return [None if b is None else self._micro_batch(b, self.train_examples) for b in self.plan.steps[step]]
 
     def _autocast(self):
         if self.device.type == "cuda" and self.train_cfg.bf16:
@@ -220,8 +257,14 @@ class QLoRARecipe:
         return {k: v.to(self.device, non_blocking=True) for k, v in collate(rows).items()}
 
     def train_step(self, step: int) -> dict:
+        """One optimiser step. loss_averaging=micro_batch_mean: each micro-batch's mean loss / accumulation steps is
+        backpropagated (HF Trainer 4.35: `accelerator.backward` divides by gradient_accumulation_steps, the
+        model's loss being a mean over the micro-batch's labelled tokens), so the step's loss is the mean of the
+        micro-batches' means; a micro-batch with no labelled token (upstream: NaN) adds nothing. token_mean:
+        the step's token sum over its labelled tokens."""
+        cfg = self.train_cfg
         self.model.train()
-        micro_rows = self._micro_batches(step)
+        micro_rows = [rows for rows in self._micro_batches(step) if rows is not None]
         micro = [self._to_device(rows) for rows in micro_rows]
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         total_loss = 0.0
@@ -229,30 +272,40 @@ class QLoRARecipe:
             if self.neftune:
                 self.neftune.example_length = batch["example_length"]
             with self._autocast():
-                loss_sum, _ = response_loss_sum(self.model, batch)
-            (loss_sum / max(labelled, 1)).backward()
-            total_loss += float(loss_sum.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.train_cfg.max_grad_norm)
+                loss_sum, n = response_loss_sum(self.model, batch)
+            if cfg.loss_averaging == "micro_batch_mean":
+                loss = loss_sum / max(n, 1) / cfg.gradient_accumulation_steps
+            else:
+                loss = loss_sum / max(labelled, 1)
+            loss.backward()
+            total_loss += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         rows = [r for mb in micro_rows for r in mb]
-        return {"loss": total_loss / max(labelled, 1), "grad_norm": float(grad_norm),
+        return {"loss": total_loss, "grad_norm": float(grad_norm),
                 "tokens": sum(r.real_tokens for r in rows), "labelled_tokens": labelled,
                 "lr": self.scheduler.get_last_lr()[0],
                 "mean_context": mean_attention_context([n for r in rows for n in r.example_lengths])}
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """eval_loss_averaging=bin_mean: the mean over eval micro-batches of each one's mean loss (HF's
+        evaluation_loop repeats a batch's loss batch-size times, one packed row here, and takes the mean);
+        token_mean: the eval tokens' mean."""
         self.model.eval()
-        total, count = 0.0, 0
-        bs = self.train_cfg.micro_batch_size
-        for start in range(0, len(self.eval_rows), bs):
-            batch = self._to_device(self.eval_rows[start:start + bs])
+        total, count, means = 0.0, 0, []
+        for rows in self.eval_rows:
+            batch = self._to_device(rows)
             with self._autocast():
                 loss_sum, n = response_loss_sum(self.model, batch)
             total += float(loss_sum)
             count += n
+            if n:
+                means.extend([float(loss_sum) / n] * len(rows))
+        if self.train_cfg.eval_loss_averaging == "bin_mean":
+            return sum(means) / max(len(means), 1)
         return total / max(count, 1)
 
     def save_checkpoint(self) -> None:
@@ -289,7 +342,7 @@ class QLoRARecipe:
 
     def _print_projection(self, step: int, tokens_per_s: float) -> None:
         """Planned tokens (this data's packed rows x epochs) against the measured rate and the budget left."""
-        per_epoch = sum(r.real_tokens for r in self.train_rows)
+        per_epoch = sum(len(ex) for ex in self.train_examples)
         planned = per_epoch * min(self.train_cfg.num_epochs, self.total_steps / self.steps_per_epoch)
         hours = planned / max(tokens_per_s, 1e-9) / 3600
         left_h = self.ledger.left_s() / 3600
@@ -346,7 +399,10 @@ class QLoRARecipe:
         finally:
             bar.close()
         step = self.state["global_step"]
-        if step and not any(e["step"] == step for e in self.state["eval_history"]):
+        # HF Trainer 4.35 evaluates only at multiples of eval_steps (DefaultFlowCallback.on_step_end), so the last
+        # step's checkpoint is never a candidate for the best model unless eval_at_end; it is still saved, for
+        # the record and as the export when no eval ever ran.
+        if step and cfg.eval_at_end and not any(e["step"] == step for e in self.state["eval_history"]):
             self._eval_and_record()
         if step and not any(s == step for s, _ in ckpt.list_checkpoints(self.checkpoint_dir)):
             self.save_checkpoint()
@@ -382,7 +438,9 @@ class QLoRARecipe:
             "budget_hours": self.train_cfg.budget_hours, "budget_used_s": ledger["used_s"],
             "sessions": ledger["sessions"], "time_lost_to_crashes_s": ledger["time_lost_to_crashes_s"],
             "max_gpu_memory_gib": self.train_cfg.max_gpu_memory_gib, "peak_gpu_memory_gib": peak_gpu_memory_gib(),
-            "device": str(self.device), "train_rows_packed": len(self.train_rows),
+            "device": str(self.device), "train_examples": len(self.train_examples),
+            "micro_batches_per_epoch": self.plan.epoch_micro_batches, "bins_per_epoch": self.plan.bins_per_epoch,
+            "packing_efficiency_estimate": self.plan.efficiency, "eval_micro_batches": len(self.eval_rows),
             "dropped_too_long": self.dropped_too_long,
             "session_tokens_per_s": round(self.session_tokens_per_s, 1),
             "trainable_parameters": sum(p.numel() for p in self.trainable),
