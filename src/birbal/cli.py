@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from birbal.errors import (
     BirbalError,
@@ -71,7 +72,8 @@ def _recipe(args):
     overrides = list(args.overrides)
     if getattr(args, "budget_hours", None) is not None:
         overrides.append(f"train.budget_hours={args.budget_hours}")
-    return load_recipe(args.config or args.profile, overrides)
+    # --config is always a file (a Path), --profile a name or something that looks like a file path
+    return load_recipe(Path(args.config) if args.config else args.profile, overrides)
 
 
 def _run(args) -> int:
