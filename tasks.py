@@ -74,14 +74,12 @@ def _stage_command(stage: str, profile: str, run_dir: Path, overrides: list[str]
                    extra: list[str] | None = None) -> list[str]:
     if runtime == "docker":
         from birbal import __version__
-        from birbal.containers import STAGE_IMAGE, image_tags, run_command
+        from birbal.containers import reproduce_stage_command
         from birbal.versions import software_versions
 
-        image = image_tags(STAGE_IMAGE[stage], __version__, software_versions()["git_revision"])[-1]
-        return run_command(stage, image=image, profile=profile, run_dir=run_dir.resolve(), hub_cache=HUB_CACHE,
-                           overrides=overrides, user=f"{os.getuid()}:{os.getgid()}",
-                           network="host" if stage == "evaluate" else None,
-                           gpus=None if stage == "evaluate" else "all") + (extra or [])
+        return reproduce_stage_command(stage, profile=profile, run_dir=run_dir, hub_cache=HUB_CACHE,
+                                       overrides=overrides, user=f"{os.getuid()}:{os.getgid()}", version=__version__,
+                                       revision=software_versions()["git_revision"], extra=extra or ())
     return [*_python(), stage, "--profile", profile, "--run-dir", str(run_dir),
             *[arg for o in overrides for arg in ("--set", o)], *(extra or [])]
 

@@ -111,7 +111,30 @@ def run_command(stage: str, *, image: str, profile: str, run_dir: str | Path, hu
         command += ["--env", name]
     command.append(image)
     command += stage_args(stage, profile, run_dir.name, overrides)
+    if stage == "serve":
+        # Inside its own network namespace the server must listen on every interface: docker forwards the published
+        # port to the container's eth0, which a server on the recipe's 127.0.0.1 never sees.
+        command += ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)]
     return command
+
+
+def reproduce_stage_command(stage: str, *, profile: str, run_dir: str | Path, hub_cache: str | Path,
+                            overrides: Sequence[str] = (), user: str, version: str, revision: str | None,
+                            extra: Sequence[str] = ()) -> list[str]:
+    """The `docker run` that `invoke <stage>/reproduce --runtime docker` runs for one stage (tasks.py calls this;
+    the container contract test replays exactly this). `user`: the caller's "uid:gid"."""
+    image = image_tags(STAGE_IMAGE[stage], version, revision)[-1]
+    return run_command(stage, image=image, profile=profile, run_dir=Path(run_dir).resolve(), hub_cache=hub_cache,
+                       overrides=overrides, user=user, network="host" if stage == "evaluate" else None,
+                       gpus=None if stage == "evaluate" else "all") + list(extra)
+
+
+def report_command(*, run_dir: str | Path, user: str, version: str, revision: str | None) -> list[str]:
+    """`birbal report` in the train image (it has matplotlib), so the host needs nothing but Docker."""
+    run_dir = Path(run_dir).resolve()
+    return ["docker", "run", "--rm", "--user", user,
+            "--mount", f"type=bind,source={run_dir},target={CONTAINER_RUNS}/{run_dir.name}",
+            image_tags("train", version, revision)[-1], "report", "--run-dir", f"{CONTAINER_RUNS}/{run_dir.name}"]
 
 
 def stop_command(run_id: str, timeout_s: int = 30) -> list[str]:
