@@ -18,11 +18,17 @@ more as the adapter grows. So the merge is checked where it happens, in weight s
    copy would not fit a 24 GB card): each layer's reference lives only while that layer is merged.
 2. The forward, as a whole-model sanity check: merged and base + adapter, both in the export dtype, on a probe.
    fp32: max absolute logit difference <= 1e-3 (the same maths, fp32 rounding only). bf16: the argmax token agrees
-   on at least MIN_TOP1_AGREEMENT of the probe's positions, and the max absolute difference is at most
-   MAX_RELATIVE_LOGIT_DIFF of the logits' own scale (their standard deviation over the vocabulary, the largest over
-   the positions). bf16 keeps 8 significant bits (u = 0.39 %); 32 residual layers compound that to a few percent
-   of the logits' scale, which is what the smoke profile and the 7B shape show; a model merged with the wrong
-   weights moves logits by the order of their scale.
+   on every probe position whose top-1 margin exceeds DECIDED_MARGIN_RMS x the RMS difference (near-ties, common in a
+   random-weight model, may flip under rounding and are not counted), and the RMS difference over every logit is at most
+   MAX_RELATIVE_LOGIT_DIFF of the logits' own scale (their standard deviation over the vocabulary, averaged over
+   the positions). RMS, not max: the max over 16 x 32000 logits is an extreme value that grows with the vocabulary
+   and with the adapter's size. bf16 keeps 8 significant bits (u = 0.39 %). Measured on CPU, merged vs base +
+   adapter in bf16: the smoke profile's trained adapter (2 layers), RMS 0.013 x scale (max 0.14), top-1 16/16; each
+   bf16 side against the fp32 model 0.012 x scale; the model without its adapter against the fp32 model 1.37 x scale,
+   top-1 0/16. Random adapters on the smoke model: 2 layers 0.021 x scale, 8 layers 0.045 x scale (max 0.28, which
+   the old fixed 0.25 rejected): the RMS grows about as the square root of the depth, so about 0.09 x scale at 32
+   layers. The bound, 0.25 x scale, sits between that and the ~1.4 x scale of a model that is not the merged one.
+   Point 1 catches a wrong merge of a small adapter, which this point cannot see.
 """
 
 from __future__ import annotations
@@ -64,10 +70,11 @@ def check_adapter(adapter_dir: Path, recipe: Recipe) -> dict:
     return config
 
 
-# bf16: the argmax must agree on nearly every position; a near-tie may flip under rounding (one position in 10).
-MIN_TOP1_AGREEMENT = 0.9
+# bf16: the argmax must agree on every position whose margin the rounding cannot cross (see compare_logits).
+MIN_TOP1_AGREEMENT = 1.0
+DECIDED_MARGIN_RMS = 6.0
 # bf16: the largest logit difference, as a fraction of the logits' scale (see the module docstring).
-MAX_RELATIVE_LOGIT_DIFF = 0.1
+MAX_RELATIVE_LOGIT_DIFF = 0.25
 FP32_MAX_LOGIT_DIFF = 1e-3
 
 
@@ -117,20 +124,30 @@ def merge_checked(model, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
 def compare_logits(unmerged: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype) -> dict:
     """The forward check (module docstring, point 2); raises ExportError when it fails, else returns its figures."""
     unmerged, merged = unmerged.float().reshape(-1, unmerged.shape[-1]), merged.float().reshape(-1, merged.shape[-1])
-    max_diff = float((merged - unmerged).abs().max())
-    agreement = float((merged.argmax(-1) == unmerged.argmax(-1)).float().mean())
-    scale = float(unmerged.std(dim=-1).max())
-    relative = max_diff / scale if scale > 0 else float("inf")
+    diff = merged - unmerged
+    max_diff = float(diff.abs().max())
+    rms = float(diff.pow(2).mean().sqrt())
+    # Top-1 agreement counts only the positions whose argmax the rounding cannot move: the reference's margin over its
+    # runner-up exceeds DECIDED_MARGIN_RMS x the RMS difference (a flip there is a 4-sigma event for noise of that
+    # size). A random-weight model has near-ties at many positions (the top two of 32000 Gaussian logits are about
+    # 0.2 sigma apart), where bf16 rounding flips the argmax of a correct merge.
+    top2 = unmerged.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > DECIDED_MARGIN_RMS * rms
+    same = merged.argmax(-1) == unmerged.argmax(-1)
+    agreement = float(same[decided].float().mean()) if bool(decided.any()) else 1.0
+    scale = float(unmerged.std(dim=-1).mean())
+    relative = rms / scale if scale > 0 else float("inf")
     figures = {"merge_max_logit_diff": max_diff, "merge_top1_agreement": agreement, "merge_logit_scale": scale,
-               "merge_relative_logit_diff": relative}
+               "merge_relative_logit_diff": relative, "merge_decided_positions": int(decided.sum()),
+               "merge_positions": int(decided.numel())}
     if dtype == torch.float32:
         if not max_diff <= FP32_MAX_LOGIT_DIFF:
             raise ExportError(f"merged model disagrees with base + adapter: max logit difference {max_diff:.4g} "
                               f"> {FP32_MAX_LOGIT_DIFF} (float32)")
     elif not (agreement >= MIN_TOP1_AGREEMENT and relative <= MAX_RELATIVE_LOGIT_DIFF):
         raise ExportError(f"merged model disagrees with base + adapter ({dtype}): top-1 agreement {agreement:.3f} "
-                          f"(needs >= {MIN_TOP1_AGREEMENT}), max logit difference {max_diff:.4g} = "
-                          f"{relative:.3g} x the logits' scale {scale:.4g} (needs <= {MAX_RELATIVE_LOGIT_DIFF})")
+                          f"(needs >= {MIN_TOP1_AGREEMENT}), RMS logit difference {relative:.3g} x the logits' scale "
+                          f"{scale:.4g} (needs <= {MAX_RELATIVE_LOGIT_DIFF}; max difference {max_diff:.4g})")
     return figures
 
 
