@@ -86,7 +86,9 @@ def test_torch_2_10_needs_a_login_name_and_the_cli_gives_it_one(tmp_path):
     (getpass.getuser() inside inductor's code cache), and birbal's entrypoint names the uid before torch loads."""
     assert _no_passwd_entry(NO_PASSWD_UID)
     built = replay.build("train", tmp_path / "layers")
-    mounts = [built.venv_mount(), replay.Mount("/tmp", None, read_only=False, tmpfs_options="mode=1777")]
+    owner = "mode=755,uid={},gid={}".format(*built.image.uid_gid)
+    mounts = [built.venv_mount(), replay.Mount("/tmp", None, read_only=False, tmpfs_options="mode=1777"),
+              replay.Mount("/runs", None, read_only=False, tmpfs_options=owner)]
     env = {**built.image.env, "HOME": "/"}
 
     def python(code: str) -> subprocess.CompletedProcess:
@@ -127,9 +129,11 @@ def test_the_smoke_chain_passes_through_the_containers(tmp_path):
     failed = [s for s in result["stages"] if s["returncode"] != 0 and s["stage"] != "serve"]
     assert not failed, f"{failed[0]['stage']} exited {failed[0]['returncode']}:\n{failed[0]['log_tail']}"
     assert stages == ["prepare-data", "train", "export", "serve", "evaluate", "report"], result
-    for stage in ("prepare-data", "train", "export", "serve", "evaluate"):
-        record = json.loads((run_dir / stage / "stage.json").read_text())
-        assert record["status"] == "complete", (stage, record)
+    from birbal.rundir import STAGES, RunDir
+
+    records = RunDir(run_dir)
+    for stage in STAGES:
+        assert records.is_complete(stage), (stage, records.record(stage))
     assert (run_dir / "report.md").is_file()
     # The server stopped on SIGTERM (docker stop) and recorded itself; its log says it ran as our uid.
     serve = next(s for s in result["stages"] if s["stage"] == "serve")
