@@ -382,10 +382,10 @@ def test(c, k=None, gpu=False):
 
 @task
 def lint(c):
-    """ruff on the code, hadolint on both Dockerfiles."""
+    """ruff on the code, hadolint on the three Dockerfiles."""
     _call([sys.executable, "-m", "ruff", "check", "src", "tests", "tasks.py", "benchmarks"], False)
     hadolint = Path(sys.executable).parent / "hadolint"
-    for dockerfile in ("Dockerfile.train", "Dockerfile.serve"):
+    for dockerfile in ("Dockerfile.train", "Dockerfile.serve", "Dockerfile.helm"):
         _call([str(hadolint) if hadolint.exists() else "hadolint", dockerfile], False)
 
 

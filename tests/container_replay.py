@@ -5,7 +5,7 @@ Linux namespaces give a process most of what a container gives it:
 
 - The image: the Dockerfile is parsed (dockerfile-parse, the library), not restated here. Its ENV, SHELL, USER,
   WORKDIR and ENTRYPOINT are read from it; its COPY and RUN instructions are executed literally, in order, inside a
-  private root where /opt/venv and /tmp are what they are in the image, with two exceptions said out loud: the RUN
+  private root where /opt (the venvs) and /tmp are what they are in the image, with two exceptions said out loud: the RUN
   that calls apt-get (the host provides Python 3.12 and a C compiler instead of Ubuntu's packages; `python3.12`
   resolves to BIRBAL_IMAGE_PYTHON) and the RUN that calls useradd (the host's /etc/passwd is not touched: /runs and
   /cache/huggingface are made owned by the image's USER instead, which is what that RUN does to them).
@@ -14,7 +14,7 @@ Linux namespaces give a process most of what a container gives it:
   ~/.cache/birbal-repro/container-layers, so a fresh clone on the same machine reuses it); the project's own layer
   is rebuilt on every call, in an overlay above the cached one, as a code change rebuilds it in Docker.
 - `docker run`: a new mount namespace whose root is a read-only tmpfs holding read-only binds of the host's /usr,
-  /etc, /dev, /proc, /sys and the interpreter, the image's /opt/venv (read-only), a fresh /tmp (1777), /runs owned
+  /etc, /dev, /proc, /sys and the interpreter, the image's /opt (read-only), a fresh /tmp (1777), /runs owned
   by the image's USER and not writable by the caller, the `--mount` binds at their container paths, then a new user
   namespace mapping the `--user` uid:gid (one with no passwd entry) onto the caller, chroot into that root, cwd =
   WORKDIR, env = the Dockerfile's ENV (its PATH on top of the base image's default PATH) + HOME=/ (what Docker gives
@@ -205,9 +205,10 @@ def _python_version() -> str:
 
 def _split_layers(image: Image) -> tuple[list[Instruction], list[Instruction]]:
     """(dependency layers: up to the RUN that installs the copied lock, project layers: the rest)."""
-    for index, instruction in enumerate(image.instructions):
-        if instruction.kind == "RUN" and "--require-hashes" in instruction.value:
-            return image.instructions[: index + 1], image.instructions[index + 1:]
+    locked = [i for i, instruction in enumerate(image.instructions)
+              if instruction.kind == "RUN" and "--require-hashes" in instruction.value]
+    if locked:
+        return image.instructions[: locked[-1] + 1], image.instructions[locked[-1] + 1:]
     raise AssertionError(f"{image.dockerfile.name}: no RUN installs a hash-checked lock")
 
 
@@ -261,7 +262,22 @@ def _run_layers(instructions: list[Instruction], venv_mount: Mount, log: Path) -
 
 
 def dependency_layer(image: Image) -> Path:
-    """The cached /opt/venv with the lock installed (built on a miss: the lock's wheels, hash-checked)."""
+    """The cached /opt with the locks installed (built on a miss: the lock's wheels, hash-checked)."""
+    layer = layer_path(image)
+    if (layer / ".complete").is_file():
+        return layer
+    deps, _ = _split_layers(image)
+    shutil.rmtree(layer, ignore_errors=True)
+    layer.mkdir(parents=True)
+    log = layer.with_suffix(".log")
+    log.write_text("")
+    _run_layers(deps, Mount("/opt", str(layer), read_only=False), log)
+    (layer / ".complete").write_text(layer.name + "\n")
+    return layer
+
+
+def layer_path(image: Image) -> Path:
+    """Where the dependency layer of `image` is cached: named by a hash of what builds it."""
     deps, _ = _split_layers(image)
     key = hashlib.sha256()
     for instruction in deps:
@@ -274,16 +290,8 @@ def dependency_layer(image: Image) -> Path:
             key.update(f"{instruction.kind} {instruction.value}\n".encode())
         key.update(json.dumps(instruction.env, sort_keys=True).encode())
     key.update(_python_version().encode())
-    layer = LAYER_CACHE / f"deps-{key.hexdigest()[:16]}"
-    if (layer / ".complete").is_file():
-        return layer
-    shutil.rmtree(layer, ignore_errors=True)
-    layer.mkdir(parents=True)
-    log = layer.with_suffix(".log")
-    log.write_text("")
-    _run_layers(deps, Mount("/opt/venv", str(layer), read_only=False), log)
-    (layer / ".complete").write_text(key.hexdigest() + "\n")
-    return layer
+    key.update(b"layer root: /opt")  # the layer holds /opt (/opt/venv, and /opt/helm-venv in Dockerfile.helm)
+    return LAYER_CACHE / f"deps-{key.hexdigest()[:16]}"
 
 
 @dataclass
@@ -297,7 +305,7 @@ class BuiltImage:
         return self.scratch / "upper"
 
     def venv_mount(self, read_only: bool = True) -> Mount:
-        return Mount("/opt/venv", overlay=(str(self.lower), str(self.upper), str(self.scratch / "work")),
+        return Mount("/opt", overlay=(str(self.lower), str(self.upper), str(self.scratch / "work")),
                      read_only=read_only)
 
 
@@ -413,7 +421,7 @@ def chain(run_dir: Path, hub_cache: Path, scratch: Path, uid: int, profile: str,
     user = f"{uid}:{uid}"
     common = {"profile": profile, "run_dir": run_dir, "hub_cache": hub_cache, "overrides": overrides, "user": user,
               "version": __version__, "revision": None}
-    images = {name: build(name, scratch / name) for name in ("train", "serve")}
+    images = {name: build(name, scratch / name) for name in sorted(set(containers.STAGE_IMAGE.values()))}
     result: dict = {"stages": [], "user": user}
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     for stage in ("prepare-data", "train", "export"):
@@ -460,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
     build_parser = sub.add_parser("build", help="build (or find cached) an image's dependency layer")
-    build_parser.add_argument("image", choices=["train", "serve"])
+    build_parser.add_argument("image", choices=["train", "serve", "helm"])
     chain_parser = sub.add_parser("chain", help="replay the docker chain (run under `unshare -n`)")
     for name in ("run-dir", "hub-cache", "scratch", "json"):
         chain_parser.add_argument(f"--{name}", type=Path, required=True)

@@ -138,7 +138,7 @@ def test_dockerignore_keeps_runs_caches_git_tests_and_venvs_out():
     assert lines[0] == "*"  # allow-list: everything is excluded unless named
     allowed = {line[1:] for line in lines if line.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "requirements/train.txt", "requirements/serve.txt",
-                       "requirements/build.txt", "src/", "configs/"}
+                       "requirements/build.txt", "requirements/helm.txt", "src/", "configs/"}
     for items in map(instructions, DOCKERFILES.values()):
         for kw, rest in items:
             if kw == "COPY":
@@ -210,3 +210,22 @@ def test_caches_do_not_depend_on_home(image):
     env = " ".join(rest for kw, rest in instructions(DOCKERFILES[image]) if kw == "ENV")
     for name in ("HF_HOME", "XDG_CACHE_HOME", "TRITON_HOME", "MPLCONFIGDIR"):
         assert re.search(rf"\b{name}=/(cache|tmp)/", env), name
+
+
+def test_the_helm_image_is_the_serve_base_plus_hash_locked_helm():
+    from birbal.evaluate.helm_env import HELM_PYTHON_ENV, HELM_VERSION
+
+    helm, serve = instructions(ROOT / "Dockerfile.helm"), instructions(DOCKERFILES["serve"])
+    assert [r for k, r in helm if k == "FROM"] == [r for k, r in serve if k == "FROM"]
+    env = " ".join(rest for kw, rest in helm if kw == "ENV")
+    assert f"{HELM_PYTHON_ENV}=/opt/helm-venv/bin/python" in env
+    run = helm[first_index(helm, "RUN", "/opt/helm-venv")][1]
+    assert "--require-hashes --no-deps --no-build-isolation -r /tmp/helm-requirements.txt" in run
+    assert run.index("/tmp/build-requirements.txt") < run.index("/tmp/helm-requirements.txt")
+    assert "/opt/helm-venv/bin/helm-run --help" in run  # the build fails unless helm-run starts
+    lock = (ROOT / "requirements" / "helm.txt").read_text()
+    assert f"crfm-helm=={HELM_VERSION} \\" in lock.splitlines()
+    train_torch = next(line for line in (ROOT / "requirements/train.txt").read_text().splitlines()
+                       if line.startswith("torch=="))
+    assert train_torch in lock.splitlines()  # one torch build in every image
+    assert "!requirements/helm.txt" in (ROOT / ".dockerignore").read_text().splitlines()

@@ -57,8 +57,8 @@ def test_build_dry_run_tags_with_version_and_revision():
     result = invoke("build", "--dry-run", "--no-cache")
     assert result.returncode == 0, result.stderr
     builds = [line for line in result.stderr.splitlines() if line.startswith("$ docker build")]
-    assert len(builds) == 2 and all("--no-cache" in b and "--tag birbal-repro-" in b for b in builds)
-    assert "Dockerfile.train" in builds[0] and "Dockerfile.serve" in builds[1]
+    assert len(builds) == 3 and all("--no-cache" in b and "--tag birbal-repro-" in b for b in builds)
+    assert "Dockerfile.train" in builds[0] and "Dockerfile.serve" in builds[1] and "Dockerfile.helm" in builds[2]
 
 
 def test_bad_profile_is_one_line(tmp_path):

@@ -18,10 +18,11 @@ from typing import Any
 from birbal.fsutil import atomic_write_json
 from birbal.rundir import STAGES, utc_now
 
-IMAGES = ("train", "serve")
-DOCKERFILES = {"train": "Dockerfile.train", "serve": "Dockerfile.serve"}
-# Which image runs which stage. evaluate needs only the package and an HTTP client, both in the train image.
-STAGE_IMAGE = {"prepare-data": "train", "train": "train", "export": "train", "serve": "serve", "evaluate": "train"}
+IMAGES = ("train", "serve", "helm")
+DOCKERFILES = {"train": "Dockerfile.train", "serve": "Dockerfile.serve", "helm": "Dockerfile.helm"}
+# Which image runs which stage. evaluate runs where HELM is (helm-run for the open suite, HELM's client classes for
+# the quick one): Dockerfile.helm, the package plus HELM's own hash-locked venv (BIRBAL_HELM_PYTHON).
+STAGE_IMAGE = {"prepare-data": "train", "train": "train", "export": "train", "serve": "serve", "evaluate": "helm"}
 DEFAULT_REPOSITORY = "birbal-repro"
 # The bases are linux/amd64 manifests (docs/PINS.md): build for that platform even on an arm64 host.
 PLATFORM = "linux/amd64"

@@ -24,6 +24,10 @@ EXTRA_INPUTS = "requirements/images.in"
 # is built with `--no-build-isolation` by these hash-checked files instead of a setuptools that pip fetches live.
 BUILD_LOCK = "requirements/build.txt"
 BUILD_BACKEND = ("setuptools", "wheel")
+# HELM's own venv in Dockerfile.helm: crfm-helm and the images' torch (requirements/helm.in), locked apart from the
+# project because HELM pins its own versions.
+HELM_INPUTS = "requirements/helm.in"
+HELM_LOCK = "requirements/helm.txt"
 CUSTOM_COMMAND = "python -m birbal.lock"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +52,11 @@ def lock_commands(uv: str = "uv", images: tuple[str, ...] = IMAGES, upgrade: boo
         if upgrade:
             command.append("--upgrade")
         commands.append(command)
+    if images == IMAGES:
+        command = [uv, "pip", "compile", HELM_INPUTS, "--generate-hashes", "--python-version", PYTHON_VERSION,
+                   "--python-platform", PYTHON_PLATFORM, "--custom-compile-command", CUSTOM_COMMAND,
+                   "--output-file", HELM_LOCK]
+        commands.append([*command, "--upgrade"] if upgrade else command)
     return commands
 
 
