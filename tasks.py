@@ -79,14 +79,12 @@ def _stage_command(stage: str, profile: str, run_dir: Path, overrides: list[str]
                    extra: list[str] | None = None, config: str | None = None) -> list[str]:
     if runtime == "docker":
         from birbal import __version__
-        from birbal.containers import STAGE_IMAGE, image_tags, run_command
+        from birbal.containers import reproduce_stage_command
         from birbal.versions import software_versions
 
-        image = image_tags(STAGE_IMAGE[stage], __version__, software_versions()["git_revision"])[-1]
-        return run_command(stage, image=image, profile=profile, run_dir=run_dir.resolve(), hub_cache=HUB_CACHE,
-                           overrides=overrides, user=f"{os.getuid()}:{os.getgid()}",
-                           network="host" if stage == "evaluate" else None,
-                           gpus=None if stage == "evaluate" else "all") + (extra or [])
+        return reproduce_stage_command(stage, profile=profile, run_dir=run_dir, hub_cache=HUB_CACHE,
+                                       overrides=overrides, user=f"{os.getuid()}:{os.getgid()}", version=__version__,
+                                       revision=software_versions()["git_revision"], extra=extra or ())
     return [*_python(), stage, *_source(profile, config), "--run-dir", str(run_dir),
             *[arg for o in overrides for arg in ("--set", o)], *(extra or [])]
 
@@ -237,41 +235,84 @@ def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, 
         extra = ["--budget-hours", str(budget_hours)] if stage == "train" and budget_hours is not None else []
         _call(_stage_command(stage, profile, run_dir, overrides, runtime, extra), dry_run)
     if runtime == "docker":
-        from birbal.containers import stop_command
-
-        port = 8080
-        serve_cmd = _stage_command("serve", profile, run_dir, overrides, runtime)
-        _call(serve_cmd, dry_run)
-        url = f"http://127.0.0.1:{port}"
-        stop = stop_command(run_dir.name)
-        server = None
+        _docker_serve_and_evaluate(profile, run_dir, overrides, recipe.serve.startup_timeout_s, dry_run)
     else:
-        host = "127.0.0.1"
-        port = port or recipe.serve.port
-        url = f"http://{host}:{port}"
-        serve_cmd = _stage_command("serve", profile, run_dir, overrides, runtime, ["--host", host, "--port", str(port)])
-        _echo(serve_cmd, background=True)
-        server = None if dry_run else subprocess.Popen(serve_cmd, env=_env(), cwd=REPO)
-        stop = None
+        _local_serve_and_evaluate(profile, run_dir, overrides, recipe, dry_run, port)
+    if runtime == "docker":
+        from birbal import __version__
+        from birbal.containers import report_command
+        from birbal.versions import software_versions
+
+        _call(report_command(run_dir=run_dir, user=f"{os.getuid()}:{os.getgid()}", version=__version__,
+                             revision=software_versions()["git_revision"]), dry_run)
+    else:
+        _call([*_python(), "report", "--run-dir", str(run_dir)], dry_run)
+    if not dry_run:
+        print(f"\nrun directory: {run_dir.resolve()}\nmanifest:      {run_dir.resolve() / 'manifest.json'}\n"
+              f"report:        {run_dir.resolve() / 'report.md'}")
+
+
+SERVE_CONTAINER_LOG = "serve-container.log"  # beside the run's records: the server container's whole log
+
+
+def _docker_serve_and_evaluate(profile: str, run_dir: Path, overrides: list[str], timeout_s: float,
+                               dry_run: bool) -> None:
+    """The server container, detached: its health wait ends when it exits (printing its log), and its log is
+    kept in <run-dir>/serve-container.log before it is removed; a cleanup failure never hides the real error."""
+    from birbal.containers import (
+        ServeContainer,
+        ServeContainerError,
+        health_url,
+        remove_command,
+        stop_command,
+    )
+    from birbal.evaluate.client import check_server
+
+    serve_cmd = _stage_command("serve", profile, run_dir, overrides, "docker")
+    url = health_url().removesuffix("/health")
+    if dry_run:
+        for command in (remove_command(run_dir.name), serve_cmd):
+            _echo(command)
+        print(f"waiting for {url}/health (up to {timeout_s:.0f} s, or until the container exits)", file=sys.stderr)
+        _call(_stage_command("evaluate", profile, run_dir, overrides, "docker", ["--url", url]), True)
+        _echo(stop_command(run_dir.name))
+        return
+    server = ServeContainer(run_dir.name, run_dir / SERVE_CONTAINER_LOG, echo=lambda line: print(line, file=sys.stderr))
+    _echo(serve_cmd)
+    try:
+        server.start(serve_cmd)
+        print(f"waiting for {url}/health (up to {timeout_s:.0f} s, or until the container exits)", file=sys.stderr)
+        server.wait_healthy(url, timeout_s, lambda u: check_server(u, timeout_s=5.0))
+        _call(_stage_command("evaluate", profile, run_dir, overrides, "docker", ["--url", url]), False)
+    except ServeContainerError as err:
+        raise Exit(f"birbal: error: {err}", code=1) from None
+    finally:
+        server.close()
+
+
+def _local_serve_and_evaluate(profile: str, run_dir: Path, overrides: list[str], recipe, dry_run: bool,
+                              port: int | None = None) -> None:
+    host = "127.0.0.1"
+    port = port or recipe.serve.port
+    url = f"http://{host}:{port}"
+    serve_cmd = _stage_command("serve", profile, run_dir, overrides, "local", ["--host", host, "--port", str(port)])
+    _echo(serve_cmd, background=True)
+    server = None if dry_run else subprocess.Popen(serve_cmd, env=_env(), cwd=REPO)
     try:
         print(f"waiting for {url}/health (up to {recipe.serve.startup_timeout_s:.0f} s)", file=sys.stderr)
         if not dry_run:  # a server of another run answering at `url` is not ours: wait for our own, or its exit
             _wait_healthy(url, recipe.serve.startup_timeout_s, server, _read_run_id(run_dir))
-        _call(_stage_command("evaluate", profile, run_dir, overrides, runtime, ["--url", url]), dry_run)
+        _call(_stage_command("evaluate", profile, run_dir, overrides, "local", ["--url", url]), dry_run)
     finally:
-        if stop is not None:
-            _call(stop, dry_run)
-        elif server is not None and server.poll() is None:
+        if server is not None and server.poll() is None:
             _echo(["kill", "-TERM", str(server.pid)])
             server.send_signal(signal.SIGTERM)
             try:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 server.kill()
-    _call([*_python(), "report", "--run-dir", str(run_dir)], dry_run)
-    if not dry_run:
-        print(f"\nrun directory: {run_dir.resolve()}\nmanifest:      {run_dir.resolve() / 'manifest.json'}\n"
-              f"report:        {run_dir.resolve() / 'report.md'}")
+
+
 
 
 PORT_HELP = "port for this run's server (local runtime; default: serve.port). Another run's server on it is refused"
@@ -397,10 +438,10 @@ def test(c, k=None, gpu=False):
 
 @task
 def lint(c):
-    """ruff on the code, hadolint on both Dockerfiles."""
+    """ruff on the code, hadolint on the three Dockerfiles."""
     _call([sys.executable, "-m", "ruff", "check", "src", "tests", "tasks.py", "benchmarks"], False)
     hadolint = Path(sys.executable).parent / "hadolint"
-    for dockerfile in ("Dockerfile.train", "Dockerfile.serve"):
+    for dockerfile in ("Dockerfile.train", "Dockerfile.serve", "Dockerfile.helm"):
         _call([str(hadolint) if hadolint.exists() else "hadolint", dockerfile], False)
 
 

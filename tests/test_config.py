@@ -94,3 +94,19 @@ def test_hub_model_needs_a_pinned_revision(tmp_path):
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="40-hex"):
         load_recipe(bad)
+
+
+def test_a_profile_name_means_the_packaged_profile_whatever_the_cwd_holds(tmp_path, monkeypatch):
+    # The containers' WORKDIR is /runs and the run dir is mounted at /runs/<profile name> (issue 13 item 1): a folder
+    # or file named like a profile in the working directory must not be read as the recipe.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "birbal-4090").mkdir()
+    (tmp_path / "smoke").write_text("not: a recipe\n")
+    assert load_recipe("birbal-4090").name == "birbal-4090"
+    assert load_recipe("smoke").name == "smoke"
+    # A file path is still a file path: a suffix, a separator, or a Path (what --config passes).
+    mine = tmp_path / "mine"
+    mine.write_text((CONFIG_DIR / "smoke.yaml").read_text())
+    assert load_recipe(mine).name == "smoke" and load_recipe("./mine").name == "smoke"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_recipe("./birbal-4090")

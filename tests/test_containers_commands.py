@@ -51,10 +51,11 @@ def test_foreground_stage_run_commands(stage):
 def test_serve_runs_detached_named_and_published():
     command = c.run_command("serve", image="birbal-repro-serve:0.1.0", profile="birbal-4090", run_dir=RUN_DIR,
                             hub_cache=CACHE, user="1000:1000", host_port=9000)
-    assert command == ["docker", "run", "--rm", "--detach", "--name", "birbal-serve-r1",
+    assert command == ["docker", "run", "--detach", "--name", "birbal-serve-r1",
                        "--publish", "127.0.0.1:9000:8080", "--gpus", "all", "--user", "1000:1000",
                        "--shm-size", "16g", *EXPECTED_MOUNTS, "--env", "HF_TOKEN", "birbal-repro-serve:0.1.0",
-                       "serve", "--profile", "birbal-4090", "--run-dir", "/runs/r1"]
+                       "serve", "--profile", "birbal-4090", "--run-dir", "/runs/r1", "--host", "0.0.0.0",
+                       "--port", "8080"]
     assert c.stop_command("r1") == ["docker", "stop", "--time", "30", "birbal-serve-r1"]
     assert c.health_url(9000) == "http://127.0.0.1:9000/health"
 

@@ -138,7 +138,7 @@ def test_dockerignore_keeps_runs_caches_git_tests_and_venvs_out():
     assert lines[0] == "*"  # allow-list: everything is excluded unless named
     allowed = {line[1:] for line in lines if line.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "requirements/train.txt", "requirements/serve.txt",
-                       "src/", "configs/"}
+                       "requirements/build.txt", "requirements/helm.txt", "src/", "configs/"}
     for items in map(instructions, DOCKERFILES.values()):
         for kw, rest in items:
             if kw == "COPY":
@@ -165,3 +165,67 @@ def test_hadolint_would_catch_an_unpinned_base(tmp_path):
     result = subprocess.run([_hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode != 0 and "DL3007" in result.stdout
+
+
+def test_no_moving_frontend_directive(image):
+    # `# syntax=docker/dockerfile:1` is a tag that moves; nothing here needs a frontend beyond the built-in one.
+    first = DOCKERFILES[image].read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first) or "@sha256:" in first, first
+
+
+def test_per_commit_build_args_come_after_the_heavy_layers(image):
+    # ARG REVISION/SOURCE used by a LABEL before the apt and pip layers made every commit re-run them (issue 13).
+    items = instructions(DOCKERFILES[image])
+    last_run = max(i for i, (kw, _) in enumerate(items) if kw == "RUN")
+    for name in ("VERSION", "REVISION", "SOURCE"):
+        declared = next(i for i, (kw, rest) in enumerate(items) if kw == "ARG" and rest.split("=")[0] == name)
+        assert declared > last_run, f"ARG {name} is declared before a RUN"
+    assert all(i > last_run for i, (kw, _) in enumerate(items) if kw == "LABEL")
+
+
+def test_apt_runs_non_interactive(image):
+    items = instructions(DOCKERFILES[image])
+    apt = first_index(items, "RUN", "apt-get")
+    frontend = first_index(items, "ARG", "DEBIAN_FRONTEND=noninteractive")
+    assert frontend < apt
+    assert not any(kw == "ENV" and "DEBIAN_FRONTEND" in rest for kw, rest in items)  # build time only
+
+
+def test_sdists_build_with_the_locked_backend(image):
+    from birbal import lock
+
+    items = instructions(DOCKERFILES[image])
+    build_copy = first_index(items, "COPY", "requirements/build.txt")
+    locked = first_index(items, "RUN", "--require-hashes")
+    run = items[locked][1]
+    assert build_copy < locked
+    backend, full = run.index("-r /tmp/build-requirements.txt"), run.index("-r /tmp/requirements.txt")
+    assert backend < full and "--no-build-isolation" in run[backend:]
+    assert (ROOT / lock.BUILD_LOCK).read_text() == lock.build_lock_text((ROOT / lock.lock_file("train")).read_text())
+    assert "!requirements/build.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_caches_do_not_depend_on_home(image):
+    # `docker run --user` with a uid the image lacks gets HOME=/, which it cannot write (issue 13 item 2).
+    env = " ".join(rest for kw, rest in instructions(DOCKERFILES[image]) if kw == "ENV")
+    for name in ("HF_HOME", "XDG_CACHE_HOME", "TRITON_HOME", "MPLCONFIGDIR"):
+        assert re.search(rf"\b{name}=/(cache|tmp)/", env), name
+
+
+def test_the_helm_image_is_the_serve_base_plus_hash_locked_helm():
+    from birbal.evaluate.helm_env import HELM_PYTHON_ENV, HELM_VERSION
+
+    helm, serve = instructions(ROOT / "Dockerfile.helm"), instructions(DOCKERFILES["serve"])
+    assert [r for k, r in helm if k == "FROM"] == [r for k, r in serve if k == "FROM"]
+    env = " ".join(rest for kw, rest in helm if kw == "ENV")
+    assert f"{HELM_PYTHON_ENV}=/opt/helm-venv/bin/python" in env
+    run = helm[first_index(helm, "RUN", "/opt/helm-venv")][1]
+    assert "--require-hashes --no-deps --no-build-isolation -r /tmp/helm-requirements.txt" in run
+    assert run.index("/tmp/build-requirements.txt") < run.index("/tmp/helm-requirements.txt")
+    assert "/opt/helm-venv/bin/helm-run --help" in run  # the build fails unless helm-run starts
+    lock = (ROOT / "requirements" / "helm.txt").read_text()
+    assert f"crfm-helm=={HELM_VERSION} \\" in lock.splitlines()
+    train_torch = next(line for line in (ROOT / "requirements/train.txt").read_text().splitlines()
+                       if line.startswith("torch=="))
+    assert train_torch in lock.splitlines()  # one torch build in every image
+    assert "!requirements/helm.txt" in (ROOT / ".dockerignore").read_text().splitlines()

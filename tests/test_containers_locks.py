@@ -66,8 +66,14 @@ def test_lock_commands_are_exact():
          "--python-version", "3.12", "--python-platform", "x86_64-manylinux_2_28",
          "--custom-compile-command", "python -m birbal.lock", "--output-file", f"requirements/{image}.txt"]
         for image in ("train", "serve")
-    ]
+    ] + [["uv", "pip", "compile", "requirements/helm.in", "--generate-hashes", "--python-version", "3.12",
+          "--python-platform", "x86_64-manylinux_2_28", "--custom-compile-command", "python -m birbal.lock",
+          "--output-file", "requirements/helm.txt"]]
     assert lock.lock_commands("uv", ("serve",), upgrade=True)[0][-1] == "--upgrade"
+    # HELM's lock: every pin hashed, and made by the same command.
+    helm = parse_lock(ROOT / lock.HELM_LOCK)
+    assert len(helm) > 50 and all(hashes for _, hashes in helm.values())
+    assert "python -m birbal.lock" in (ROOT / lock.HELM_LOCK).read_text()
     with pytest.raises(ValueError, match="unknown image"):
         lock.lock_file("gpu")
 

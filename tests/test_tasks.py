@@ -26,14 +26,19 @@ def test_docker_reproduce_dry_run_prints_every_stage(tmp_path):
         assert line.startswith("docker run --rm --gpus all --user ")
         assert mounts in line and "birbal-repro-train:0.1.0" in line
         assert line.endswith(f"{stage} --profile birbal-4090 --run-dir /runs/r1")
-    serve = lines[3]
-    assert serve.startswith("docker run --rm --detach --name birbal-serve-r1 --publish 127.0.0.1:8080:8080 --gpus all")
-    assert "birbal-repro-serve:0.1.0" in serve and serve.endswith("serve --profile birbal-4090 --run-dir /runs/r1")
-    evaluate = lines[4]
+    assert lines[3] == "docker rm --force birbal-serve-r1"  # a leftover server of a crashed run
+    serve = lines[4]
+    # Not --rm: the log must outlive a crash; listening on 0.0.0.0 inside, so the published port reaches it.
+    assert serve.startswith("docker run --detach --name birbal-serve-r1 --publish 127.0.0.1:8080:8080 --gpus all")
+    assert "birbal-repro-serve:0.1.0" in serve
+    assert serve.endswith("serve --profile birbal-4090 --run-dir /runs/r1 --host 0.0.0.0 --port 8080")
+    evaluate = lines[5]
     assert "--network host" in evaluate and "--gpus" not in evaluate
     assert evaluate.endswith("evaluate --profile birbal-4090 --run-dir /runs/r1 --url http://127.0.0.1:8080")
-    assert lines[5] == "docker stop --time 30 birbal-serve-r1"
-    assert lines[6].endswith(f"-m birbal report --run-dir {run}")
+    assert lines[6] == "docker stop --time 30 birbal-serve-r1"
+    # The report runs in the train image too: the host needs nothing but Docker and invoke.
+    assert lines[7].startswith("docker run --rm --user ") and "birbal-repro-train:0.1.0" in lines[7]
+    assert lines[7].endswith("report --run-dir /runs/r1")
     assert "hf_secret_never_printed" not in result.stderr + result.stdout
     assert not run.exists()  # a dry run writes nothing
 
@@ -52,8 +57,8 @@ def test_build_dry_run_tags_with_version_and_revision():
     result = invoke("build", "--dry-run", "--no-cache")
     assert result.returncode == 0, result.stderr
     builds = [line for line in result.stderr.splitlines() if line.startswith("$ docker build")]
-    assert len(builds) == 2 and all("--no-cache" in b and "--tag birbal-repro-" in b for b in builds)
-    assert "Dockerfile.train" in builds[0] and "Dockerfile.serve" in builds[1]
+    assert len(builds) == 3 and all("--no-cache" in b and "--tag birbal-repro-" in b for b in builds)
+    assert "Dockerfile.train" in builds[0] and "Dockerfile.serve" in builds[1] and "Dockerfile.helm" in builds[2]
 
 
 def test_bad_profile_is_one_line(tmp_path):

@@ -7,7 +7,9 @@ errors; only this module turns them into one line on stderr and an exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from birbal.errors import (
     BirbalError,
@@ -88,7 +90,8 @@ def _recipe(args):
     overrides = list(args.overrides)
     if getattr(args, "budget_hours", None) is not None:
         overrides.append(f"train.budget_hours={args.budget_hours}")
-    return load_recipe(args.config or args.profile, overrides)
+    # --config is always a file (a Path), --profile a name or something that looks like a file path
+    return load_recipe(Path(args.config) if args.config else args.profile, overrides)
 
 
 def _run(args) -> int:
@@ -154,8 +157,31 @@ def _compare(args) -> int:
     return 0
 
 
+LOGIN_NAME_VARIABLES = ("LOGNAME", "USER", "LNAME", "USERNAME")  # what getpass.getuser() reads before pwd
+
+
+def name_a_passwdless_uid(environ=os.environ) -> str | None:
+    """Give a uid with no passwd entry a login name (`uid_<n>`), as torch >= 2.11 does itself.
+
+    `docker run --user $(id -u):$(id -g)` runs as a uid the image's /etc/passwd lacks, and torch 2.10 (the images'
+    lock) calls getpass.getuser() at import in torch._dynamo and inductor's code cache, which then raises
+    KeyError('getpwuid(): uid not found') before any stage starts (issue 13 item 2). Returns the name set, or None.
+    """
+    if any(environ.get(name) for name in LOGIN_NAME_VARIABLES) or not hasattr(os, "getuid"):
+        return None
+    import pwd
+
+    try:
+        pwd.getpwuid(os.getuid())
+        return None
+    except KeyError:
+        environ["LOGNAME"] = f"uid_{os.getuid()}"
+        return environ["LOGNAME"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name_a_passwdless_uid()
     try:
         return _run(args)
     except BirbalError as err:

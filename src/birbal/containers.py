@@ -18,10 +18,11 @@ from typing import Any
 from birbal.fsutil import atomic_write_json
 from birbal.rundir import STAGES, utc_now
 
-IMAGES = ("train", "serve")
-DOCKERFILES = {"train": "Dockerfile.train", "serve": "Dockerfile.serve"}
-# Which image runs which stage. evaluate needs only the package and an HTTP client, both in the train image.
-STAGE_IMAGE = {"prepare-data": "train", "train": "train", "export": "train", "serve": "serve", "evaluate": "train"}
+IMAGES = ("train", "serve", "helm")
+DOCKERFILES = {"train": "Dockerfile.train", "serve": "Dockerfile.serve", "helm": "Dockerfile.helm"}
+# Which image runs which stage. evaluate runs where HELM is (helm-run for the open suite, HELM's client classes for
+# the quick one): Dockerfile.helm, the package plus HELM's own hash-locked venv (BIRBAL_HELM_PYTHON).
+STAGE_IMAGE = {"prepare-data": "train", "train": "train", "export": "train", "serve": "serve", "evaluate": "helm"}
 DEFAULT_REPOSITORY = "birbal-repro"
 # The bases are linux/amd64 manifests (docs/PINS.md): build for that platform even on an arm64 host.
 PLATFORM = "linux/amd64"
@@ -92,7 +93,8 @@ def run_command(stage: str, *, image: str, profile: str, run_dir: str | Path, hu
     the foreground. `network`: e.g. "host" for evaluate, so it reaches the published server port on 127.0.0.1.
     """
     run_dir = Path(run_dir)
-    command = ["docker", "run", "--rm"]
+    # The server is not `--rm`: when it dies, its log must outlive it (`ServeContainer` prints it, then removes it).
+    command = ["docker", "run"] if stage == "serve" else ["docker", "run", "--rm"]
     if stage == "serve":
         command += ["--detach", "--name", server_container_name(run_dir.name),
                     "--publish", f"{bind_address}:{host_port}:{CONTAINER_PORT}"]
@@ -111,16 +113,141 @@ def run_command(stage: str, *, image: str, profile: str, run_dir: str | Path, hu
         command += ["--env", name]
     command.append(image)
     command += stage_args(stage, profile, run_dir.name, overrides)
+    if stage == "serve":
+        # Inside its own network namespace the server must listen on every interface: docker forwards the published
+        # port to the container's eth0, which a server on the recipe's 127.0.0.1 never sees.
+        command += ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)]
     return command
 
 
+def reproduce_stage_command(stage: str, *, profile: str, run_dir: str | Path, hub_cache: str | Path,
+                            overrides: Sequence[str] = (), user: str, version: str, revision: str | None,
+                            extra: Sequence[str] = ()) -> list[str]:
+    """The `docker run` that `invoke <stage>/reproduce --runtime docker` runs for one stage (tasks.py calls this;
+    the container contract test replays exactly this). `user`: the caller's "uid:gid"."""
+    image = image_tags(STAGE_IMAGE[stage], version, revision)[-1]
+    return run_command(stage, image=image, profile=profile, run_dir=Path(run_dir).resolve(), hub_cache=hub_cache,
+                       overrides=overrides, user=user, network="host" if stage == "evaluate" else None,
+                       gpus=None if stage == "evaluate" else "all") + list(extra)
+
+
+def report_command(*, run_dir: str | Path, user: str, version: str, revision: str | None) -> list[str]:
+    """`birbal report` in the train image (it has matplotlib), so the host needs nothing but Docker."""
+    run_dir = Path(run_dir).resolve()
+    return ["docker", "run", "--rm", "--user", user,
+            "--mount", f"type=bind,source={run_dir},target={CONTAINER_RUNS}/{run_dir.name}",
+            image_tags("train", version, revision)[-1], "report", "--run-dir", f"{CONTAINER_RUNS}/{run_dir.name}"]
+
+
 def stop_command(run_id: str, timeout_s: int = 30) -> list[str]:
-    """Stops the detached server of a run (it was started with --rm, so stopping also removes it)."""
+    """Stops the detached server of a run (SIGTERM, then SIGKILL after `timeout_s`); `remove_command` removes it."""
     return ["docker", "stop", "--time", str(timeout_s), server_container_name(run_id)]
 
 
 def logs_command(run_id: str) -> list[str]:
     return ["docker", "logs", server_container_name(run_id)]
+
+
+def remove_command(run_id: str) -> list[str]:
+    return ["docker", "rm", "--force", server_container_name(run_id)]
+
+
+def state_command(run_id: str) -> list[str]:
+    """`docker container inspect` printing `<status> <exit code>`, e.g. `running 0` or `exited 8`."""
+    return ["docker", "container", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
+            server_container_name(run_id)]
+
+
+class ServeContainerError(RuntimeError):
+    """The server container exited, or never became healthy; the message carries its log's tail."""
+
+
+class ServeContainer:
+    """The detached server of `invoke reproduce --runtime docker`: start, wait for /health, stop, keep the log.
+
+    The wait ends as soon as the container is no longer running (no 600 s of polling a dead server), and says
+    why with the container's own log. `close()` stops it, saves its whole log beside the run (`log_path`) and
+    removes it; a failure there is printed, never raised over the error that brought us there.
+    `run` is the subprocess boundary (tests fake only that; the commands are the real strings).
+    """
+
+    LOG_TAIL_LINES = 60
+
+    def __init__(self, run_id: str, log_path: Path, run: Runner = subprocess.run,
+                 echo: Callable[[str], None] = print) -> None:
+        self.run_id, self.log_path, self._run, self._echo = run_id, Path(log_path), run, echo
+
+    def _call(self, command: list[str]) -> subprocess.CompletedProcess:
+        return self._run(command, capture_output=True, text=True, check=False)
+
+    def start(self, command: list[str]) -> None:
+        """Remove a leftover container of the same name (a crashed earlier run), then `docker run --detach`."""
+        self._call(remove_command(self.run_id))  # "No such container" is the usual answer, and fine
+        result = self._call(command)
+        if result.returncode != 0:
+            raise ServeContainerError(f"docker run of the server failed ({result.returncode}): "
+                                      f"{(result.stderr or result.stdout).strip()}")
+
+    def state(self) -> tuple[str, int] | None:
+        """(status, exit code), or None when there is no such container."""
+        result = self._call(state_command(self.run_id))
+        if result.returncode != 0:
+            return None
+        status, _, code = result.stdout.strip().partition(" ")
+        return status, int(code or 0)
+
+    def log_tail(self) -> str:
+        result = self._call(logs_command(self.run_id))
+        lines = (result.stdout + result.stderr).splitlines()
+        return "\n".join(lines[-self.LOG_TAIL_LINES:])
+
+    def wait_healthy(self, url: str, timeout_s: float, check: Callable[[str], None],
+                     clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None,
+                     poll_s: float = 1.0) -> None:
+        """Poll `check(url)` (raises until healthy) while the container runs; fail at once if it stops."""
+        import time
+
+        clock, sleep = clock or time.monotonic, sleep or time.sleep
+        deadline = clock() + timeout_s
+        last = "no answer yet"
+        while True:
+            state = self.state()
+            if state is None or state[0] not in ("created", "running", "restarting"):
+                how = "is gone" if state is None else f"exited ({state[1]})" if state[0] == "exited" else state[0]
+                raise ServeContainerError(f"the server container {server_container_name(self.run_id)} {how} before "
+                                          f"{url} became healthy; its log ends:\n{self.log_tail()}")
+            try:
+                check(url)
+                return
+            except Exception as err:  # noqa: BLE001 - any failed probe means "not yet"; the last one is reported
+                last = str(err)
+            if clock() >= deadline:
+                raise ServeContainerError(f"the server at {url} was not healthy within {timeout_s:.0f} s ({last}); "
+                                          f"its log ends:\n{self.log_tail()}")
+            sleep(poll_s)
+
+    def close(self, stop_timeout_s: int = 30) -> list[str]:
+        """Stop (if running), save the log, remove. Returns the problems met, each already printed."""
+        problems = []
+        state = self.state()
+        if state is None:
+            return problems
+        if state[0] == "running":
+            stopped = self._call(stop_command(self.run_id, stop_timeout_s))
+            if stopped.returncode != 0:
+                problems.append(f"docker stop: {(stopped.stderr or stopped.stdout).strip()}")
+        logs = self._call(logs_command(self.run_id))
+        if logs.returncode == 0:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text(logs.stdout + logs.stderr)
+        else:
+            problems.append(f"docker logs: {(logs.stderr or logs.stdout).strip()}")
+        removed = self._call(remove_command(self.run_id))
+        if removed.returncode != 0:
+            problems.append(f"docker rm: {(removed.stderr or removed.stdout).strip()}")
+        for problem in problems:
+            self._echo(f"warning: server container cleanup: {problem}")
+        return problems
 
 
 def health_url(host_port: int = CONTAINER_PORT, bind_address: str = "127.0.0.1") -> str:

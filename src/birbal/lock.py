@@ -20,6 +20,14 @@ PYTHON_VERSION = "3.12"
 PYTHON_PLATFORM = "x86_64-manylinux_2_28"
 IMAGES = ("train", "serve")
 EXTRA_INPUTS = "requirements/images.in"
+# The build backend that the images install first, so that the lock's one sdist (rouge-score 0.1.2: PyPI has no wheel)
+# is built with `--no-build-isolation` by these hash-checked files instead of a setuptools that pip fetches live.
+BUILD_LOCK = "requirements/build.txt"
+BUILD_BACKEND = ("setuptools", "wheel")
+# HELM's own venv in Dockerfile.helm: crfm-helm and the images' torch (requirements/helm.in), locked apart from the
+# project because HELM pins its own versions.
+HELM_INPUTS = "requirements/helm.in"
+HELM_LOCK = "requirements/helm.txt"
 CUSTOM_COMMAND = "python -m birbal.lock"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +52,39 @@ def lock_commands(uv: str = "uv", images: tuple[str, ...] = IMAGES, upgrade: boo
         if upgrade:
             command.append("--upgrade")
         commands.append(command)
+    if images == IMAGES:
+        command = [uv, "pip", "compile", HELM_INPUTS, "--generate-hashes", "--python-version", PYTHON_VERSION,
+                   "--python-platform", PYTHON_PLATFORM, "--custom-compile-command", CUSTOM_COMMAND,
+                   "--output-file", HELM_LOCK]
+        commands.append([*command, "--upgrade"] if upgrade else command)
     return commands
+
+
+def lock_entries(text: str, names: tuple[str, ...]) -> str:
+    """The `name==version` blocks (with their --hash lines and `# via` comments) of `names` from a lock's text."""
+    wanted = {name.lower().replace("_", "-") for name in names}
+    blocks, current = {}, None
+    for line in text.splitlines(keepends=True):
+        if line and not line.startswith((" ", "#", "\n")):
+            name = line.split("==", 1)[0].strip().lower().replace("_", "-")
+            current = name if name in wanted else None
+            if current:
+                blocks[current] = ""
+        elif not line.startswith((" ", "\n")):
+            current = None
+        if current:
+            blocks[current] += line
+    missing = wanted - set(blocks)
+    if missing:
+        raise ValueError(f"not in the lock: {', '.join(sorted(missing))}")
+    return "".join(blocks[name] for name in sorted(blocks))
+
+
+def build_lock_text(image_lock_text: str) -> str:
+    """requirements/build.txt: the build backend's entries copied from an image lock (same versions, same hashes)."""
+    return ("# The build backend the images install before their lock, so the lock's sdists build with\n"
+            "# --no-build-isolation from these hash-checked files. Copied from requirements/train.txt by\n"
+            f"# `{CUSTOM_COMMAND}`: never edit by hand.\n" + lock_entries(image_lock_text, BUILD_BACKEND))
 
 
 def find_uv() -> str | None:
@@ -68,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         print("+ " + shlex.join(command), file=sys.stderr)
         if not args.dry_run:
             subprocess.run(command, cwd=REPO_ROOT, check=True)
+    if not args.dry_run:
+        text = build_lock_text((REPO_ROOT / lock_file("train")).read_text())
+        (REPO_ROOT / BUILD_LOCK).write_text(text)
+        print(f"wrote {BUILD_LOCK}", file=sys.stderr)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,27 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def _looks_like_path(text: str) -> bool:
+    return text.endswith((".yaml", ".yml")) or "/" in text or (os.sep != "/" and os.sep in text)
+
+
 def profile_path(profile_or_path: str | Path) -> Path:
-    """A profile name (`smoke`) or a path to a YAML file."""
-    candidate = Path(profile_or_path)
-    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+    """A profile name (`smoke`) or a path to a YAML file.
+
+    A `Path`, or a string that looks like a file path (a `.yaml`/`.yml` suffix or a path separator), is a file; any
+    other string is a profile name and always means the packaged profile, whatever the working directory holds.
+    Containers run from WORKDIR /runs with the run directory mounted at /runs/<profile name>: an existing-path-first
+    rule read that folder as the config (issue 13).
+    """
+    text = str(profile_or_path)
+    if isinstance(profile_or_path, Path) or _looks_like_path(text):
+        candidate = Path(profile_or_path)
         if not candidate.is_file():
             raise ConfigError(f"config file not found: {candidate}")
         return candidate
-    named = CONFIG_DIR / f"{profile_or_path}.yaml"
+    named = CONFIG_DIR / f"{text}.yaml"
     if not named.is_file():
-        raise ConfigError(f"unknown profile {str(profile_or_path)!r}; known profiles: {', '.join(list_profiles())}")
+        raise ConfigError(f"unknown profile {text!r}; known profiles: {', '.join(list_profiles())}")
     return named
 
 

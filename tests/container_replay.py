@@ -1,0 +1,488 @@
+"""Replays what `docker build` and `docker run` do with this project's images, on a machine with no Docker engine.
+
+Used by tests/test_container_contract.py (and runnable: `python tests/container_replay.py build train`). As root,
+Linux namespaces give a process most of what a container gives it:
+
+- The image: the Dockerfile is parsed (dockerfile-parse, the library), not restated here. Its ENV, SHELL, USER,
+  WORKDIR and ENTRYPOINT are read from it; its COPY and RUN instructions are executed literally, in order, inside a
+  private root where /opt (the venvs) and /tmp are what they are in the image, with two exceptions said out loud: the RUN
+  that calls apt-get (the host provides Python 3.12 and a C compiler instead of Ubuntu's packages; `python3.12`
+  resolves to BIRBAL_IMAGE_PYTHON) and the RUN that calls useradd (the host's /etc/passwd is not touched: /runs and
+  /cache/huggingface are made owned by the image's USER instead, which is what that RUN does to them).
+- Layers: everything up to and including the RUN that installs the lock is cached, keyed by a hash of those
+  instructions, the lock file and the interpreter's version (under BIRBAL_CONTAINER_CACHE, default
+  ~/.cache/birbal-repro/container-layers, so a fresh clone on the same machine reuses it); the project's own layer
+  is rebuilt on every call, in an overlay above the cached one, as a code change rebuilds it in Docker.
+- `docker run`: a new mount namespace whose root is a read-only tmpfs holding read-only binds of the host's /usr,
+  /etc, /dev, /proc, /sys and the interpreter, the image's /opt (read-only), a fresh /tmp (1777), /runs owned
+  by the image's USER and not writable by the caller, the `--mount` binds at their container paths, then a new user
+  namespace mapping the `--user` uid:gid (one with no passwd entry) onto the caller, chroot into that root, cwd =
+  WORKDIR, env = the Dockerfile's ENV (its PATH on top of the base image's default PATH) + HOME=/ (what Docker gives
+  a uid with no passwd entry) + HOSTNAME + the `--env NAME` passthroughs present in the caller's environment.
+  The ENTRYPOINT is run with the arguments after the image.
+
+What differs from a real container, beyond the two skipped RUNs: the kernel, network and PID namespace are the
+caller's (the test puts the whole chain in one private network namespace of its own, standing in for
+`--network host` plus the serve container's published port); `--gpus` and `--shm-size` are ignored (no GPU here);
+the base image's other ENV (CUDA_VERSION, NVIDIA_*, LD_LIBRARY_PATH) is absent, as is its filesystem: the host's
+/usr stands in for Ubuntu 24.04's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dockerfile_parse import DockerfileParser
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_PYTHON = Path(os.environ.get("BIRBAL_IMAGE_PYTHON", "/root/.pyenv/versions/3.12.1/bin/python3.12"))
+LAYER_CACHE = Path(os.environ.get("BIRBAL_CONTAINER_CACHE",
+                                  Path.home() / ".cache" / "birbal-repro" / "container-layers"))
+# Docker's default PATH for a container whose image sets none; the CUDA bases prepend /usr/local/nvidia/bin and
+# /usr/local/cuda/bin, which hold nothing the CLI runs.
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SKIPPED_RUN_WORDS = ("apt-get", "useradd")
+HOST_BINDS = ("/usr", "/etc", "/dev", "/proc", "/sys")
+MERGED_USR_LINKS = ("bin", "sbin", "lib", "lib64")
+
+
+@dataclass
+class Instruction:
+    kind: str
+    value: str
+    env: dict[str, str]  # the ENV (and ARG) in force at this instruction
+    shell: list[str]
+
+
+@dataclass
+class Image:
+    name: str
+    dockerfile: Path
+    env: dict[str, str]
+    workdir: str
+    user: str
+    entrypoint: list[str]
+    cmd: list[str]
+    instructions: list[Instruction] = field(default_factory=list)
+
+    @property
+    def uid_gid(self) -> tuple[int, int]:
+        uid, _, gid = self.user.partition(":")
+        return int(uid), int(gid or uid)
+
+
+def _exec_form(value: str) -> list[str]:
+    parsed = json.loads(value)
+    assert isinstance(parsed, list), f"only the exec form is replayed, got {value!r}"
+    return parsed
+
+
+def read_image(name: str) -> Image:
+    """The Dockerfile's instructions and final ENV/WORKDIR/USER/ENTRYPOINT/CMD, as dockerfile-parse reads them."""
+    path = REPO / f"Dockerfile.{name}"
+    parser = DockerfileParser(fileobj=io.BytesIO(path.read_bytes()), env_replace=True,
+                              parent_env={"PATH": BASE_PATH})
+    env: dict[str, str] = {"PATH": BASE_PATH}
+    args: dict[str, str] = {}
+    shell = ["/bin/sh", "-c"]
+    workdir, user, entrypoint, cmd = "/", "0:0", [], []
+    instructions = []
+    for item in parser.structure:
+        kind, value = item["instruction"], item["value"]
+        if kind == "ENV":
+            env = {"PATH": BASE_PATH, **_env_at(parser, item)}
+        elif kind == "ARG":
+            key, _, default = value.partition("=")
+            args[key] = default
+        elif kind == "SHELL":
+            shell = _exec_form(value)
+        elif kind == "WORKDIR":
+            workdir = value
+        elif kind == "USER":
+            user = value
+        elif kind == "ENTRYPOINT":
+            entrypoint = _exec_form(value)
+        elif kind == "CMD":
+            cmd = _exec_form(value)
+        elif kind in ("COPY", "RUN"):
+            instructions.append(Instruction(kind, value, {**args, **env}, list(shell)))
+    return Image(name, path, env, workdir, user, entrypoint, cmd, instructions)
+
+
+def _env_at(parser: DockerfileParser, upto: dict) -> dict[str, str]:
+    """The ENV in force right after instruction `upto` (dockerfile-parse's `envs` is the final one)."""
+    sub = DockerfileParser(fileobj=io.BytesIO("".join(parser.lines[: upto["endline"] + 1]).encode()),
+                           env_replace=True, parent_env={"PATH": BASE_PATH})
+    return dict(sub.envs)
+
+
+# --- the private root ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Mount:
+    target: str  # the path inside the private root
+    source: str | None = None  # a host path to bind; None: a fresh tmpfs
+    read_only: bool = True
+    tmpfs_options: str = "mode=755"
+    overlay: tuple[str, str, str] | None = None  # (lower, upper, work)
+
+
+def _root_script(root: Path, mounts: list[Mount]) -> str:
+    """Shell run as root inside `unshare -m`: lays out the private root under `root`, then execs "$@"."""
+    q = shlex.quote
+    lines = ["set -eu", f"mount -t tmpfs -o mode=755 tmpfs {q(str(root))}"]
+    for name in MERGED_USR_LINKS:
+        host = Path("/") / name
+        if host.is_symlink():
+            lines.append(f"ln -s {q(os.readlink(host))} {q(str(root / name))}")
+    ordered = [Mount(p, p) for p in HOST_BINDS] + [Mount(str(IMAGE_PYTHON.parents[1]), str(IMAGE_PYTHON.parents[1]))]
+    ordered += sorted(mounts, key=lambda m: m.target.count("/"))
+    for mount in ordered:
+        target = q(str(root) + mount.target)
+        if mount.source is not None and Path(mount.source).is_file():
+            lines.append(f"mkdir -p {q(str(root) + str(Path(mount.target).parent))} && touch {target}")
+        else:
+            lines.append(f"mkdir -p {target}")
+        if mount.overlay:
+            lower, upper, work = (q(p) for p in mount.overlay)
+            lines.append(f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} {target}")
+        elif mount.source is None:
+            lines.append(f"mount -t tmpfs -o {q(mount.tmpfs_options)} tmpfs {target}")
+        else:
+            lines.append(f"mount --rbind {q(mount.source)} {target}")
+        if mount.read_only:
+            lines.append(f"mount -o remount,bind,ro {target}")
+    lines.append(f"mount -o remount,ro {q(str(root))}")
+    lines.append('exec "$@"')
+    return "\n".join(lines)
+
+
+def in_private_root(mounts: list[Mount], argv: list[str], *, env: dict[str, str], cwd: str,
+                    uid_gid: tuple[int, int] | None, **popen) -> subprocess.Popen:
+    """Start argv in a private root laid out from `mounts`, as uid:gid (user namespace) or as root (None)."""
+    scratch = Path(tempfile.mkdtemp(prefix="birbal-root-"))
+    root = scratch / "root"
+    root.mkdir()
+    inner = ["env", "-i", *[f"{k}={v}" for k, v in env.items()], *argv]
+    if uid_gid is None:
+        enter = ["chroot", str(root), "sh", "-c", f"cd {shlex.quote(cwd)} && exec \"$@\"", "sh", *inner]
+    else:
+        uid, gid = uid_gid
+        enter = ["unshare", "--user", f"--map-user={uid}", f"--map-group={gid}", f"--root={root}", f"--wd={cwd}",
+                 *inner]
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _root_script(root, mounts), "sh",
+               *enter]
+    return subprocess.Popen(command, **popen)
+
+
+def run_in_private_root(mounts, argv, *, env, cwd, uid_gid, timeout=None, **popen) -> subprocess.CompletedProcess:
+    process = in_private_root(mounts, argv, env=env, cwd=cwd, uid_gid=uid_gid, **popen)
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
+# --- docker build ---------------------------------------------------------------------------------------------------
+
+def _skipped(instruction: Instruction) -> bool:
+    return instruction.kind == "RUN" and any(word in instruction.value for word in SKIPPED_RUN_WORDS)
+
+
+def _python_version() -> str:
+    return subprocess.run([str(IMAGE_PYTHON), "-c", "import sys; print(sys.version)"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _split_layers(image: Image) -> tuple[list[Instruction], list[Instruction]]:
+    """(dependency layers: up to the RUN that installs the copied lock, project layers: the rest)."""
+    locked = [i for i, instruction in enumerate(image.instructions)
+              if instruction.kind == "RUN" and "--require-hashes" in instruction.value]
+    if locked:
+        return image.instructions[: locked[-1] + 1], image.instructions[locked[-1] + 1:]
+    raise AssertionError(f"{image.dockerfile.name}: no RUN installs a hash-checked lock")
+
+
+def _copy_sources(instruction: Instruction) -> tuple[list[str], str]:
+    parts = shlex.split(instruction.value)
+    assert not any(p.startswith("--") for p in parts), f"COPY flags are not replayed: {instruction.value}"
+    return parts[:-1], parts[-1]
+
+
+def _stage_copies(instruction: Instruction, staging: Path) -> None:
+    """Put a COPY's sources from the build context where the RUNs will see them (staging = the private /tmp)."""
+    sources, dest = _copy_sources(instruction)
+    assert dest.startswith("/tmp/"), f"only COPY into /tmp is replayed, got {dest}"
+    target = staging / dest.removeprefix("/tmp/")
+    for source in sources:
+        path = REPO / source
+        if path.is_dir():
+            into = target if len(sources) == 1 and not dest.endswith("/") else target / path.name
+            shutil.copytree(path, into, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            into = target / path.name if dest.endswith("/") else target
+            into.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, into)
+
+
+def _run_layers(instructions: list[Instruction], venv_mount: Mount, log: Path) -> None:
+    """COPY and RUN, in order, as root in the private root (network: the caller's, as `docker build` has)."""
+    staging = Path(tempfile.mkdtemp(prefix="birbal-build-tmp-"))
+    staging.chmod(0o1777)
+    # `python3.12` (apt's, in the image) resolves to the host interpreter's folder, bound at its own path in every
+    # private root, so the venv's `home` stays valid when it runs.
+    shim = IMAGE_PYTHON.parent
+    try:
+        for instruction in instructions:
+            if _skipped(instruction):
+                continue
+            if instruction.kind == "COPY":
+                _stage_copies(instruction, staging)
+                continue
+            env = {**instruction.env, "PATH": f"{instruction.env['PATH']}:{shim}", "HOME": "/root"}
+            mounts = [venv_mount, Mount("/tmp", str(staging), read_only=False)]
+            with log.open("a") as out:
+                out.write(f"+ RUN {instruction.value}\n")
+                out.flush()
+                result = run_in_private_root(mounts, [*instruction.shell, instruction.value], env=env, cwd="/",
+                                             uid_gid=None, stdout=out, stderr=subprocess.STDOUT)
+            if result.returncode != 0:
+                raise RuntimeError(f"RUN failed ({result.returncode}): {instruction.value}\n{log.read_text()[-4000:]}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def dependency_layer(image: Image) -> Path:
+    """The cached /opt with the locks installed (built on a miss: the lock's wheels, hash-checked)."""
+    layer = layer_path(image)
+    if (layer / ".complete").is_file():
+        return layer
+    deps, _ = _split_layers(image)
+    shutil.rmtree(layer, ignore_errors=True)
+    layer.mkdir(parents=True)
+    log = layer.with_suffix(".log")
+    log.write_text("")
+    _run_layers(deps, Mount("/opt", str(layer), read_only=False), log)
+    (layer / ".complete").write_text(layer.name + "\n")
+    return layer
+
+
+def layer_path(image: Image) -> Path:
+    """Where the dependency layer of `image` is cached: named by a hash of what builds it."""
+    deps, _ = _split_layers(image)
+    key = hashlib.sha256()
+    for instruction in deps:
+        if instruction.kind == "COPY":  # by content and destination: train.txt and serve.txt may be one lock
+            sources, dest = _copy_sources(instruction)
+            key.update(f"COPY {dest}\n".encode())
+            for source in sources:
+                key.update(hashlib.sha256((REPO / source).read_bytes()).digest())
+        else:
+            key.update(f"{instruction.kind} {instruction.value}\n".encode())
+        key.update(json.dumps(instruction.env, sort_keys=True).encode())
+    key.update(_python_version().encode())
+    key.update(b"layer root: /opt")  # the layer holds /opt (/opt/venv, and /opt/helm-venv in Dockerfile.helm)
+    return LAYER_CACHE / f"deps-{key.hexdigest()[:16]}"
+
+
+@dataclass
+class BuiltImage:
+    image: Image
+    lower: Path
+    scratch: Path
+
+    @property
+    def upper(self) -> Path:
+        return self.scratch / "upper"
+
+    def venv_mount(self, read_only: bool = True) -> Mount:
+        return Mount("/opt", overlay=(str(self.lower), str(self.upper), str(self.scratch / "work")),
+                     read_only=read_only)
+
+
+def build(name: str, scratch: Path) -> BuiltImage:
+    """The dependency layer (cached) plus a fresh project layer in `scratch` (an overlay's upper directory)."""
+    image = read_image(name)
+    lower = dependency_layer(image)
+    built = BuiltImage(image, lower, scratch)
+    built.upper.mkdir(parents=True, exist_ok=True)
+    (scratch / "work").mkdir(exist_ok=True)
+    _, project = _split_layers(image)
+    _run_layers(project, built.venv_mount(read_only=False), scratch / "build.log")
+    return built
+
+
+# --- docker run ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    """What a `docker run` argv says, for the flags birbal.containers emits."""
+
+    image_ref: str
+    args: list[str]
+    user: str | None = None
+    mounts: list[tuple[str, str]] = field(default_factory=list)  # (host source, container target)
+    env_names: list[str] = field(default_factory=list)
+    detach: bool = False
+    publish: str | None = None
+    name: str | None = None
+    remove: bool = False
+
+
+def parse_run(argv: list[str]) -> RunSpec:
+    assert argv[:2] == ["docker", "run"], argv
+    flags_with_value = {"--name", "--publish", "--gpus", "--user", "--network", "--shm-size", "--mount", "--env"}
+    spec = RunSpec("", [])
+    i = 2
+    while i < len(argv):
+        arg = argv[i]
+        if arg in flags_with_value:
+            value = argv[i + 1]
+            i += 2
+            if arg == "--user":
+                spec.user = value
+            elif arg == "--mount":
+                fields = dict(part.split("=", 1) for part in value.split(","))
+                assert fields["type"] == "bind", value
+                spec.mounts.append((fields["source"], fields["target"]))
+            elif arg == "--env":
+                spec.env_names.append(value)
+            elif arg == "--publish":
+                spec.publish = value
+            elif arg == "--name":
+                spec.name = value
+        elif arg in ("--rm", "--detach"):
+            spec.remove |= arg == "--rm"
+            spec.detach |= arg == "--detach"
+            i += 1
+        elif arg.startswith("-"):
+            raise AssertionError(f"docker run flag not replayed: {arg}")
+        else:
+            spec.image_ref, spec.args = arg, argv[i + 1:]
+            break
+    return spec
+
+
+def container_env(image: Image, spec: RunSpec, environ: dict[str, str] | None = None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    env = {"HOSTNAME": "birbal-replay", **image.env}
+    env.setdefault("HOME", "/")  # Docker: HOME=/ for a --user with no passwd entry in the image
+    for name in spec.env_names:
+        if name in environ:
+            env[name] = environ[name]
+    return env
+
+
+def start(built: BuiltImage, argv: list[str], **popen) -> subprocess.Popen:
+    """Start `docker run ...` (argv, as birbal.containers writes it) in the replayed container."""
+    spec = parse_run(argv)
+    image = built.image
+    uid_gid = tuple(int(x) for x in spec.user.split(":")) if spec.user else image.uid_gid
+    owner_uid, owner_gid = image.uid_gid
+    mounts = [built.venv_mount(),
+              Mount("/tmp", None, read_only=False, tmpfs_options="mode=1777"),
+              # the image's `mkdir -p /runs /cache/huggingface && chown <USER> ...`, without editing /etc/passwd
+              Mount("/runs", None, read_only=False, tmpfs_options=f"mode=755,uid={owner_uid},gid={owner_gid}"),
+              Mount("/cache", None, read_only=False, tmpfs_options="mode=755")]
+    mounts += [Mount(target, source, read_only=False) for source, target in spec.mounts]
+    return in_private_root(mounts, [*image.entrypoint, *spec.args], env=container_env(image, spec),
+                           cwd=image.workdir, uid_gid=uid_gid, **popen)
+
+
+def _finish(process: subprocess.Popen, name: str, timeout: float) -> dict:
+    out, _ = process.communicate(timeout=timeout)
+    return {"stage": name, "returncode": process.returncode, "log_tail": out[-6000:]}
+
+
+def chain(run_dir: Path, hub_cache: Path, scratch: Path, uid: int, profile: str, overrides: list[str],
+          stage_timeout_s: float = 900) -> dict:
+    """prepare-data -> train -> export -> serve -> evaluate -> report, each the `docker run` that
+    `invoke reproduce --runtime docker` runs (birbal.containers), replayed; stops at the first failure.
+
+    Run it in a network namespace of its own (`unshare -n`): the server's 0.0.0.0:8080 is then this chain's alone,
+    as a published port is on a judge's host. The dependency layers must already be built (they download).
+    """
+    import time
+
+    sys.path.insert(0, str(REPO / "src"))
+    from birbal import __version__, containers
+    from birbal.evaluate.client import wait_until_healthy
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    user = f"{uid}:{uid}"
+    common = {"profile": profile, "run_dir": run_dir, "hub_cache": hub_cache, "overrides": overrides, "user": user,
+              "version": __version__, "revision": None}
+    images = {name: build(name, scratch / name) for name in sorted(set(containers.STAGE_IMAGE.values()))}
+    result: dict = {"stages": [], "user": user}
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    for stage in ("prepare-data", "train", "export"):
+        argv = containers.reproduce_stage_command(stage, **common)
+        started = time.monotonic()
+        done = _finish(start(images[containers.STAGE_IMAGE[stage]], argv, **popen), stage, stage_timeout_s)
+        result["stages"].append({**done, "argv": argv, "seconds": round(time.monotonic() - started, 1)})
+        if done["returncode"] != 0:
+            return result
+    serve_argv = containers.reproduce_stage_command("serve", **common)
+    spec = parse_run(serve_argv)
+    host_port = int(spec.publish.split(":")[1])
+    started = time.monotonic()
+    server = start(images["serve"], serve_argv, **popen)
+    try:
+        url = f"http://127.0.0.1:{host_port}"
+        try:
+            wait_until_healthy(url, stage_timeout_s, server, poll_s=0.5)
+        except Exception as err:  # noqa: BLE001 - recorded with the server's log, which says why
+            server.kill()
+            done = _finish(server, "serve", 60)
+            result["stages"].append({**done, "argv": serve_argv, "error": str(err)})
+            return result
+        result["serve_healthy_after_s"] = round(time.monotonic() - started, 1)
+        argv = containers.reproduce_stage_command("evaluate", **common, extra=["--url", url])
+        started = time.monotonic()
+        done = _finish(start(images["train"], argv, **popen), "evaluate", stage_timeout_s)
+        evaluate = {**done, "argv": argv, "seconds": round(time.monotonic() - started, 1)}
+    finally:
+        if server.poll() is None:
+            server.terminate()  # what `docker stop` sends
+        served = _finish(server, "serve", 60)
+    result["stages"].append({**served, "argv": serve_argv})
+    result["stages"].append(evaluate)
+    if evaluate["returncode"] != 0:
+        return result
+    argv = containers.report_command(run_dir=run_dir, user=user, version=__version__, revision=None)
+    done = _finish(start(images["train"], argv, **popen), "report", stage_timeout_s)
+    result["stages"].append({**done, "argv": argv})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    build_parser = sub.add_parser("build", help="build (or find cached) an image's dependency layer")
+    build_parser.add_argument("image", choices=["train", "serve", "helm"])
+    chain_parser = sub.add_parser("chain", help="replay the docker chain (run under `unshare -n`)")
+    for name in ("run-dir", "hub-cache", "scratch", "json"):
+        chain_parser.add_argument(f"--{name}", type=Path, required=True)
+    chain_parser.add_argument("--uid", type=int, required=True)
+    chain_parser.add_argument("--profile", default="smoke")
+    chain_parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    if args.action == "build":
+        print(dependency_layer(read_image(args.image)))
+        return 0
+    result = chain(args.run_dir, args.hub_cache, args.scratch, args.uid, args.profile, args.overrides)
+    args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The container contract: what `invoke reproduce --runtime docker` runs, replayed as `docker run` would run it.
+
+No Docker engine exists here, so tests/container_replay.py replays each image from its Dockerfile (parsed, not
+restated: ENV, SHELL, USER, WORKDIR, ENTRYPOINT, and the COPY/RUN instructions that install the lock and the
+project, executed literally) and each `docker run` from the argv that birbal.containers writes for `invoke
+reproduce` (mounts at their container paths, `--user` a uid:gid with no passwd entry, HOME=/, cwd = WORKDIR).
+Its docstring lists everything that differs from a real container.
+
+The interpreter and the wheels: Python 3.12 (BIRBAL_IMAGE_PYTHON; Ubuntu 24.04's python3.12 in the image) and the
+image's own lock, installed as-is with `pip install --require-hashes --no-deps -r requirements/<image>.txt`:
+torch 2.10.0's CUDA build and its nvidia-* and triton wheels included. That was a choice, measured: PyPI has no
+x86_64 CPU build of torch 2.10.0 (its x86_64 wheels are the CUDA 12.8 build, 916 MB; only aarch64 is CPU-only) and
+PyTorch's CPU index is not reachable from here, so "the lock minus the CUDA wheels" would have meant a different
+torch build than the image's, and item 2 of issue 13 (getpass at import) is about that very build. The CUDA build
+imports and runs on a CPU; what it cannot test is the GPU. First build of the dependency layer on this machine:
+3 min 38 s and 7.7 GB (PyPI at ~240 MB/s), cached under BIRBAL_CONTAINER_CACHE (~/.cache/birbal-repro) keyed by
+the lock's hash, so later runs, fresh clones included, reuse it; train.txt and serve.txt hold the same lock today
+and share one layer. The project layer is rebuilt on every run, as a code change rebuilds it in Docker.
+
+Skipped (not failed) where the replay cannot work: not root, no unshare, or no Python 3.12.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import container_replay as replay  # noqa: E402
+
+from birbal import containers  # noqa: E402
+
+NO_PASSWD_UID = 43210
+# The contract is about the containers, not learning: a few optimizer steps keep CI's added time small. They reach
+# the run dir's recipe as `--set` arguments of every `docker run`, as a judge's overrides would.
+CHAIN_OVERRIDES = ["--set", "train.max_steps=4", "--set", "train.eval_steps=2", "--set", "train.save_steps=2"]
+
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the replay needs root (namespaces)"),
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare is missing"),
+    pytest.mark.skipif(not replay.IMAGE_PYTHON.is_file(), reason=f"no image interpreter at {replay.IMAGE_PYTHON}"),
+]
+
+
+def _no_passwd_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return False
+    except KeyError:
+        return True
+
+
+def test_the_dockerfiles_say_what_the_replay_assumes():
+    for name in containers.DOCKERFILES:
+        image = replay.read_image(name)
+        assert image.entrypoint == ["birbal"] and image.workdir == containers.CONTAINER_RUNS
+        assert image.env["HF_HOME"] == containers.CONTAINER_HUB_CACHE
+        uid, gid = image.uid_gid
+        assert uid != 0 and gid != 0
+        # The lock layer comes before the source, and the only skipped RUNs are apt's and useradd's.
+        deps, project = replay._split_layers(image)
+        assert any(i.kind == "COPY" and i.value.startswith(f"requirements/{name}.txt") for i in deps)
+        assert [i.value.split()[0] for i in image.instructions if replay._skipped(i)] == ["rm", "useradd"]
+
+
+def test_parse_run_reads_what_containers_writes():
+    argv = containers.reproduce_stage_command("serve", profile="smoke", run_dir="/srv/runs/r1", hub_cache="/hf",
+                                              user="5:6", version="0.1.0", revision=None)
+    spec = replay.parse_run(argv)
+    assert spec.user == "5:6" and spec.detach and spec.publish == "127.0.0.1:8080:8080"
+    assert ("/srv/runs/r1", "/runs/r1") in spec.mounts and ("/hf", "/cache/huggingface") in spec.mounts
+    assert spec.args[:3] == ["serve", "--profile", "smoke"] and spec.args[-4:] == ["--host", "0.0.0.0", "--port",
+                                                                                   "8080"]
+
+
+def test_torch_2_10_needs_a_login_name_and_the_cli_gives_it_one(tmp_path):
+    """Issue 13 item 2, in the replayed train image as uid 43210 with HOME=/: the image's own torch fails at import
+    (getpass.getuser() inside inductor's code cache), and birbal's entrypoint names the uid before torch loads."""
+    assert _no_passwd_entry(NO_PASSWD_UID)
+    built = replay.build("train", tmp_path / "layers")
+    owner = "mode=755,uid={},gid={}".format(*built.image.uid_gid)
+    mounts = [built.venv_mount(), replay.Mount("/tmp", None, read_only=False, tmpfs_options="mode=1777"),
+              replay.Mount("/runs", None, read_only=False, tmpfs_options=owner)]
+    env = {**built.image.env, "HOME": "/"}
+
+    def python(code: str) -> subprocess.CompletedProcess:
+        return replay.run_in_private_root(mounts, ["python", "-c", code], env=env, cwd=built.image.workdir,
+                                          uid_gid=(NO_PASSWD_UID, NO_PASSWD_UID), stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, timeout=300)
+
+    bare = python("import torch; assert torch.__version__.startswith('2.10'), torch.__version__; "
+                  "import torch._inductor.codecache")
+    assert bare.returncode != 0 and "getpwuid(): uid not found" in bare.stdout, bare.stdout[-2000:]
+    fixed = python("from birbal.cli import name_a_passwdless_uid; print(name_a_passwdless_uid()); "
+                   "import torch._dynamo, torch._inductor.codecache; import os; print(os.environ['HOME'])")
+    assert fixed.returncode == 0, fixed.stdout[-2000:]
+    assert fixed.stdout.split() == [f"uid_{NO_PASSWD_UID}", "/"]
+
+
+def test_the_smoke_chain_passes_through_the_containers(tmp_path):
+    """prepare-data -> train -> export -> serve -> evaluate -> report, each stage the `docker run` that invoke runs,
+    as uid 43210 (no passwd entry, HOME=/), with the lock's torch 2.10 (issue 13 items 1 and 2 failed here)."""
+    assert _no_passwd_entry(NO_PASSWD_UID), f"uid {NO_PASSWD_UID} has a passwd entry here; pick another"
+    started = time.monotonic()
+    for name in containers.DOCKERFILES:  # downloads on a cache miss, so outside the chain's private network
+        replay.dependency_layer(replay.read_image(name))
+    layers_s = time.monotonic() - started
+    profile = "smoke"
+    run_dir = tmp_path / "runs" / profile  # named like the profile, as `invoke reproduce` names it
+    hub_cache = tmp_path / "huggingface"
+    for folder in (run_dir, hub_cache):
+        folder.mkdir(parents=True)
+    out = tmp_path / "chain.json"
+    command = ["unshare", "--net", sys.executable, str(Path(replay.__file__)), "chain", "--run-dir", str(run_dir),
+               "--hub-cache", str(hub_cache), "--scratch", str(tmp_path / "layers"), "--json", str(out),
+               "--uid", str(NO_PASSWD_UID), "--profile", profile, *CHAIN_OVERRIDES]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    stages = [s["stage"] for s in result["stages"]]
+    failed = [s for s in result["stages"] if s["returncode"] != 0 and s["stage"] != "serve"]
+    assert not failed, f"{failed[0]['stage']} exited {failed[0]['returncode']}:\n{failed[0]['log_tail']}"
+    assert stages == ["prepare-data", "train", "export", "serve", "evaluate", "report"], result
+    from birbal.rundir import STAGES, RunDir
+
+    records = RunDir(run_dir)
+    for stage in STAGES:
+        assert records.is_complete(stage), (stage, records.record(stage))
+    assert (run_dir / "report.md").is_file()
+    # The server stopped on SIGTERM (docker stop) and recorded itself; its log says it ran as our uid.
+    serve = next(s for s in result["stages"] if s["stage"] == "serve")
+    assert serve["returncode"] == 0, serve["log_tail"]
+    print(f"\ncontract chain: dependency layers {layers_s:.1f} s, chain {time.monotonic() - started - layers_s:.1f} s, "
+          f"stages {[(s['stage'], s.get('seconds')) for s in result['stages']]}")
