@@ -282,7 +282,9 @@ def test_unmerged_graph_decode_equals_static_and_their_server_on_cuda(mode):
         replayed = ours(graph, body)
         assert_same_response(ours(static, body), replayed)
         assert_same_response(upstream_process(reference, tokenizer, body), replayed)
-    kit = Engine(graph.model, tokenizer, cfg.model_copy(update={"decode": mode, "request_policy": "kit"}))
+    # the kit policy with no prompt wrapping, so its greedy text compares with generate on the bare prompt
+    kit = Engine(graph.model, tokenizer, cfg.model_copy(update={"decode": mode, "request_policy": "kit",
+                                                                "postprocess": "none"}))
     kit.warm_up()
     for prompt, n in (("The capital of France is", 10), ("Once upon a time", 12)):
         ids = kit.encode(prompt)
