@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,8 +82,14 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         _readable(tmp, directory=True)
         yield tmp
+        readable = 0o444 & ~_umask()
         for file in tmp.rglob("*"):
             if file.is_file():
+                # what a library wrote or copied (shutil.copy2 keeps a 0600 source's mode) is readable as a
+                # plain open() under the umask would make it: the judge's colleagues can read the run
+                mode = stat.S_IMODE(file.stat().st_mode)
+                if mode & readable != readable:
+                    os.chmod(file, mode | readable)
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
         if final.exists():

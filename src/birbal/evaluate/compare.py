@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from birbal.errors import EvaluateError
+from birbal.errors import EvaluateError, ServeError
 from birbal.fsutil import atomic_directory, atomic_write_json, digest_of, hash_tree, sha256_file
 
 FOLDER = "compare"
@@ -265,26 +265,15 @@ def model_source(run: RunView, cache_dir: Path, dtype: str | None = None) -> Mod
 
 def _hub_adapter(source: ModelSource, cache_dir: Path) -> Path:
     """A hub adapter at its pinned revision (HF_TOKEN from the environment), its files checked against the
-    sha256s the serve record gives; the serve stage's own fetch where this kit has it."""
+    sha256s the serve record gives, fetched as the serve stage fetches it (`cache_dir` is unused: the hub cache is
+    HF_HOME's, shared with the serve stage)."""
     from birbal.serve import loading
 
     repo, revision = source.adapter or "", source.adapter_revision or ""
-    fetch = getattr(loading, "fetch_published_adapter", None)
-    if fetch is not None:
-        folder = Path(fetch(repo, revision))
-    else:
-        from huggingface_hub import snapshot_download
-
-        from birbal.models import hub_token
-
-        try:
-            folder = Path(snapshot_download(repo, revision=revision, token=hub_token(),
-                                            cache_dir=str(cache_dir / "hub"),
-                                            allow_patterns=[loading.ADAPTER_CONFIG, loading.ADAPTER_WEIGHTS]))
-        except Exception as err:  # huggingface_hub raises many types (offline, gated, not found): one line
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise EvaluateError(f"adapter {repo}@{revision} could not be fetched from the Hugging Face hub "
-                                f"({type(err).__name__}: {first}); check network access and HF_TOKEN") from None
+    try:  # the serve stage's own fetch: the hub cache first, then the hub with HF_TOKEN; one line on failure
+        folder = Path(loading.fetch_published_adapter(repo, revision))  # HF_HOME's cache, as the serve stage
+    except ServeError as err:
+        raise EvaluateError(str(err)) from None
     for name, digest in sorted((source.adapter_files or {}).items()):
         if not (folder / name).is_file() or sha256_file(folder / name) != digest:
             raise EvaluateError(f"adapter {repo}@{revision}: {name} differs from the serve record's sha256")
