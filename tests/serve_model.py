@@ -5,6 +5,7 @@ Built once per test process (the weights are seeded, so every build is the same)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from pathlib import Path
@@ -60,3 +61,27 @@ def identity(run_dir) -> dict:
     """What this run's server reports in GET /health (as the serve stage builds it)."""
     digest, stage = run_dir.model_digest("merged")
     return {"run_id": run_dir.run_id, "model_digest": digest, "model_stage": stage}
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`app` served by uvicorn on a free port in a thread, until the block ends; yields (url, port) once /health
+    answers 200."""
+    import threading
+
+    import uvicorn
+    from conftest import free_port
+
+    from birbal.evaluate.client import wait_until_healthy
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, 60, poll_s=0.2)
+        yield url, port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

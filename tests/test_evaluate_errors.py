@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from serve_model import exported_run_dir
 
 from birbal.config import load_recipe
@@ -26,10 +26,7 @@ HELM_VENV_PYTHON = Path(os.environ.get("BIRBAL_TEST_HELM_PYTHON") or os.environ.
 
 
 def _closed_port_url() -> str:
-    with socket.socket() as sock:  # bind then release: nothing listens there afterwards
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"  # bound then released: nothing listens there afterwards
 
 
 def test_server_down_fails_the_stage_with_the_fix(tmp_path, monkeypatch):

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
-from serve_model import exported_run_dir, identity
+from serve_model import exported_run_dir, identity, serving
 
 from birbal.config import load_recipe
-from birbal.evaluate.client import wait_until_healthy
 from birbal.evaluate.quick import continuation_logprob
 from birbal.evaluate.stage import evaluate_stage
 from birbal.rundir import RunDir
@@ -35,7 +32,6 @@ def test_continuation_logprob_sums_the_choice_tokens_only():
 def live_server():
     app_module = pytest.importorskip(
         "birbal.serve.app", reason="birbal.serve.app is not on this branch yet (the serve issue adds it)")
-    import uvicorn
 
     from birbal.serve.engine import Engine
 
@@ -45,17 +41,8 @@ def live_server():
     serve_cfg = recipe.serve
     app = app_module.create_app(Engine.from_merged(run_dir.stage_dir("export") / "merged", serve_cfg), serve_cfg,
                                 identity(run_dir))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, 60, poll_s=0.2)
-    yield recipe, url, run_dir
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as (url, _port):
+        yield recipe, url, run_dir
 
 
 def _check_quick_run(run_dir: RunDir, client_word: str) -> dict:

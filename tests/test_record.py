@@ -112,36 +112,16 @@ def test_a_read_only_run_dir_can_be_read(tmp_path):
 # ---- the server proves whose model it serves (items 1, d) -------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_of_run_a(tmp_path_factory):
     """Run A's real server (its identity from its export record), uvicorn on a free port."""
-    import threading
+    from serve_model import engine, exported_run_dir, identity, serve_cfg, serving
 
-    import uvicorn
-    from serve_model import engine, exported_run_dir, identity, serve_cfg
-
-    from birbal.evaluate.client import wait_until_healthy
     from birbal.serve.app import create_app
 
     run_a = exported_run_dir(tmp_path_factory.mktemp("a") / "run")
-    app = create_app(engine("none"), serve_cfg(postprocess="none"), identity(run_a))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, 60, poll_s=0.2)
-    yield run_a, url, port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(engine("none"), serve_cfg(postprocess="none"), identity(run_a))) as (url, port):
+        yield run_a, url, port
 
 
 def test_health_reports_the_run_and_the_model_digest(server_of_run_a):

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from conftest import free_port
 from fastapi.testclient import TestClient
 from serve_model import engine, serve_cfg
 
@@ -61,9 +62,7 @@ def test_generations_of_clients_that_went_away_are_cancelled_queued_ones_include
 
     eng = engine("none")
     app = create_app(eng, serve_cfg(postprocess="none"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
