@@ -263,10 +263,10 @@ def model_source(run: RunView, cache_dir: Path, dtype: str | None = None) -> Mod
                         "export/merged/, no trained train/adapter/")
 
 
-def _hub_adapter(source: ModelSource, cache_dir: Path) -> Path:
+def _hub_adapter(source: ModelSource) -> Path:
     """A hub adapter at its pinned revision (HF_TOKEN from the environment), its files checked against the
-    sha256s the serve record gives, fetched as the serve stage fetches it (`cache_dir` is unused: the hub cache is
-    HF_HOME's, shared with the serve stage)."""
+    sha256s the serve record gives, fetched as the serve stage fetches it (into HF_HOME's hub cache, shared with
+    the serve stage)."""
     from birbal.serve import loading
 
     repo, revision = source.adapter or "", source.adapter_revision or ""
@@ -291,7 +291,7 @@ def load_model(source: ModelSource, run: RunView, cache_dir: Path, device):
         return load_merged(folder, source.dtype, device), load_tokenizer_folder(folder)
     from birbal.models import load_tokenizer
 
-    adapter = Path(source.adapter or "") if source.adapter_revision is None else _hub_adapter(source, cache_dir)
+    adapter = Path(source.adapter or "") if source.adapter_revision is None else _hub_adapter(source)
     options = inspect.signature(load_base_with_adapter).parameters
     kwargs: dict[str, Any] = {}
     if "adapter_dtype" in options and source.adapter_dtype is not None:
