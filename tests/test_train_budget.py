@@ -44,3 +44,15 @@ def test_training_stops_by_budget_and_still_exports(tmp_path):
     assert "stopping" in result.stderr
     run_cli("export", "--profile", "smoke", "--run-dir", str(run))  # the best checkpoint so far is exported
     assert (run / "export" / "merged" / "model.safetensors").is_file()
+
+
+def test_the_next_step_reserves_a_final_eval_only_with_eval_at_end():
+    from birbal.train.budget import predicted_next_s
+
+    kw = dict(step_s=10.0, eval_s=100.0, save_s=20.0, eval_steps=64, budget_s=3600.0)  # margin 36 s
+    assert predicted_next_s(5, eval_at_end=False, **kw) == 10 + 20 + 36          # birbal-4090: no final eval
+    assert predicted_next_s(5, eval_at_end=True, **kw) == 10 + 100 + 20 + 36
+    assert predicted_next_s(64, eval_at_end=False, **kw) == 10 + 100 + 20 + 36   # its own eval is due
+    assert predicted_next_s(64, eval_at_end=True, **kw) == 10 + 100 + 20 + 36    # which is also the last one
+    assert predicted_next_s(5, eval_at_end=False, **{**kw, "budget_s": 86400.0}) == 10 + 20 + 300
+    assert predicted_next_s(5, eval_at_end=False, **{**kw, "budget_s": 100.0}) == 10 + 20 + 10   # one more step

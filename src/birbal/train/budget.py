@@ -107,3 +107,17 @@ class BudgetLedger:
         return {"budget_s": self.budget_s, "used_s": round(self.used_s(), 3), "sessions": len(self.sessions),
                 "crashed_sessions": sum(1 for s in self.sessions[:-1] if s.ended is None),
                 "time_lost_to_crashes_s": round(self.time_lost_to_crashes_s(), 3)}
+
+
+def predicted_next_s(next_step: int, *, step_s: float, eval_s: float, save_s: float, eval_steps: int,
+                     eval_at_end: bool, budget_s: float) -> float:
+    """Seconds the next step needs before the budget may run out: the step, its eval when one is due at
+    `next_step`, what ending after it costs (the last checkpoint, and a final eval only with `eval_at_end`: HF
+    Trainer 4.35 evaluated only at multiples of eval_steps, so birbal-4090 reserves none), and a margin for the
+    estimates' error: 1% of the budget, at most 5 minutes, and never less than one more step (a step's time
+    varies with its bins and with what else the machine runs)."""
+    due = eval_s if next_step % eval_steps == 0 else 0.0
+    final_eval = eval_s if eval_at_end and not due else 0.0
+    margin = max(min(0.01 * budget_s, 300.0), step_s)
+    return step_s + due + final_eval + save_s + margin
+

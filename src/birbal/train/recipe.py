@@ -27,7 +27,7 @@ from birbal.errors import TrainError
 from birbal.fsutil import atomic_directory, atomic_write_json, digest_of, hash_tree
 from birbal.models import load_tokenizer, resolve_device
 from birbal.train import checkpoint as ckpt
-from birbal.train.budget import BudgetLedger
+from birbal.train.budget import BudgetLedger, predicted_next_s
 from birbal.train.metrics import (
     H200_BF16_TFLOPS_MEASURED,
     MetricsLog,
@@ -332,13 +332,12 @@ class QLoRARecipe:
         tqdm.write(file=sys.stderr, s=f"step {step}: eval_loss {eval_loss:.4f}")
 
     def _predicted_s(self, next_step: int) -> float:
-        """Time the next step needs, plus an eval if one is due, plus the final eval and checkpoint."""
+        """Time the next step needs, its eval if one is due, and what ending after it costs (`predicted_next_s`)."""
         step_s = self.state["step_time_s"] or 0.0
-        eval_s = self.state["eval_time_s"] or step_s
-        save_s = self.state["save_time_s"] or (60.0 if self.device.type == "cuda" else 5.0)
-        due = eval_s if next_step % self.train_cfg.eval_steps == 0 else 0.0
-        margin = min(0.01 * self.ledger.budget_s, 300.0)
-        return step_s + due + eval_s + save_s + margin
+        return predicted_next_s(next_step, step_s=step_s, eval_s=self.state["eval_time_s"] or step_s,
+                                save_s=self.state["save_time_s"] or (60.0 if self.device.type == "cuda" else 5.0),
+                                eval_steps=self.train_cfg.eval_steps, eval_at_end=self.train_cfg.eval_at_end,
+                                budget_s=self.ledger.budget_s)
 
     def _print_projection(self, step: int, tokens_per_s: float) -> None:
         """Planned tokens (this data's packed rows x epochs) against the measured rate and the budget left."""
@@ -368,7 +367,7 @@ class QLoRARecipe:
                 if not self.ledger.fits(self._predicted_s(next_step)):
                     outcome = "stopped_by_budget"
                     tqdm.write(file=sys.stderr, s=f"budget: {self.ledger.left_s() / 60:.1f} min left, not enough for step {next_step} "
-                               f"plus a final eval and checkpoint: stopping")
+                               f"and the last checkpoint: stopping")
                     break
                 t0 = time.time()
                 stats = self.train_step(self.state["global_step"])
