@@ -37,8 +37,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
 
 
-def _run_dir(profile: str, run_dir: str | None) -> Path:
-    return Path(run_dir) if run_dir else REPO / "runs" / profile
+def _run_dir(profile: str, run_dir: str | None, config: str | None = None) -> Path:
+    """`--run-dir`, else runs/<name>: the profile's, or with `--config` the recipe file's own `name`."""
+    if run_dir:
+        return Path(run_dir)
+    return REPO / "runs" / (_load_recipe(Path(config), []).name if config else profile)
 
 
 def _echo(command: list[str], background: bool = False) -> None:
@@ -95,8 +98,8 @@ def _stage_task(stage: str, c, profile: str, run_dir: str | None, set_: list[str
     if config and where == "docker":
         raise Exit("--config works with --runtime local (the images take a profile under configs/)", code=2)
     extra = [*(extra or []), *(["--force"] if force else [])]
-    _call(_stage_command(stage, profile, _run_dir(profile, run_dir), list(set_ or []), where, extra, config),
-          dry_run)
+    _call(_stage_command(stage, profile, _run_dir(profile, run_dir, config), list(set_ or []), where, extra,
+                         config), dry_run)
 
 
 CONFIG_HELP = "a recipe YAML file instead of --profile (local runtime)"
@@ -191,7 +194,7 @@ def _record_images(run_dir: Path) -> None:
     write_build_manifest(run_dir / "images.json", built)
 
 
-def _load_recipe(profile: str, overrides: list[str]):
+def _load_recipe(profile: str | Path, overrides: list[str]):
     from birbal.config import load_recipe
     from birbal.errors import ConfigError
 
@@ -221,8 +224,9 @@ def _read_run_id(run_dir: Path) -> str | None:
 
 
 def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, dry_run: bool,
-               budget_hours: float | None, port: int | None = None) -> None:
-    recipe = _load_recipe(profile, overrides)  # fails fast, before any stage, on a bad profile or override
+               budget_hours: float | None, port: int | None = None, config: str | None = None) -> None:
+    # fails fast, before any stage, on a bad profile, recipe file or override
+    recipe = _load_recipe(Path(config) if config else profile, overrides)
     if runtime == "docker" and not dry_run:
         for folder in (run_dir, HUB_CACHE):  # `docker run --mount` does not create them
             folder.mkdir(parents=True, exist_ok=True)
@@ -233,11 +237,11 @@ def _reproduce(profile: str, run_dir: Path, overrides: list[str], runtime: str, 
               "and export skipped", file=sys.stderr)
     for stage in () if published is not None else ("prepare-data", "train", "export"):
         extra = ["--budget-hours", str(budget_hours)] if stage == "train" and budget_hours is not None else []
-        _call(_stage_command(stage, profile, run_dir, overrides, runtime, extra), dry_run)
+        _call(_stage_command(stage, profile, run_dir, overrides, runtime, extra, config), dry_run)
     if runtime == "docker":
         _docker_serve_and_evaluate(profile, run_dir, overrides, recipe.serve.startup_timeout_s, dry_run)
     else:
-        _local_serve_and_evaluate(profile, run_dir, overrides, recipe, dry_run, port)
+        _local_serve_and_evaluate(profile, run_dir, overrides, recipe, dry_run, port, config)
     if runtime == "docker":
         from birbal import __version__
         from birbal.containers import report_command
@@ -291,18 +295,19 @@ def _docker_serve_and_evaluate(profile: str, run_dir: Path, overrides: list[str]
 
 
 def _local_serve_and_evaluate(profile: str, run_dir: Path, overrides: list[str], recipe, dry_run: bool,
-                              port: int | None = None) -> None:
+                              port: int | None = None, config: str | None = None) -> None:
     host = "127.0.0.1"
     port = port or recipe.serve.port
     url = f"http://{host}:{port}"
-    serve_cmd = _stage_command("serve", profile, run_dir, overrides, "local", ["--host", host, "--port", str(port)])
+    serve_cmd = _stage_command("serve", profile, run_dir, overrides, "local", ["--host", host, "--port", str(port)],
+                               config)
     _echo(serve_cmd, background=True)
     server = None if dry_run else subprocess.Popen(serve_cmd, env=_env(), cwd=REPO)
     try:
         print(f"waiting for {url}/health (up to {recipe.serve.startup_timeout_s:.0f} s)", file=sys.stderr)
         if not dry_run:  # a server of another run answering at `url` is not ours: wait for our own, or its exit
             _wait_healthy(url, recipe.serve.startup_timeout_s, server, _read_run_id(run_dir))
-        _call(_stage_command("evaluate", profile, run_dir, overrides, "local", ["--url", url]), dry_run)
+        _call(_stage_command("evaluate", profile, run_dir, overrides, "local", ["--url", url], config), dry_run)
     finally:
         if server is not None and server.poll() is None:
             _echo(["kill", "-TERM", str(server.pid)])
@@ -319,21 +324,24 @@ PORT_HELP = "port for this run's server (local runtime; default: serve.port). An
 
 
 @task(help={"profile": PROFILE_HELP, "run-dir": RUN_DIR_HELP, "set": SET_HELP, "runtime": RUNTIME_HELP,
-            "budget-hours": "override train.budget_hours for this run", "dry-run": DRY_HELP, "port": PORT_HELP},
+            "budget-hours": "override train.budget_hours for this run", "dry-run": DRY_HELP, "port": PORT_HELP,
+            "config": CONFIG_HELP},
       iterable=["set_"])
 def reproduce(c, profile="birbal-4090", run_dir=None, set_=None, runtime="auto", budget_hours=None, dry_run=False,
-              port=None):
+              port=None, config=None):
     """The whole chain: prepare-data, train, export, serve, evaluate, report. Completed stages are skipped."""
     where = _runtime(runtime)
+    if config and where == "docker":
+        raise Exit("--config works with --runtime local (the images take a profile under configs/)", code=2)
     if where == "docker" and not dry_run:
         from birbal.containers import docker_available
 
         reason = docker_available()
         if reason:
             raise Exit(f"--runtime docker: {reason}", code=1)
-    folder = _run_dir(profile, run_dir)
-    _preflight(_load_recipe(profile, list(set_ or [])), folder, stop=not dry_run)
-    _reproduce(profile, folder, list(set_ or []), where, dry_run, budget_hours, int(port) if port else None)
+    folder = _run_dir(profile, run_dir, config)
+    _preflight(_load_recipe(Path(config) if config else profile, list(set_ or [])), folder, stop=not dry_run)
+    _reproduce(profile, folder, list(set_ or []), where, dry_run, budget_hours, int(port) if port else None, config)
 
 
 def _preflight(recipe, run_dir: Path, stop: bool) -> None:

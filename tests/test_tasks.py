@@ -53,6 +53,24 @@ def test_local_dry_run_and_budget_override(tmp_path):
     assert lines[3].endswith("--host 127.0.0.1 --port 8089 &")  # the port evaluate is pointed at
 
 
+def test_reproduce_takes_a_recipe_file_of_ones_own(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("base: smoke\nname: my-smoke\ntrain:\n  learning_rate: 2.0e-3\n")
+    result = invoke("reproduce", "--config", str(recipe), "--runtime", "local", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = [line[2:] for line in result.stderr.splitlines() if line.startswith("$ ")]
+    stages = [line for line in lines if " -m birbal " in line and " report " not in line]
+    assert [line.split(" -m birbal ")[1].split()[0] for line in stages] == \
+        ["prepare-data", "train", "export", "serve", "evaluate"]
+    for line in stages:  # every stage reads the file, and the run is named after it, not after a profile
+        assert f"--config {recipe.resolve()}" in line and "--profile" not in line, line
+        assert f"--run-dir {REPO / 'runs' / 'my-smoke'}" in line, line
+    refused = invoke("reproduce", "--config", str(recipe), "--runtime", "docker", "--dry-run")
+    assert refused.returncode == 2 and "--config works with --runtime local" in refused.stderr
+    missing = invoke("reproduce", "--config", str(tmp_path / "nope.yaml"), "--runtime", "local", "--dry-run")
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
 def test_build_dry_run_tags_with_version_and_revision():
     result = invoke("build", "--dry-run", "--no-cache")
     assert result.returncode == 0, result.stderr
