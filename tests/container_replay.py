@@ -463,9 +463,11 @@ def _finish(process: subprocess.Popen, name: str, timeout: float) -> dict:
 
 
 def chain(run_dir: Path, hub_cache: Path, scratch: Path, uid: int, profile: str, overrides: list[str],
-          stage_timeout_s: float = 900) -> dict:
+          stage_timeout_s: float = 900, first_evaluate: list[str] | None = None) -> dict:
     """prepare-data -> train -> export -> serve -> evaluate -> report, each the `docker run` that
     `invoke reproduce --runtime docker` runs (birbal.containers), replayed; stops at the first failure.
+    `first_evaluate`: extra arguments of one more evaluate run before the recipe's own (e.g. `--suite quick`),
+    in the same image against the same server, as `invoke evaluate --runtime docker` would run it.
 
     Run it in a network namespace of its own (`unshare -n`): the server's 0.0.0.0:8080 is then this chain's alone,
     as a published port is on a judge's host. The dependency layers must already be built (they download).
@@ -505,17 +507,21 @@ def chain(run_dir: Path, hub_cache: Path, scratch: Path, uid: int, profile: str,
             result["stages"].append({**done, "argv": serve_argv, "error": str(err)})
             return result
         result["serve_healthy_after_s"] = round(time.monotonic() - started, 1)
-        argv = containers.reproduce_stage_command("evaluate", **common, extra=["--url", url])
-        started = time.monotonic()
-        done = _finish(start(images["train"], argv, **popen), "evaluate", stage_timeout_s)
-        evaluate = {**done, "argv": argv, "seconds": round(time.monotonic() - started, 1)}
+        evaluations = []
+        for name, extra in ([("evaluate-first", first_evaluate)] if first_evaluate else []) + [("evaluate", [])]:
+            argv = containers.reproduce_stage_command("evaluate", **common, extra=["--url", url, *extra])
+            started = time.monotonic()
+            done = _finish(start(images[containers.STAGE_IMAGE["evaluate"]], argv, **popen), name, stage_timeout_s)
+            evaluations.append({**done, "argv": argv, "seconds": round(time.monotonic() - started, 1)})
+            if done["returncode"] != 0:
+                break
     finally:
         if server.poll() is None:
             server.terminate()  # what `docker stop` sends
         served = _finish(server, "serve", 60)
     result["stages"].append({**served, "argv": serve_argv})
-    result["stages"].append(evaluate)
-    if evaluate["returncode"] != 0:
+    result["stages"] += evaluations
+    if evaluations[-1]["returncode"] != 0 or evaluations[-1]["stage"] != "evaluate":
         return result
     argv = containers.report_command(run_dir=run_dir, user=user, version=__version__, revision=None)
     done = _finish(start(images["train"], argv, **popen), "report", stage_timeout_s)
@@ -534,11 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     chain_parser.add_argument("--uid", type=int, required=True)
     chain_parser.add_argument("--profile", default="smoke")
     chain_parser.add_argument("--set", dest="overrides", action="append", default=[])
+    chain_parser.add_argument("--first-evaluate", default="", help="arguments of an evaluate run before the "
+                              "recipe's own, e.g. '--suite quick'")
     args = parser.parse_args(argv)
     if args.action == "build":
         print(dependency_layer(read_image(args.image)))
         return 0
-    result = chain(args.run_dir, args.hub_cache, args.scratch, args.uid, args.profile, args.overrides)
+    result = chain(args.run_dir, args.hub_cache, args.scratch, args.uid, args.profile, args.overrides,
+                   first_evaluate=shlex.split(args.first_evaluate) or None)
     args.json.write_text(json.dumps(result, indent=2))
     return 0
 
