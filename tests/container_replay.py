@@ -31,6 +31,7 @@ the base image's other ENV (CUDA_VERSION, NVIDIA_*, LD_LIBRARY_PATH) is absent, 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import json
@@ -325,28 +326,39 @@ def dependency_layers(image: Image) -> list[Path]:
     """The cached dependency layers of `image`, lowest first (each built on a miss: hash-checked wheels)."""
     built: list[Path] = []
     for (_chain, replayed), layer in zip(_dependency_steps(image), layer_paths(image), strict=True):
-        if not (layer / ".complete").is_file():
-            shutil.rmtree(layer, ignore_errors=True)
-            work = layer.with_suffix(".work")
-            shutil.rmtree(work, ignore_errors=True)
-            layer.mkdir(parents=True)
-            work.mkdir()
-            log = layer.with_suffix(".log")
-            log.write_text("")
-            started = time.monotonic()
-            if built:
-                mount = Mount("/opt", overlay=_overlay(built, layer, work), read_only=False)
-            else:
-                mount = Mount("/opt", str(layer), read_only=False)
-            try:
-                _run_layers(replayed, mount, log)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            with log.open("a") as out:
-                out.write(f"+ layer built in {time.monotonic() - started:.1f} s\n")
-            (layer / ".complete").write_text(layer.name + "\n")
+        LAYER_CACHE.mkdir(parents=True, exist_ok=True)
+        # One builder per layer: a second caller (another CI run, or the tests while .ci/run builds in the
+        # background) waits here for the first, then finds the layer complete.
+        with open(layer.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _build_layer(layer, built, replayed)
         built.append(layer)
     return built
+
+
+def _build_layer(layer: Path, built: list[Path], replayed: list[Instruction]) -> None:
+    """Build `layer` above `built` unless it is complete (under its lock)."""
+    if (layer / ".complete").is_file():
+        return
+    shutil.rmtree(layer, ignore_errors=True)
+    work = layer.with_suffix(".work")
+    shutil.rmtree(work, ignore_errors=True)
+    layer.mkdir(parents=True)
+    work.mkdir()
+    log = layer.with_suffix(".log")
+    log.write_text("")
+    started = time.monotonic()
+    if built:
+        mount = Mount("/opt", overlay=_overlay(built, layer, work), read_only=False)
+    else:
+        mount = Mount("/opt", str(layer), read_only=False)
+    try:
+        _run_layers(replayed, mount, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with log.open("a") as out:
+        out.write(f"+ layer built in {time.monotonic() - started:.1f} s\n")
+    (layer / ".complete").write_text(layer.name + "\n")
 
 
 def dependency_layer(image: Image) -> Path:
