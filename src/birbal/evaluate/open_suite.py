@@ -75,13 +75,21 @@ def run_spec_scenarios(conf: Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# helm-run requires -m/--max-eval-instances (crfm-helm 0.5.16, helm/benchmark/run.py), but uses it only for a run
+# spec whose description sets no max_eval_instances of its own (run.py: `if max_eval_instances is not None and
+# adapter_spec.max_eval_instances is None`); every entry of the challenge's list sets one. When the recipe sets none,
+# the value of the challenge's own instructions (helm.md of llm-efficiency-challenge/neurips_llm_efficiency_challenge
+# at 094f659e: `helm-run --conf-paths run_specs.conf --suite v1 --max-eval-instances 1000`), which is also HELM's
+# own default (MaxEvalInstancesRunExpander, "default": 1000).
+DEFAULT_MAX_EVAL_INSTANCES = 1000
+
+
 def helm_run_command(helm_run: Path, conf: Path, output: Path, max_eval_instances: int | None,
                      suite: str = HELM_SUITE) -> list[str]:
-    command = [str(helm_run), "--conf-paths", str(conf), "--suite", suite, "--output-path", str(output),
-               "--local-path", str(output.parent / "prod_env"), "--models-to-run", MODEL]
-    if max_eval_instances is not None:
-        command += ["--max-eval-instances", str(max_eval_instances)]
-    return command
+    limit = DEFAULT_MAX_EVAL_INSTANCES if max_eval_instances is None else max_eval_instances
+    return [str(helm_run), "--conf-paths", str(conf), "--suite", suite, "--output-path", str(output),
+            "--local-path", str(output.parent / "prod_env"), "--models-to-run", MODEL, "--max-eval-instances",
+            str(limit)]
 
 
 def _stream(command: list[str], log: Path, env: dict[str, str]) -> tuple[int, list[str]]:
