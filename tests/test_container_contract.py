@@ -12,10 +12,25 @@ torch 2.10.0's CUDA build and its nvidia-* and triton wheels included. That was 
 x86_64 CPU build of torch 2.10.0 (its x86_64 wheels are the CUDA 12.8 build, 916 MB; only aarch64 is CPU-only) and
 PyTorch's CPU index is not reachable from here, so "the lock minus the CUDA wheels" would have meant a different
 torch build than the image's, and item 2 of issue 13 (getpass at import) is about that very build. The CUDA build
-imports and runs on a CPU; what it cannot test is the GPU. First build of the dependency layer on this machine:
-3 min 38 s and 7.7 GB (PyPI at ~240 MB/s), cached under BIRBAL_CONTAINER_CACHE (~/.cache/birbal-repro) keyed by
-the lock's hash, so later runs, fresh clones included, reuse it; train.txt and serve.txt hold the same lock today
-and share one layer. The project layer is rebuilt on every run, as a code change rebuilds it in Docker.
+imports and runs on a CPU; what it cannot test is the GPU.
+
+The layers (tests/container_replay.py): one cached layer per dependency RUN, named by the chain of instructions up
+to it (COPYs by content, RUNs by text, the ENV in force, the interpreter), so two images share a layer only where
+Docker's build cache would share it (FROM aside: the host stands in for every base). Dockerfile.helm repeats
+Dockerfile.serve up to the /opt/venv install, so all three images replay on one 7.7 GB /opt/venv layer and the helm
+image adds its 7.9 GB /opt/helm-venv above it: each image's lock is still installed by that image's own RUN, on
+top of exactly the files that RUN sees in the image. Not done, because unfaithful: a CPU torch in place of the
+locks' CUDA build (PyPI has no x86_64 CPU build of 2.10.0 and item 2 is about that build), or /opt/helm-venv
+reusing /opt/venv's torch (the helm image carries its own copy; a .pth or symlink would be a different image).
+Measured on this 2-core machine, cold (an empty BIRBAL_CONTAINER_CACHE, PyPI at full speed): /opt/venv 140 s,
+/opt/helm-venv 179 s (5.3 min in all; it was ~22 min before, when the helm layer rebuilt /opt/venv and the runs
+competed for the cores). .ci/run builds them in the background while the rest of the suite runs; these tests run
+last (tests/conftest.py) and wait on each layer's lock. Warm, the layers are found in 0.1 s.
+
+The open suite (test_the_smoke_chain_passes_through_the_containers): evaluate runs helm-run in the replayed helm
+image against the chain's own server, with `--set evaluate.helm_run_specs=run_specs_offline_check.conf` and HELM's
+GSM8K scenario cache filled from the project's fixture in the run dir, the only differences from what
+`invoke reproduce --runtime docker --profile birbal-4090` runs (HELM's scenario downloads are unreachable here).
 
 Skipped (not failed) where the replay cannot work: not root, no unshare, or no Python 3.12.
 """

@@ -11,6 +11,8 @@ from birbal.config.base import Section
 
 class EvaluateConfig(Section):
     suite: Literal["quick", "open"] = "quick"
+    # The quick suite's cap; for the open suite helm-run's -m, which crfm-helm applies only to run specs that set no
+    # max_eval_instances of their own (every entry of the challenge's list sets one): open_suite.helm_run_command.
     max_eval_instances: int | None = Field(None, gt=0)
     request_timeout_s: float = Field(600.0, gt=0.0)
     # The open suite's HELM run spec list: a conf file packaged under birbal/evaluate/data/ (the images carry it).
