@@ -9,10 +9,13 @@ Linux namespaces give a process most of what a container gives it:
   that calls apt-get (the host provides Python 3.12 and a C compiler instead of Ubuntu's packages; `python3.12`
   resolves to BIRBAL_IMAGE_PYTHON) and the RUN that calls useradd (the host's /etc/passwd is not touched: /runs and
   /cache/huggingface are made owned by the image's USER instead, which is what that RUN does to them).
-- Layers: everything up to and including the RUN that installs the lock is cached, keyed by a hash of those
-  instructions, the lock file and the interpreter's version (under BIRBAL_CONTAINER_CACHE, default
-  ~/.cache/birbal-repro/container-layers, so a fresh clone on the same machine reuses it); the project's own layer
-  is rebuilt on every call, in an overlay above the cached one, as a code change rebuilds it in Docker.
+- Layers: each RUN up to and including the one that installs the lock is a cached layer (an overlay upper
+  directory above the layers before it), named by the chain of instructions leading to it: COPYs by content, RUNs
+  by text, the ENV and ARGs in force, the interpreter's version (under BIRBAL_CONTAINER_CACHE, default
+  ~/.cache/birbal-repro/container-layers, so a fresh clone on the same machine reuses it). Images share a layer
+  exactly where Docker's build cache would, FROM aside (see "the dependency layers" below). A layer is built under
+  a lock, by one process at a time. The project's own layer is rebuilt on every call, in an overlay above the
+  cached ones, as a code change rebuilds it in Docker.
 - `docker run`: a new mount namespace whose root is a read-only tmpfs holding read-only binds of the host's /usr,
   /etc, /dev, /proc, /sys and the interpreter, the image's /opt (read-only), a fresh /tmp (1777), /runs owned
   by the image's USER and not writable by the caller, the `--mount` binds at their container paths, then a new user
