@@ -23,9 +23,11 @@ top of exactly the files that RUN sees in the image. Not done, because unfaithfu
 locks' CUDA build (PyPI has no x86_64 CPU build of 2.10.0 and item 2 is about that build), or /opt/helm-venv
 reusing /opt/venv's torch (the helm image carries its own copy; a .pth or symlink would be a different image).
 Measured on this 2-core machine, cold (an empty BIRBAL_CONTAINER_CACHE, PyPI at full speed): /opt/venv 140 s,
-/opt/helm-venv 179 s (5.3 min in all; it was ~22 min before, when the helm layer rebuilt /opt/venv and the runs
-competed for the cores). .ci/run builds them in the background while the rest of the suite runs; these tests run
-last (tests/conftest.py) and wait on each layer's lock. Warm, the layers are found in 0.1 s.
+/opt/helm-venv 179 s (5.3 min in all; it was ~22 min before, when the helm layer rebuilt /opt/venv). .ci/run builds
+them in the background while the rest of the suite runs; these tests run last (tests/conftest.py) and wait on each
+layer's lock. A whole cold .ci/run (fresh clone, empty layer cache) measured 1245 s, but with two other test and
+benchmark runs on the same 2 cores (load 4-5; the layers then took 340 s + 423 s): the warm .ci/run right after it,
+under lighter load, took 682 s. Warm, the layers are found in 0.1 s; this file's tests take ~51 s.
 
 The open suite (test_the_smoke_chain_passes_through_the_containers): evaluate runs helm-run in the replayed helm
 image against the chain's own server, with `--set evaluate.helm_run_specs=run_specs_offline_check.conf` and HELM's
