@@ -66,3 +66,9 @@ def smoke_run(tmp_path_factory) -> Path:
     (run_dir / "invoke-smoke.out").write_text(result.stdout)
     (run_dir / "invoke-smoke.err").write_text(result.stderr)
     return run_dir
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The container contract tests run last: on a cold machine .ci/run builds their image layers in the background
+    while the rest of the suite runs (tests/container_replay.py waits on a layer's lock for its builder)."""
+    items.sort(key=lambda item: item.path.name == "test_container_contract.py")

@@ -9,10 +9,13 @@ Linux namespaces give a process most of what a container gives it:
   that calls apt-get (the host provides Python 3.12 and a C compiler instead of Ubuntu's packages; `python3.12`
   resolves to BIRBAL_IMAGE_PYTHON) and the RUN that calls useradd (the host's /etc/passwd is not touched: /runs and
   /cache/huggingface are made owned by the image's USER instead, which is what that RUN does to them).
-- Layers: everything up to and including the RUN that installs the lock is cached, keyed by a hash of those
-  instructions, the lock file and the interpreter's version (under BIRBAL_CONTAINER_CACHE, default
-  ~/.cache/birbal-repro/container-layers, so a fresh clone on the same machine reuses it); the project's own layer
-  is rebuilt on every call, in an overlay above the cached one, as a code change rebuilds it in Docker.
+- Layers: each RUN up to and including the one that installs the lock is a cached layer (an overlay upper
+  directory above the layers before it), named by the chain of instructions leading to it: COPYs by content, RUNs
+  by text, the ENV and ARGs in force, the interpreter's version (under BIRBAL_CONTAINER_CACHE, default
+  ~/.cache/birbal-repro/container-layers, so a fresh clone on the same machine reuses it). Images share a layer
+  exactly where Docker's build cache would, FROM aside (see "the dependency layers" below). A layer is built under
+  a lock, by one process at a time. The project's own layer is rebuilt on every call, in an overlay above the
+  cached ones, as a code change rebuilds it in Docker.
 - `docker run`: a new mount namespace whose root is a read-only tmpfs holding read-only binds of the host's /usr,
   /etc, /dev, /proc, /sys and the interpreter, the image's /opt (read-only), a fresh /tmp (1777), /runs owned
   by the image's USER and not writable by the caller, the `--mount` binds at their container paths, then a new user
@@ -31,6 +34,7 @@ the base image's other ENV (CUDA_VERSION, NVIDIA_*, LD_LIBRARY_PATH) is absent, 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import json
@@ -40,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,7 +239,7 @@ def _stage_copies(instruction: Instruction, staging: Path) -> None:
             shutil.copy2(path, into)
 
 
-def _run_layers(instructions: list[Instruction], venv_mount: Mount, log: Path) -> None:
+def _run_layers(instructions: list[Instruction], opt_mount: Mount, log: Path) -> None:
     """COPY and RUN, in order, as root in the private root (network: the caller's, as `docker build` has)."""
     staging = Path(tempfile.mkdtemp(prefix="birbal-build-tmp-"))
     staging.chmod(0o1777)
@@ -249,7 +254,7 @@ def _run_layers(instructions: list[Instruction], venv_mount: Mount, log: Path) -
                 _stage_copies(instruction, staging)
                 continue
             env = {**instruction.env, "PATH": f"{instruction.env['PATH']}:{shim}", "HOME": "/root"}
-            mounts = [venv_mount, Mount("/tmp", str(staging), read_only=False)]
+            mounts = [opt_mount, Mount("/tmp", str(staging), read_only=False)]
             with log.open("a") as out:
                 out.write(f"+ RUN {instruction.value}\n")
                 out.flush()
@@ -257,30 +262,29 @@ def _run_layers(instructions: list[Instruction], venv_mount: Mount, log: Path) -
                                              uid_gid=None, stdout=out, stderr=subprocess.STDOUT)
             if result.returncode != 0:
                 raise RuntimeError(f"RUN failed ({result.returncode}): {instruction.value}\n{log.read_text()[-4000:]}")
+        # /tmp is not part of a cached layer: a RUN must remove what the COPYs before it put there (ours do), or the
+        # next layer, built on a later call, would not see what it would see in Docker.
+        left = sorted(p.name for p in staging.iterdir())
+        if left:
+            raise RuntimeError(f"the RUNs left {left} in /tmp; the replay's layers do not carry /tmp")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def dependency_layer(image: Image) -> Path:
-    """The cached /opt with the locks installed (built on a miss: the lock's wheels, hash-checked)."""
-    layer = layer_path(image)
-    if (layer / ".complete").is_file():
-        return layer
-    deps, _ = _split_layers(image)
-    shutil.rmtree(layer, ignore_errors=True)
-    layer.mkdir(parents=True)
-    log = layer.with_suffix(".log")
-    log.write_text("")
-    _run_layers(deps, Mount("/opt", str(layer), read_only=False), log)
-    (layer / ".complete").write_text(layer.name + "\n")
-    return layer
+# --- the dependency layers ------------------------------------------------------------------------------------------
+# One cached layer per RUN of the dependency part, as Docker's build cache keeps one per instruction, each named by
+# the chain of instructions that leads to it: every COPY by the bytes it copies and where to, every RUN by its text,
+# each with the ENV and ARGs in force, and the interpreter (which stands in for the base image). Two images share a
+# layer exactly when that whole chain is equal, which is when Docker's cache shares it too, except that FROM is not
+# part of the key (the host's /usr stands in for every base, so the base cannot change what a RUN writes here).
+# Dockerfile.helm is written so that its chain up to the /opt/venv install is Dockerfile.serve's (and, but for FROM,
+# Dockerfile.train's): the project's venv, 7.7 GB with torch's CUDA build, is built once for all three images, and
+# the helm image adds only its own layer, /opt/helm-venv. Each layer is an overlay upper directory above the ones
+# before it, so what a RUN writes is exactly what it wrote when that RUN ran on top of them.
 
-
-def layer_path(image: Image) -> Path:
-    """Where the dependency layer of `image` is cached: named by a hash of what builds it."""
-    deps, _ = _split_layers(image)
+def _layer_key(instructions: list[Instruction]) -> str:
     key = hashlib.sha256()
-    for instruction in deps:
+    for instruction in instructions:
         if instruction.kind == "COPY":  # by content and destination: train.txt and serve.txt may be one lock
             sources, dest = _copy_sources(instruction)
             key.update(f"COPY {dest}\n".encode())
@@ -290,14 +294,85 @@ def layer_path(image: Image) -> Path:
             key.update(f"{instruction.kind} {instruction.value}\n".encode())
         key.update(json.dumps(instruction.env, sort_keys=True).encode())
     key.update(_python_version().encode())
-    key.update(b"layer root: /opt")  # the layer holds /opt (/opt/venv, and /opt/helm-venv in Dockerfile.helm)
-    return LAYER_CACHE / f"deps-{key.hexdigest()[:16]}"
+    key.update(b"layer root: /opt")  # a layer holds /opt (/opt/venv, and /opt/helm-venv in Dockerfile.helm)
+    return key.hexdigest()[:16]
+
+
+def _dependency_steps(image: Image) -> list[tuple[list[Instruction], list[Instruction]]]:
+    """Per dependency layer: (the chain of instructions up to and including its RUN, the instructions it replays:
+    the COPYs since the previous layer's RUN and its RUN)."""
+    deps, _ = _split_layers(image)
+    steps, since = [], 0
+    for i, instruction in enumerate(deps):
+        if instruction.kind == "RUN" and not _skipped(instruction):
+            steps.append((deps[: i + 1], deps[since: i + 1]))
+            since = i + 1
+    return steps
+
+
+def layer_paths(image: Image) -> list[Path]:
+    """Where the dependency layers of `image` are cached, lowest first."""
+    return [LAYER_CACHE / f"deps-{_layer_key(chain)}" for chain, _ in _dependency_steps(image)]
+
+
+def layer_path(image: Image) -> Path:
+    """The topmost dependency layer of `image`."""
+    return layer_paths(image)[-1]
+
+
+def _overlay(lowers: list[Path], upper: Path, work: Path) -> tuple[str, str, str]:
+    """Overlay options for /opt: `lowers` lowest first (overlayfs lists the top one first)."""
+    return ":".join(str(p) for p in reversed(lowers)), str(upper), str(work)
+
+
+def dependency_layers(image: Image) -> list[Path]:
+    """The cached dependency layers of `image`, lowest first (each built on a miss: hash-checked wheels)."""
+    built: list[Path] = []
+    for (_chain, replayed), layer in zip(_dependency_steps(image), layer_paths(image), strict=True):
+        LAYER_CACHE.mkdir(parents=True, exist_ok=True)
+        # One builder per layer: a second caller (another CI run, or the tests while .ci/run builds in the
+        # background) waits here for the first, then finds the layer complete.
+        with open(layer.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _build_layer(layer, built, replayed)
+        built.append(layer)
+    return built
+
+
+def _build_layer(layer: Path, built: list[Path], replayed: list[Instruction]) -> None:
+    """Build `layer` above `built` unless it is complete (under its lock)."""
+    if (layer / ".complete").is_file():
+        return
+    shutil.rmtree(layer, ignore_errors=True)
+    work = layer.with_suffix(".work")
+    shutil.rmtree(work, ignore_errors=True)
+    layer.mkdir(parents=True)
+    work.mkdir()
+    log = layer.with_suffix(".log")
+    log.write_text("")
+    started = time.monotonic()
+    if built:
+        mount = Mount("/opt", overlay=_overlay(built, layer, work), read_only=False)
+    else:
+        mount = Mount("/opt", str(layer), read_only=False)
+    try:
+        _run_layers(replayed, mount, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with log.open("a") as out:
+        out.write(f"+ layer built in {time.monotonic() - started:.1f} s\n")
+    (layer / ".complete").write_text(layer.name + "\n")
+
+
+def dependency_layer(image: Image) -> Path:
+    """Build (or find) every dependency layer of `image`; returns the topmost."""
+    return dependency_layers(image)[-1]
 
 
 @dataclass
 class BuiltImage:
     image: Image
-    lower: Path
+    lowers: list[Path]
     scratch: Path
 
     @property
@@ -305,15 +380,14 @@ class BuiltImage:
         return self.scratch / "upper"
 
     def venv_mount(self, read_only: bool = True) -> Mount:
-        return Mount("/opt", overlay=(str(self.lower), str(self.upper), str(self.scratch / "work")),
-                     read_only=read_only)
+        return Mount("/opt", overlay=_overlay(self.lowers, self.upper, self.scratch / "work"), read_only=read_only)
 
 
 def build(name: str, scratch: Path) -> BuiltImage:
-    """The dependency layer (cached) plus a fresh project layer in `scratch` (an overlay's upper directory)."""
+    """The dependency layers (cached) plus a fresh project layer in `scratch` (an overlay's upper directory)."""
     image = read_image(name)
-    lower = dependency_layer(image)
-    built = BuiltImage(image, lower, scratch)
+    lowers = dependency_layers(image)
+    built = BuiltImage(image, lowers, scratch)
     built.upper.mkdir(parents=True, exist_ok=True)
     (scratch / "work").mkdir(exist_ok=True)
     _, project = _split_layers(image)
@@ -404,9 +478,11 @@ def _finish(process: subprocess.Popen, name: str, timeout: float) -> dict:
 
 
 def chain(run_dir: Path, hub_cache: Path, scratch: Path, uid: int, profile: str, overrides: list[str],
-          stage_timeout_s: float = 900) -> dict:
+          stage_timeout_s: float = 900, first_evaluate: list[str] | None = None) -> dict:
     """prepare-data -> train -> export -> serve -> evaluate -> report, each the `docker run` that
     `invoke reproduce --runtime docker` runs (birbal.containers), replayed; stops at the first failure.
+    `first_evaluate`: extra arguments of one more evaluate run before the recipe's own (e.g. `--suite quick`),
+    in the same image against the same server, as `invoke evaluate --runtime docker` would run it.
 
     Run it in a network namespace of its own (`unshare -n`): the server's 0.0.0.0:8080 is then this chain's alone,
     as a published port is on a judge's host. The dependency layers must already be built (they download).
@@ -446,17 +522,21 @@ def chain(run_dir: Path, hub_cache: Path, scratch: Path, uid: int, profile: str,
             result["stages"].append({**done, "argv": serve_argv, "error": str(err)})
             return result
         result["serve_healthy_after_s"] = round(time.monotonic() - started, 1)
-        argv = containers.reproduce_stage_command("evaluate", **common, extra=["--url", url])
-        started = time.monotonic()
-        done = _finish(start(images["train"], argv, **popen), "evaluate", stage_timeout_s)
-        evaluate = {**done, "argv": argv, "seconds": round(time.monotonic() - started, 1)}
+        evaluations = []
+        for name, extra in ([("evaluate-first", first_evaluate)] if first_evaluate else []) + [("evaluate", [])]:
+            argv = containers.reproduce_stage_command("evaluate", **common, extra=["--url", url, *extra])
+            started = time.monotonic()
+            done = _finish(start(images[containers.STAGE_IMAGE["evaluate"]], argv, **popen), name, stage_timeout_s)
+            evaluations.append({**done, "argv": argv, "seconds": round(time.monotonic() - started, 1)})
+            if done["returncode"] != 0:
+                break
     finally:
         if server.poll() is None:
             server.terminate()  # what `docker stop` sends
         served = _finish(server, "serve", 60)
     result["stages"].append({**served, "argv": serve_argv})
-    result["stages"].append(evaluate)
-    if evaluate["returncode"] != 0:
+    result["stages"] += evaluations
+    if evaluations[-1]["returncode"] != 0 or evaluations[-1]["stage"] != "evaluate":
         return result
     argv = containers.report_command(run_dir=run_dir, user=user, version=__version__, revision=None)
     done = _finish(start(images["train"], argv, **popen), "report", stage_timeout_s)
@@ -475,11 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     chain_parser.add_argument("--uid", type=int, required=True)
     chain_parser.add_argument("--profile", default="smoke")
     chain_parser.add_argument("--set", dest="overrides", action="append", default=[])
+    chain_parser.add_argument("--first-evaluate", default="", help="arguments of an evaluate run before the "
+                              "recipe's own, e.g. '--suite quick'")
     args = parser.parse_args(argv)
     if args.action == "build":
         print(dependency_layer(read_image(args.image)))
         return 0
-    result = chain(args.run_dir, args.hub_cache, args.scratch, args.uid, args.profile, args.overrides)
+    result = chain(args.run_dir, args.hub_cache, args.scratch, args.uid, args.profile, args.overrides,
+                   first_evaluate=shlex.split(args.first_evaluate) or None)
     args.json.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -105,3 +105,14 @@ def test_score_against_published_places_our_figures_in_the_pool():
     assert score_against_published(better)["ours"]["scenarios"]["MMLU"] == 1.0
     assert score_against_published({"quick: short answers - EM": 1.0}) is None
     json.dumps(score)  # it goes into summary.json
+
+
+def test_a_partial_evaluation_is_scored_on_the_scenarios_it_ran():
+    """An open run of GSM8K alone (the container contract's offline run specs): scored on GSM8K in every entry of the
+    pool, not as a loss to all eight published entries on the four scenarios it did not run."""
+    best = max(figures["GSM8K - EM"] for _, figures in published_ranks())
+    score = score_against_published({"GSM8K - EM": best + 0.01})
+    assert score["scenarios_scored"] == ["GSM8K"]
+    assert score["ours"]["scenarios"] == {"GSM8K": 1.0} and score["ours"]["score"] == 1.0
+    assert set(score["winner_in_pool"]["scenarios"]) == {"GSM8K"}
+    assert score["rank"] == 1

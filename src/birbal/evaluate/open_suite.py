@@ -59,8 +59,14 @@ def failed_run_specs(lines: list[str]) -> list[str]:
     return []
 
 
-def run_specs_path() -> Path:
-    return Path(str(resources.files("birbal.evaluate").joinpath("data", RUN_SPECS)))
+def run_specs_path(name: str = RUN_SPECS) -> Path:
+    """A HELM run spec conf packaged under birbal/evaluate/data/ (evaluate.helm_run_specs names it)."""
+    path = Path(str(resources.files("birbal.evaluate").joinpath("data", name)))
+    if "/" in name or not name.endswith(".conf") or not path.is_file():
+        packaged = sorted(p.name for p in path.parent.glob("*.conf"))
+        raise EvaluateError(f"evaluate.helm_run_specs: no run spec file {name!r} in the package; "
+                            f"packaged: {', '.join(packaged)}")
+    return path
 
 
 def run_spec_scenarios(conf: Path) -> list[str]:
@@ -69,13 +75,21 @@ def run_spec_scenarios(conf: Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# helm-run requires -m/--max-eval-instances (crfm-helm 0.5.16, helm/benchmark/run.py), but uses it only for a run
+# spec whose description sets no max_eval_instances of its own (run.py: `if max_eval_instances is not None and
+# adapter_spec.max_eval_instances is None`); every entry of the challenge's list sets one. When the recipe sets none,
+# the value of the challenge's own instructions (helm.md of llm-efficiency-challenge/neurips_llm_efficiency_challenge
+# at 094f659e: `helm-run --conf-paths run_specs.conf --suite v1 --max-eval-instances 1000`), which is also HELM's
+# own default (MaxEvalInstancesRunExpander, "default": 1000).
+DEFAULT_MAX_EVAL_INSTANCES = 1000
+
+
 def helm_run_command(helm_run: Path, conf: Path, output: Path, max_eval_instances: int | None,
                      suite: str = HELM_SUITE) -> list[str]:
-    command = [str(helm_run), "--conf-paths", str(conf), "--suite", suite, "--output-path", str(output),
-               "--local-path", str(output.parent / "prod_env"), "--models-to-run", MODEL]
-    if max_eval_instances is not None:
-        command += ["--max-eval-instances", str(max_eval_instances)]
-    return command
+    limit = DEFAULT_MAX_EVAL_INSTANCES if max_eval_instances is None else max_eval_instances
+    return [str(helm_run), "--conf-paths", str(conf), "--suite", suite, "--output-path", str(output),
+            "--local-path", str(output.parent / "prod_env"), "--models-to-run", MODEL, "--max-eval-instances",
+            str(limit)]
 
 
 def _stream(command: list[str], log: Path, env: dict[str, str]) -> tuple[int, list[str]]:
@@ -116,7 +130,23 @@ def download_failure(lines: list[str], scenarios: list[str], cache: Path | None 
     return "\n".join(message)
 
 
-def run_open(url: str, out_dir: Path, max_eval_instances: int | None) -> dict[str, Any]:
+def helm_environment(url: str, out_dir: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """helm-run's environment: our server's URL for HELM's HTTP client, and NLTK_DATA in the run dir.
+
+    HELM's metrics fetch NLTK's punkt_tab on first use (helm.benchmark.metrics.nltk_helper) into NLTK's default
+    folder, the first writable one of /usr/share/nltk_data ... ~/nltk_data. In the containers, as a --user with no
+    passwd entry, HOME is / and none of those is writable, so the download fails even online. NLTK_DATA puts it
+    beside HELM's scenarios cache (kept between evaluations like it); a caller's own NLTK_DATA is left alone.
+    """
+    env = dict(os.environ if environ is None else environ, HELM_HTTP_MODEL_BASE_URL=url)
+    if not env.get("NLTK_DATA"):
+        env["NLTK_DATA"] = str(out_dir / "nltk_data")
+        (out_dir / "nltk_data").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def run_open(url: str, out_dir: Path, max_eval_instances: int | None,
+             run_specs: str = RUN_SPECS) -> dict[str, Any]:
     """helm-run + helm-summarize into `out_dir/benchmark_output`; returns the winners' table rows.
 
     A run spec that fails (helm-run then exits 1 naming it) does not discard the others: what finished is
@@ -125,7 +155,7 @@ def run_open(url: str, out_dir: Path, max_eval_instances: int | None) -> dict[st
     HELM's scenarios cache (`benchmark_output/scenarios/`, filled by hand for an offline machine) is never removed.
     """
     helm_run = helm_executable("helm-run")
-    conf = run_specs_path()
+    conf = run_specs_path(run_specs)
     output = out_dir / "benchmark_output"
     log = out_dir / "helm.log"
     suite_dir = output / "runs" / HELM_SUITE
@@ -134,7 +164,7 @@ def run_open(url: str, out_dir: Path, max_eval_instances: int | None) -> dict[st
         shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
         if path.exists():
             path.rename(aside)
-    env = dict(os.environ, HELM_HTTP_MODEL_BASE_URL=url)
+    env = helm_environment(url, out_dir)
     command = helm_run_command(helm_run, conf, output, max_eval_instances)
     code, lines = _stream(command, log, env)
     finished = sorted(suite_dir.glob("*/stats.json")) if suite_dir.is_dir() else []

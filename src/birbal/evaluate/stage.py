@@ -82,7 +82,7 @@ def evaluate_stage(recipe: Recipe, run_dir: RunDir, url: str, suite: str | None 
         else:
             from birbal.evaluate.open_suite import run_open
 
-            summary = run_open(url, folder / "helm", limit)
+            summary = run_open(url, folder / "helm", limit, recipe.evaluate.helm_run_specs)
             summary["score"] = score_against_published(figures(summary))
         # the URL (its port differs run to run) is in the record's details, so summary.json compares across runs
         summary.update({"suite": suite, "max_eval_instances": limit})
@@ -116,7 +116,8 @@ def _print_scores(summary: dict[str, Any], record) -> None:
         log(f"evaluate: {row['label']:<{width}}  {shown}{theirs}")
     score = summary.get("score")
     if score:
-        log(f"evaluate: mean-win-rate score {score['ours']['score']:.3f}, rank {score['rank']} of {score['pool_size']}")
+        log(f"evaluate: mean-win-rate score {score['ours']['score']:.3f}, rank {score['rank']} of {score['pool_size']} "
+            f"(on {', '.join(score.get('scenarios_scored') or score['ours']['scenarios'])})")
     if summary.get("failed_runs"):
         log(f"evaluate: {len(summary['failed_runs'])} run specs failed: {', '.join(summary['failed_runs'][:5])}")
     log(f"evaluate: {record.outcome} in {record.duration_s:.1f} s ({summary['suite']} suite; "

@@ -91,14 +91,18 @@ def score_against_published(ours: dict[str, float], label: str = "this run") -> 
 
     Not the challenge's number: its pool held all the track's submissions (33, by the win-rate denominators)
     and Score_full also weighs the hidden scenarios twice. It says where our figures fall among the published
-    ones, on the same arithmetic. None when we have no open-scenario figure at all.
+    ones, on the same arithmetic. Only the open scenarios we have a figure for are scored, for every entry of the
+    pool (`scenarios_scored`): the published entries have them all, so a scenario we did not run would otherwise
+    count as our loss to every one of them and floor our geometric mean at ~1e-195. None when we have no
+    open-scenario figure at all.
     """
-    if not any(m in ours for metrics in OPEN_SCENARIOS.values() for m in metrics):
+    scored = {name: metrics for name, metrics in OPEN_SCENARIOS.items() if any(m in ours for m in metrics)}
+    if not scored:
         return None
     pool = {name: figures for name, figures in published_ranks()}
     pool[label] = ours
-    rates = mean_win_rates(pool)
+    rates = mean_win_rates(pool, scored)
     ranked = sorted(pool, key=lambda n: rates[n]["score"] or 0.0, reverse=True)
     return {"pool_size": len(pool), "ours": rates[label], "winner_in_pool": rates[WINNER_ID],
-            "rank": ranked.index(label) + 1,
+            "rank": ranked.index(label) + 1, "scenarios_scored": list(scored),
             "note": "pool = this run + the 8 submissions in 4090_full_ranks.json; open scenarios only"}
