@@ -256,9 +256,31 @@ def test_compiled_step_equals_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
 
 
+def test_compiled_layers_step_equals_eager_with_one_graph_for_all_layers():
+    """compiled_layers' step (each decoder layer's forward compiled, routed only inside the step), without the
+    graph: the eager tokens and logprobs across requests and cache lengths; one compiled graph per cache length
+    for all the layers (the layer index never reaches a guard); prefills and the eager decoders untouched."""
+    from birbal.serve.regional import compiled_graph_count
+
+    eager = engine()
+    layers = _twin(eager, decode="static")
+    layers.decoder = StaticDecoder(layers.model, layers.cfg.max_context, (16,), compile_step="layers")
+    assert len(layers.model.model.layers) >= 2
+    torch._dynamo.reset()
+    before = compiled_graph_count()
+    for prompt, n in (PROMPTS[2], PROMPTS[0], PROMPTS[2]):  # 16 slots, then max_context, then 16 again
+        request = _greedy(prompt, n)
+        _assert_same(eager.process(request), layers.process(request), tol=1e-4)
+    assert sorted(layers.decoder._caches) == [16, layers.cfg.max_context]
+    assert compiled_graph_count() - before == 2  # two cache lengths, each one graph for every layer
+    _assert_same(eager.process(_greedy(*PROMPTS[1])), _twin(eager, decode="static").process(_greedy(*PROMPTS[1])),
+                 tol=1e-5)  # the same layers outside the step: eager, no new graph
+    assert compiled_graph_count() - before == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_graph"])
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_layers", "compiled_graph"])
 def test_cuda_graph_equals_eager_on_cuda(mode):
     cfg = serve_cfg(postprocess="none", device="cuda")
     graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": mode}))

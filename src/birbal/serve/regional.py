@@ -71,6 +71,12 @@ class RegionalLayers:
         # dynamic=False: shapes change only with the cache length, one graph each; fullgraph: a graph break would
         # split the layer and could let the layer index back into a guard, so it is an error, not a slow path.
         self.compiled = torch.compile(forward, dynamic=False, fullgraph=True)
+        # One graph per cache length and model kind is expected (3 lengths for the merged model and 3 for the
+        # adapter, in a process that serves both, as the benchmark does): past Dynamo's default limit of 8 a frame
+        # silently runs eagerly, which would serve at cuda_graph's speed under this mode's name.
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 64))
         self.layer_class = layer_class.__name__
         self.layers = len(layers)
         self._cache = None
