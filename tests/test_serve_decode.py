@@ -335,3 +335,49 @@ def test_a_failing_warm_up_names_the_decode_path_and_the_way_out():
         static.warm_up()
     assert static.warmup_s is None
     assert _twin(engine(), decode="static").warm_up() > 0
+
+
+_RESTART = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from birbal.serve.stage import use_compile_cache
+use_compile_cache(Path(sys.argv[1]))  # the serve stage's own setting: <run>/cache/inductor
+import torch
+from torch._dynamo.utils import counters
+from serve_model import engine, serve_cfg
+from birbal.serve.decode import StaticDecoder
+from birbal.serve.engine import Engine
+from birbal.serve.schemas import ProcessRequest
+eng = Engine(engine().model, engine().tokenizer, serve_cfg(postprocess="none", decode="static"))
+eng.decoder = StaticDecoder(eng.model, eng.cfg.max_context, (16,), compile_step="layers")
+out = eng.process(ProcessRequest(prompt="Hi", temperature=1e-7, max_new_tokens=4, top_k_per_token=2))
+print(json.dumps({"text": out.text, "logprobs": [t.logprob for t in out.tokens],
+                  "inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"])}))
+"""
+
+
+def test_a_restart_reuses_the_runs_compile_cache(tmp_path):
+    """Two server processes on one run's compile cache (`use_compile_cache`: <run>/cache/inductor): the first
+    compiles the decoder layer (cache misses, kernels saved there), the second loads it (hits, no miss), with the
+    same answer."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    tests = str(Path(__file__).parent)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _RESTART, str(tmp_path / "cache"), tests], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert (tmp_path / "cache" / "inductor").is_dir()
+    assert cold["inductor"].get("fxgraph_cache_miss", 0) >= 1 and not cold["inductor"].get("fxgraph_cache_hit")
+    assert warm["aot"].get("autograd_cache_hit", 0) + warm["inductor"].get("fxgraph_cache_hit", 0) >= 1
+    assert not warm["inductor"].get("fxgraph_cache_miss") and not warm["aot"].get("autograd_cache_miss")
+    assert warm["text"] == cold["text"] and warm["logprobs"] == pytest.approx(cold["logprobs"], abs=1e-6)
