@@ -71,6 +71,19 @@ MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("big
        ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
 HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
 DECODE_MODES = ("auto", *MODES)  # serve.decode
+# a mode may end in "+grouped": serve.decode_attention=grouped (birbal.serve.attention) with that serve.decode
+VARIANTS = {"grouped": ("decode_attention", "grouped")}
+
+
+def split_mode(mode: str) -> tuple[str, dict]:
+    """`compiled_layers+grouped` -> ("compiled_layers", {"decode_attention": "grouped"})."""
+    base, *variants = mode.split("+")
+    return base, dict(VARIANTS[v] for v in variants)
+
+
+def known_mode(mode: str) -> bool:
+    base, *variants = mode.split("+")
+    return base in DECODE_MODES and all(v in VARIANTS for v in variants)
 TEMPERATURE, TOP_K = 1e-7, 200
 SMOKE_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
@@ -261,18 +274,20 @@ class OursServer:
         if adapter is not None:
             from transformers import AutoTokenizer
 
-            cfg = ServeConfig(device=device.type, decode=decode, model="adapter", adapter_dtype="base",
+            decode, extra = split_mode(decode)
+            cfg = ServeConfig(device=device.type, decode=decode, model="adapter", adapter_dtype="base", **extra,
                               request_policy="upstream")
             self.engine = Engine.from_adapter(str(base), adapter, AutoTokenizer.from_pretrained(str(base)), cfg,
                                               device=device)
         else:
-            cfg = ServeConfig(device=device.type, decode=decode, model="merged", request_policy="kit")
+            decode, extra = split_mode(decode)
+            cfg = ServeConfig(device=device.type, decode=decode, model="merged", request_policy="kit", **extra)
             self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
                            else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
         sync(device)
         self.load_s = time.perf_counter() - t0
         self.engine_load_s = self.engine.load_s
-        self.decode = self.engine.decode_mode
+        self.decode = self.engine.decode_mode + ("+grouped" if self.engine.cfg.decode_attention == "grouped" else "")
 
     def process(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
         from birbal.serve.schemas import ProcessRequest
@@ -301,7 +316,7 @@ def startup_entries(text: str) -> list[tuple[str, str, float | None]]:
     for item in (x.strip() for x in text.split(",") if x.strip()):
         spec, _, timeout = item.partition("@")
         served, _, mode = spec.partition(":")
-        if served not in PROFILES or mode not in DECODE_MODES:
+        if served not in PROFILES or not known_mode(mode):
             raise argparse.ArgumentTypeError(f"--startup takes served:mode[@timeout_s] with served in "
                                              f"{', '.join(PROFILES)} and mode in {', '.join(DECODE_MODES)}; "
                                              f"given {item!r}")
@@ -313,7 +328,8 @@ def startup_overrides(work: Path, mode: str, device) -> list[str]:
     """The profile pointed at the benchmark's local base and tokenizer, with `serve.decode` = `mode`."""
     sets = [f"model.name_or_path={work / 'base'}",
             f"model.tokenizer={{source: hub, name_or_path: {work / 'base'}, revision: null}}",
-            f"serve.decode={mode}", f"serve.device={device.type}"]
+            f"serve.decode={split_mode(mode)[0]}", f"serve.device={device.type}",
+            *(f"serve.{k}={v}" for k, v in split_mode(mode)[1].items())]
     if device.type != "cuda":
         sets.append("serve.dtype=float32")
     return sets
@@ -600,7 +616,7 @@ def faithful_key(mode: str) -> str:
 
 def decode_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in DECODE_MODES]
+    unknown = [m for m in modes if not known_mode(m)]
     if not modes or unknown or len(set(modes)) != len(modes):
         raise argparse.ArgumentTypeError(f"a comma-separated list of distinct modes from {', '.join(DECODE_MODES)}; "
                                          f"given {text!r}")
@@ -608,7 +624,7 @@ def decode_modes(text: str) -> list[str]:
 
 
 def skip_reason(mode: str, device) -> str | None:
-    if mode in GRAPH_MODES and device.type != "cuda":
+    if split_mode(mode)[0] in GRAPH_MODES and device.type != "cuda":
         return f"{mode} needs a CUDA device; this run is on {device} (time static for the same cache path)"
     return None
 
@@ -664,6 +680,7 @@ def main() -> int:
                         help="skip (c), our engine on the unmerged PeftModel (a numerics check, not a server)")
     parser.add_argument("--decode-modes", type=decode_modes, default=["auto"],
                         help="time ours once per serve.decode mode, comma-separated, from " + ", ".join(DECODE_MODES)
+                        + " (a mode may end in +grouped: serve.decode_attention=grouped)"
                         + " (default auto: the server's own choice)")
     parser.add_argument("--served", default="merged,unmerged",
                         help="which of our servers to time per decode mode: merged (the export's merged weights, "
@@ -736,6 +753,8 @@ def main() -> int:
                 # the compile cache the start-up of the same server left, when there was one: this warm-up reuses it
                 served_as = "unmerged" if key.startswith("faithful") else "merged"
                 cached = args.workdir / f"startrun_{served_as}_{mode}" / "cache" / "inductor"
+                if not cached.is_dir():  # a +variant: the plain mode's cache (the kernels they share)
+                    cached = args.workdir / f"startrun_{served_as}_{split_mode(mode)[0]}" / "cache" / "inductor"
                 if cached.is_dir():
                     import os
 

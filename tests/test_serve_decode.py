@@ -381,3 +381,55 @@ def test_a_restart_reuses_the_runs_compile_cache(tmp_path):
     assert warm["aot"].get("autograd_cache_hit", 0) + warm["inductor"].get("fxgraph_cache_hit", 0) >= 1
     assert not warm["inductor"].get("fxgraph_cache_miss") and not warm["aot"].get("autograd_cache_miss")
     assert warm["text"] == cold["text"] and warm["logprobs"] == pytest.approx(cold["logprobs"], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_decode_attention_equals_sdpa(dtype):
+    """serve.decode_attention=grouped against transformers' SDPA path (which expands the KV heads), one query
+    token over a masked cache: the same output up to float rounding; a prompt (several queries) is SDPA itself."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from birbal.serve.attention import grouped_decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    attn = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)  # what both read of the module
+    q = torch.randn(1, 8, 1, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(1, 2, 40, 16, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., :29] = True  # 29 slots filled, the rest of the static cache empty
+    ours, _ = grouped_decode_attention(attn, q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(attn, q, k, v, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (1, 1, 8, 16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=tol, atol=tol)
+    wrong = grouped_decode_attention(attn, q, k, v, torch.ones_like(mask), scaling=0.25)[0]
+    assert (wrong.float() - theirs.float()).abs().max() > 10 * tol  # the mask matters: the check can fail
+    prompt_q = torch.randn(1, 8, 5, 16, generator=gen).to(dtype)
+    torch.testing.assert_close(grouped_decode_attention(attn, prompt_q, k[:, :, :5], v[:, :, :5], None)[0],
+                               sdpa_attention_forward(attn, prompt_q, k[:, :, :5], v[:, :, :5], None)[0])
+
+
+def test_grouped_decode_attention_serves_the_static_path_with_the_same_answers():
+    from transformers import AttentionInterface
+
+    from birbal.serve import attention
+
+    plain = _twin(engine(), decode="static")
+    grouped = Engine.from_merged(merged_folder(), serve_cfg(postprocess="none", decode="static",
+                                                            decode_attention="grouped"))
+    assert grouped.model.config._attn_implementation == attention.NAME
+    taken = []
+
+    def counted(module, query, key, value, mask, **kwargs):
+        taken.append(query.shape[2] == 1 and mask is not None and mask.dtype == torch.bool)
+        return attention.grouped_decode_attention(module, query, key, value, mask, **kwargs)
+
+    AttentionInterface.register(attention.NAME, counted)
+    try:
+        for prompt, n in PROMPTS[:2]:
+            _assert_same(plain.process(_greedy(prompt, n)), grouped.process(_greedy(prompt, n)), tol=1e-4)
+    finally:
+        AttentionInterface.register(attention.NAME, attention.grouped_decode_attention)
+    assert any(taken) and not all(taken)  # decode steps took the grouped path, prompts SDPA's

@@ -52,6 +52,12 @@ class ServeConfig(Section):
         "is one more CUDA graph (and compile) in the warm-up; lengths at or above max_context add nothing. "
         "static and the graph modes only.",
     )
+    decode_attention: Literal["sdpa", "grouped"] = Field(
+        "sdpa", description="A decode step's attention over the static cache. sdpa: transformers' SDPA (the KV "
+        "heads expanded to the query heads first); grouped: the query heads of each KV head as rows of two batched "
+        "GEMMs, each key and value read once (the same maths up to float rounding; birbal.serve.attention). "
+        "Prompts always run SDPA.",
+    )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
     startup_timeout_s: float = Field(600.0, gt=0.0, description="How long callers wait for /health.")

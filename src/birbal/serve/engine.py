@@ -122,6 +122,10 @@ class Engine:
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
+        if serve_cfg.decode_attention == "grouped":
+            from birbal.serve.attention import use_grouped_decode_attention
+
+            use_grouped_decode_attention(model)
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
                                     serve_cfg.max_context, tuple(serve_cfg.decode_cache_lengths))
         self.decode_mode = self.decoder.mode
