@@ -280,16 +280,20 @@ def test_compiled_layers_step_equals_eager_with_one_graph_for_all_layers():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_layers", "compiled_graph"])
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_layers", "compiled_graph", "compiled_layers+grouped"])
 def test_cuda_graph_equals_eager_on_cuda(mode):
     cfg = serve_cfg(postprocess="none", device="cuda")
-    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": mode}))
+    mode, _, attention = mode.partition("+")
+    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": mode,
+                                                                       "decode_attention": attention or "sdpa"}))
     assert graph.decode_mode == mode
     eager = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "eager"}))
     static = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "static"}))
     graph.warm_up()
     captured = dict(graph.decoder._graphs)
     assert sorted(captured) == [16, 64, cfg.max_context]  # one graph per cache length, all in the warm-up
+    if mode == "compiled_layers":  # one compiled layer per cache length, not one per layer (it has several)
+        assert len(graph.model.model.layers) >= 2 and graph.warmup_compiled_graphs <= 3
     for prompt, n in PROMPTS + PROMPTS[::-1]:
         request = _greedy(prompt, n)
         replayed = graph.process(request)
