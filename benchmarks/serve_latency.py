@@ -71,8 +71,9 @@ MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("big
        ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
 HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
 DECODE_MODES = ("auto", *MODES)  # serve.decode
-# a mode may end in "+grouped": serve.decode_attention=grouped (birbal.serve.attention) with that serve.decode
-VARIANTS = {"grouped": ("decode_attention", "grouped")}
+# a mode may end in "+grouped" (serve.decode_attention=grouped: birbal.serve.attention) and/or "+each"
+# (serve.decode_compile_lengths=each: compiled_layers compiles one graph per cache length, not one for all)
+VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each")}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:
@@ -287,7 +288,8 @@ class OursServer:
         sync(device)
         self.load_s = time.perf_counter() - t0
         self.engine_load_s = self.engine.load_s
-        self.decode = self.engine.decode_mode + ("+grouped" if self.engine.cfg.decode_attention == "grouped" else "")
+        self.decode = self.engine.decode_mode + "".join(
+            f"+{name}" for name, (field, value) in VARIANTS.items() if getattr(self.engine.cfg, field) == value)
 
     def process(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
         from birbal.serve.schemas import ProcessRequest
@@ -680,7 +682,8 @@ def main() -> int:
                         help="skip (c), our engine on the unmerged PeftModel (a numerics check, not a server)")
     parser.add_argument("--decode-modes", type=decode_modes, default=["auto"],
                         help="time ours once per serve.decode mode, comma-separated, from " + ", ".join(DECODE_MODES)
-                        + " (a mode may end in +grouped: serve.decode_attention=grouped)"
+                        + " (a mode may end in +grouped: serve.decode_attention=grouped, and +each: "
+                        "serve.decode_compile_lengths=each)"
                         + " (default auto: the server's own choice)")
     parser.add_argument("--served", default="merged,unmerged",
                         help="which of our servers to time per decode mode: merged (the export's merged weights, "

@@ -256,15 +256,18 @@ def test_compiled_step_equals_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
 
 
-def test_compiled_layers_step_equals_eager_with_one_graph_for_all_layers():
+@pytest.mark.parametrize(("lengths", "graphs"), [("one", 1), ("each", 2)])
+def test_compiled_layers_step_equals_eager_with_one_graph_for_all_layers(lengths, graphs):
     """compiled_layers' step (each decoder layer's forward compiled, routed only inside the step), without the
-    graph: the eager tokens and logprobs across requests and cache lengths; one compiled graph per cache length
-    for all the layers (the layer index never reaches a guard); prefills and the eager decoders untouched."""
+    graph: the eager tokens and logprobs across requests and cache lengths; one compiled graph for all the layers
+    (the layer index never reaches a guard): for every cache length (`one`, the slot dimension dynamic) or per
+    length (`each`); prefills and the eager decoders untouched."""
     from birbal.serve.regional import compiled_graph_count
 
     eager = engine()
     layers = _twin(eager, decode="static")
-    layers.decoder = StaticDecoder(layers.model, layers.cfg.max_context, (16,), compile_step="layers")
+    layers.decoder = StaticDecoder(layers.model, layers.cfg.max_context, (16,), compile_step="layers",
+                                   compile_lengths=lengths)
     assert len(layers.model.model.layers) >= 2
     torch._dynamo.reset()
     before = compiled_graph_count()
@@ -272,10 +275,10 @@ def test_compiled_layers_step_equals_eager_with_one_graph_for_all_layers():
         request = _greedy(prompt, n)
         _assert_same(eager.process(request), layers.process(request), tol=1e-4)
     assert sorted(layers.decoder._caches) == [16, layers.cfg.max_context]
-    assert compiled_graph_count() - before == 2  # two cache lengths, each one graph for every layer
+    assert compiled_graph_count() - before == graphs
     _assert_same(eager.process(_greedy(*PROMPTS[1])), _twin(eager, decode="static").process(_greedy(*PROMPTS[1])),
                  tol=1e-5)  # the same layers outside the step: eager, no new graph
-    assert compiled_graph_count() - before == 2
+    assert compiled_graph_count() - before == graphs
 
 
 @pytest.mark.gpu
@@ -292,8 +295,8 @@ def test_cuda_graph_equals_eager_on_cuda(mode):
     graph.warm_up()
     captured = dict(graph.decoder._graphs)
     assert sorted(captured) == [16, 64, cfg.max_context]  # one graph per cache length, all in the warm-up
-    if mode == "compiled_layers":  # one compiled layer per cache length, not one per layer (it has several)
-        assert len(graph.model.model.layers) >= 2 and graph.warmup_compiled_graphs <= 3
+    if mode == "compiled_layers":  # one compiled layer for every cache length, not one per layer (it has several)
+        assert len(graph.model.model.layers) >= 2 and graph.warmup_compiled_graphs == 1
     for prompt, n in PROMPTS + PROMPTS[::-1]:
         request = _greedy(prompt, n)
         replayed = graph.process(request)

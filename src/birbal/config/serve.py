@@ -52,6 +52,10 @@ class ServeConfig(Section):
         "is one more CUDA graph (and compile) in the warm-up; lengths at or above max_context add nothing. "
         "static and the graph modes only.",
     )
+    decode_compile_lengths: Literal["one", "each"] = Field(
+        "one", description="compiled_layers only: one compiled graph for every static-cache length (the slot "
+        "dimension dynamic: one compile at start-up) or one graph per length (each its own compile).",
+    )
     decode_attention: Literal["sdpa", "grouped"] = Field(
         "sdpa", description="A decode step's attention over the static cache. sdpa: transformers' SDPA (the KV "
         "heads expanded to the query heads first); grouped: the query heads of each KV head as rows of two batched "

@@ -64,14 +64,16 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
     return requested
 
 
-def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = ()):
-    """`cache_lengths`: the static decoders' smaller caches (serve.decode_cache_lengths); eager ignores them."""
+def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = (), compile_lengths: str = "one"):
+    """`cache_lengths`: the static decoders' smaller caches (serve.decode_cache_lengths); eager ignores them.
+    `compile_lengths` (serve.decode_compile_lengths, compiled_layers only): one graph for every cache length
+    ("one") or one per length ("each")."""
     if mode == "eager":
         return EagerDecoder(model, max_len)
     if mode == "compiled_graph":
         return GraphDecoder(model, max_len, cache_lengths, compile_step="model")
     if mode == "compiled_layers":
-        return GraphDecoder(model, max_len, cache_lengths, compile_step="layers")
+        return GraphDecoder(model, max_len, cache_lengths, compile_step="layers", compile_lengths=compile_lengths)
     return {"static": StaticDecoder, "cuda_graph": GraphDecoder}[mode](model, max_len, cache_lengths)
 
 
@@ -118,7 +120,8 @@ class StaticDecoder(EagerDecoder):
 
     mode = "static"
 
-    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False):
+    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
+                 compile_lengths: str = "one"):
         """`compile_step`: False (eager steps), "model" (`compiled_graph`: torch.compile of the whole 1-token
         step) or "layers" (`compiled_layers`: each decoder layer's forward compiled, one graph shared by all;
         `birbal.serve.regional`)."""
@@ -128,6 +131,7 @@ class StaticDecoder(EagerDecoder):
         if compile_step not in (False, "model", "layers"):
             raise ServeError(f"compile_step must be False, 'model' or 'layers'; given {compile_step!r}")
         self.compile_step = compile_step
+        self.compile_lengths = compile_lengths
         self.cache_lengths = tuple(sorted({n for n in cache_lengths if 0 < n < max_len} | {max_len}))
         self._caches: dict[int, object] = {}  # length -> StaticCache, each built on first use
         self._cache_len = max_len  # the length of the cache `_cache` is, for this request
@@ -214,7 +218,7 @@ class StaticDecoder(EagerDecoder):
 
     def _decode_step(self) -> torch.Tensor:
         if self._regional is not None:
-            with self._regional.active(self._cache):
+            with self._regional.active(self._cache, self.compile_lengths):
                 return self._step_fn(self._token)
         return self._step_fn(self._token)
 
@@ -222,8 +226,9 @@ class StaticDecoder(EagerDecoder):
 class GraphDecoder(StaticDecoder):
     mode = "cuda_graph"
 
-    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False):
-        super().__init__(model, max_len, cache_lengths, compile_step=compile_step)
+    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
+                 compile_lengths: str = "one"):
+        super().__init__(model, max_len, cache_lengths, compile_step=compile_step, compile_lengths=compile_lengths)
         if self.compile_step:
             self.mode = "compiled_layers" if self.compile_step == "layers" else "compiled_graph"
         if self.device.type != "cuda":

@@ -4,8 +4,9 @@ Why per layer: compiling the whole 1-token step (`compiled_graph`) hands Dynamo 
 graph. On the unmerged adapter (peft's Python around 224 LoRA projections) its warm-up was still compiling after
 283 s at the Mistral-7B shape (benchmarks/results/README.md, fifth session). The 32 layers run the same code on
 parameters of the same shapes, so compiled once (Dynamo treats a module's parameters as inputs) they share one
-graph: one layer is traced and compiled per cache length, whatever the depth. This is PyTorch's documented
-"regional compilation" recipe, as training's `compile_decoder_layers` does it.
+graph: one layer is traced and compiled, whatever the depth; with the cache's slot dimension dynamic
+(`serve.decode_compile_lengths: one`, the default) that one graph serves every cache length. This is PyTorch's
+documented "regional compilation" recipe, as training's `compile_decoder_layers` does it.
 
 What stops a plain `layer.compile()` here: the attention writes its keys and values with
 `cache.update(k, v, self.layer_idx)`, which selects the cache's layer by a Python int. Dynamo specialises on it,
@@ -68,9 +69,13 @@ class RegionalLayers:
         # The undecorated forward (transformers wraps it to rename past_key_values to cache, and that wrapper's
         # code object is shared by every wrapped function, so Dynamo would keep their compiles in one list).
         forward = inspect.unwrap(layer_class.forward)
-        # dynamic=False: shapes change only with the cache length, one graph each; fullgraph: a graph break would
-        # split the layer and could let the layer index back into a guard, so it is an error, not a slow path.
-        self.compiled = torch.compile(forward, dynamic=False, fullgraph=True)
+        # fullgraph: a graph break would split the layer and could let the layer index back into a guard, so it
+        # is an error, not a slow path. Two compiled forms, chosen per decoder (serve.decode_compile_lengths):
+        # "each" (dynamic=False): one graph per cache length; "one": the cache's slot dimension (keys, values and
+        # the mask's last dimension) marked dynamic, so one graph serves every cache length (one trace and one
+        # compile at start-up instead of one per length; the attention is an extern SDPA call either way).
+        self.compiled = {"each": torch.compile(forward, dynamic=False, fullgraph=True),
+                         "one": torch.compile(forward, dynamic=None, fullgraph=True)}
         # One graph per cache length and model kind is expected (3 lengths for the merged model and 3 for the
         # adapter, in a process that serves both, as the benchmark does): past Dynamo's default limit of 8 a frame
         # silently runs eagerly, which would serve at cuda_graph's speed under this mode's name.
@@ -80,6 +85,7 @@ class RegionalLayers:
         self.layer_class = layer_class.__name__
         self.layers = len(layers)
         self._cache = None
+        self._lengths = "one"
         for index, layer in enumerate(layers):
             layer.forward = self._routed(layer, getattr(getattr(layer, "self_attn", None), "layer_idx", index))
 
@@ -100,13 +106,20 @@ class RegionalLayers:
             name = next((k for k in CACHE_KWARGS if k in kwargs), None)
             if cache is None or name is None or kwargs[name] is not cache:
                 return eager(*args, **kwargs)  # a prefill, or any forward outside the decode step
-            kwargs[name] = _LayerCache(cache.layers[index])
-            return self.compiled(layer, *args, **kwargs)
+            cache_layer = cache.layers[index]
+            kwargs[name] = _LayerCache(cache_layer)
+            if self._lengths == "one":
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor):
+                    torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
+                for tensor in (cache_layer.keys, cache_layer.values):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 2)
+            return self.compiled[self._lengths](layer, *args, **kwargs)
 
         return forward
 
     @contextlib.contextmanager
-    def active(self, cache):
+    def active(self, cache, lengths: str = "one"):
         """Route the layers' forwards through the compiled one for steps over `cache` (a StaticCache whose layers
         are allocated; a step that allocates them runs eagerly, so that no graph is traced for an empty cache)."""
         if not all(getattr(layer, "is_initialized", True) for layer in cache.layers):
@@ -119,7 +132,9 @@ class RegionalLayers:
                     # the same tensors every step (a graph input whose address stays), not guarded by identity:
                     # 32 layers' caches are 32 tensors, which must not mean 32 graphs
                     torch._dynamo.mark_static_address(tensor, guard=False)
-        self._cache = cache
+        if lengths not in self.compiled:
+            raise ServeError(f"serve.decode_compile_lengths must be one or each; given {lengths!r}")
+        self._cache, self._lengths = cache, lengths
         try:
             yield
         finally:
