@@ -245,7 +245,7 @@ def test_birbal_4090_end_to_end_at_the_7b_shape(tmp_path):
     result.data["overrides"] = overrides
     recipe = load_recipe(PROFILE, overrides)
     assert recipe.serve.model == "adapter" and recipe.export.dtype == "bfloat16"
-    assert recipe.serve.decode == EXPECTED_DECODE or (recipe.serve.decode == "auto" and EXPECTED_DECODE == "compiled_graph")
+    assert recipe.serve.decode == EXPECTED_DECODE or (recipe.serve.decode == "auto" and EXPECTED_DECODE == "compiled_layers")
     args = [a for o in overrides for a in ("--set", o)]
     run = tmp_path / "run"
 

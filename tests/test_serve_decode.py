@@ -192,7 +192,7 @@ def test_decode_mode_resolution():
     assert resolve_mode("static", model, cpu) == "static"
     with pytest.raises(ServeError, match="cuda_graph needs a CUDA device"):
         resolve_mode("cuda_graph", model, cpu)
-    assert resolve_mode("auto", model, torch.device("cuda")) == "compiled_graph"
+    assert resolve_mode("auto", model, torch.device("cuda")) == "compiled_layers"
 
 
 def test_one_token_requests_skip_the_static_cache():

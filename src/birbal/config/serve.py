@@ -43,7 +43,7 @@ class ServeConfig(Section):
         "token (CUDA only); compiled_layers: the same graph around a step whose decoder layers are torch.compile'd, "
         "one compiled graph shared by every layer (fused kernels; compiles one layer per cache length in the "
         "server's warm-up); compiled_graph: the same around the whole step compiled (the slowest warm-up); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
-        "one eager forward per token; auto: compiled_graph on CUDA (eager for a 4-bit base), eager elsewhere."
+        "one eager forward per token; auto: compiled_layers on CUDA (eager for a 4-bit base), eager elsewhere."
     )
     decode_cache_lengths: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [1024, 2048],

@@ -47,15 +47,16 @@ def cache_kwarg(model) -> str:
 
 
 def resolve_mode(requested: str, model, device: torch.device) -> str:
-    """`auto`: `compiled_graph` on CUDA for an unquantized model (the fastest measured, benchmarks/results),
-    `eager` otherwise.
+    """`auto`: `compiled_layers` on CUDA for an unquantized model (the compiled step, as fast as `compiled_graph`
+    should be, which took 214 s to compile at the 7B shape; one layer compiles instead of 32: not yet measured on
+    a GPU, benchmarks/results/README.md "Pending"), `eager` otherwise.
 
     A 4-bit base stays eager under `auto`: bitsandbytes' kernels have not been checked under graph capture here.
     """
     if requested == "auto":
         core = unwrap_peft(model)
         quantized = getattr(core, "hf_quantizer", None) is not None
-        return "compiled_graph" if device.type == "cuda" and not quantized else "eager"
+        return "compiled_layers" if device.type == "cuda" and not quantized else "eager"
     if requested not in MODES:
         raise ServeError(f"serve.decode must be auto or one of {', '.join(MODES)}; given {requested!r}")
     if requested in GRAPH_MODES and device.type != "cuda":
