@@ -782,6 +782,7 @@ def main() -> int:
                     # what the server does before /health says ready: a graph per cache length (captured, and for
                     # compiled_graph compiled), so that no request of the mix pays for one
                     res[key]["engine_warm_up_s"] = round(server.engine.warm_up(), 2)
+                    res[key]["engine_warmup_compiled_graphs"] = server.engine.warmup_compiled_graphs
                     (faithful_timed if key.startswith("faithful") else timed).append(key)
                 s = time.perf_counter()
                 server.process(warm["prompt"], 16, TEMPERATURE, TOP_K)

@@ -154,7 +154,8 @@ class Engine:
                       stops=[])
         except Exception as err:
             raise ServeError(f"the {self.decode_mode} decode path failed its warm-up ({type(err).__name__}: {err}); "
-                             "--set serve.decode=eager serves without CUDA graphs or compiling") from err
+                             "--set serve.decode=cuda_graph serves without compiling, "
+                             "--set serve.decode=eager without CUDA graphs or compiling") from err
         self.warmup_s = time.perf_counter() - t0
         self.warmup_compiled_graphs = compiled_graph_count() - graphs_before
         return self.warmup_s
