@@ -71,6 +71,20 @@ MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("big
        ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
 HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
 DECODE_MODES = ("auto", *MODES)  # serve.decode
+# a mode may end in "+grouped" (serve.decode_attention=grouped: birbal.serve.attention) and/or "+each"
+# (serve.decode_compile_lengths=each: compiled_layers compiles one graph per cache length, not one for all)
+VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each")}
+
+
+def split_mode(mode: str) -> tuple[str, dict]:
+    """`compiled_layers+grouped` -> ("compiled_layers", {"decode_attention": "grouped"})."""
+    base, *variants = mode.split("+")
+    return base, dict(VARIANTS[v] for v in variants)
+
+
+def known_mode(mode: str) -> bool:
+    base, *variants = mode.split("+")
+    return base in DECODE_MODES and all(v in VARIANTS for v in variants)
 TEMPERATURE, TOP_K = 1e-7, 200
 SMOKE_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
@@ -261,18 +275,21 @@ class OursServer:
         if adapter is not None:
             from transformers import AutoTokenizer
 
-            cfg = ServeConfig(device=device.type, decode=decode, model="adapter", adapter_dtype="base",
+            decode, extra = split_mode(decode)
+            cfg = ServeConfig(device=device.type, decode=decode, model="adapter", adapter_dtype="base", **extra,
                               request_policy="upstream")
             self.engine = Engine.from_adapter(str(base), adapter, AutoTokenizer.from_pretrained(str(base)), cfg,
                                               device=device)
         else:
-            cfg = ServeConfig(device=device.type, decode=decode, model="merged", request_policy="kit")
+            decode, extra = split_mode(decode)
+            cfg = ServeConfig(device=device.type, decode=decode, model="merged", request_policy="kit", **extra)
             self.engine = (Engine.from_merged(merged, cfg, device) if merged is not None
                            else Engine(model, tokenizer, cfg, source="unmerged PeftModel"))
         sync(device)
         self.load_s = time.perf_counter() - t0
         self.engine_load_s = self.engine.load_s
-        self.decode = self.engine.decode_mode
+        self.decode = self.engine.decode_mode + "".join(
+            f"+{name}" for name, (field, value) in VARIANTS.items() if getattr(self.engine.cfg, field) == value)
 
     def process(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> dict:
         from birbal.serve.schemas import ProcessRequest
@@ -286,6 +303,208 @@ class OursServer:
                 "generated": self.engine.stats.generated_tokens - before,
                 "prompt_tokens": self.engine.stats.prompt_tokens - prompt_before, "logprob": response.logprob,
                 "request_time": response.request_time}
+
+
+# ---- start-up: the real server, launch to /health 200 ----------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = {"unmerged": "birbal-4090", "merged": "birbal-4090-plus"}  # the profile that serves each way
+READY_RESERVE_S = 25.0
+_HASHES: dict[str, str] = {}  # sha256 of the benchmark's own files, by path  # kept back from the deadline after a start: stopping it and writing the JSON
+
+
+def startup_entries(text: str) -> list[tuple[str, str, float | None]]:
+    """`served:mode[@timeout_s]`, comma-separated: e.g. `unmerged:compiled_layers,unmerged:compiled_graph@90`."""
+    entries = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        spec, _, timeout = item.partition("@")
+        served, _, mode = spec.partition(":")
+        if served not in PROFILES or not known_mode(mode):
+            raise argparse.ArgumentTypeError(f"--startup takes served:mode[@timeout_s] with served in "
+                                             f"{', '.join(PROFILES)} and mode in {', '.join(DECODE_MODES)}; "
+                                             f"given {item!r}")
+        entries.append((served, mode, float(timeout) if timeout else None))
+    return entries
+
+
+def startup_overrides(work: Path, mode: str, device) -> list[str]:
+    """The profile pointed at the benchmark's local base and tokenizer, with `serve.decode` = `mode`."""
+    sets = [f"model.name_or_path={work / 'base'}",
+            f"model.tokenizer={{source: hub, name_or_path: {work / 'base'}, revision: null}}",
+            f"serve.decode={split_mode(mode)[0]}", f"serve.device={device.type}",
+            *(f"serve.{k}={v}" for k, v in split_mode(mode)[1].items())]
+    if device.type != "cuda":
+        sets.append("serve.dtype=float32")
+    return sets
+
+
+def startup_run_dir(work: Path, served: str, mode: str, device) -> Path:
+    """A run dir whose export stage is recorded complete over the benchmark's folders (hard links, re-hashed):
+    `adapter/` and `merged/`, as a birbal-4090 export writes both (export.merge: true). The serve stage checks
+    and re-hashes what this record lists, as after a real export. The record's inputs say it is the benchmark's."""
+    import os
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from birbal.config import load_recipe
+    from birbal.fsutil import sha256_file
+    from birbal.rundir import RunDir, flatten
+
+    root = work / f"startrun_{served}_{mode}"
+    shutil.rmtree(root, ignore_errors=True)
+    run_dir = RunDir(root)
+    recipe = load_recipe(PROFILES[served], startup_overrides(work, mode, device))
+    run_dir.recipe_values = flatten(recipe.model_dump(mode="json"))
+    outputs = {}
+    for folder in ("adapter", "merged"):
+        sources = [f for f in sorted((work / folder).iterdir()) if f.is_file() and str(f) not in _HASHES]
+        with ThreadPoolExecutor(max_workers=8) as pool:  # each file once per benchmark run, in parallel
+            _HASHES.update(zip([str(f) for f in sources], pool.map(sha256_file, sources), strict=True))
+        target = run_dir.stage_dir("export") / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted((work / folder).iterdir()):
+            if f.is_file():
+                try:
+                    os.link(f, target / f.name)
+                except OSError:
+                    shutil.copy2(f, target / f.name)
+                outputs[f"{folder}/{f.name}"] = _HASHES[str(f)]  # a hard link or copy of the file hashed
+    record = run_dir.begin("export", {"benchmark": "serve_latency start-up", "base": str(work / "base")})
+    run_dir.finish(record, outputs=outputs)
+    return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, timeout_s: float) -> dict:
+    """`python -m birbal serve` in a fresh process, /health polled every 0.2 s until 200; then one greedy request,
+    SIGTERM, and the stage record's own times. The compile cache is the stage's (<run>/cache/inductor): the child's
+    environment has no TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR."""
+    import os
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sets = [a for o in startup_overrides(work, mode, device) for a in ("--set", o)]
+    log = run / f"serve_{time.time_ns()}.log"
+    out: dict = {"timeout_s": round(timeout_s, 1), "compile_cache_files_before": _count_files(run / "cache" / "inductor")}
+    with open(log, "wb") as sink:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "birbal", "serve", "--profile", PROFILES[served], "--run-dir",
+                                 str(run), "--host", "127.0.0.1", "--port", str(port), *sets],
+                                cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        health = None
+        try:
+            while time.perf_counter() - t0 < timeout_s and proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                        health = json.loads(answer.read())
+                        break
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    time.sleep(0.2)
+            wall = time.perf_counter() - t0
+            out.update({"ready": health is not None, "wall_to_ready_s": round(wall, 2), "health": health})
+            if health is None:
+                out["not_ready"] = (f"exited with {proc.returncode} after {wall:.1f} s" if proc.poll() is not None
+                                    else f"not ready after {wall:.1f} s (the benchmark's timeout)")
+            else:
+                body = json.dumps({"prompt": "The capital of France is", "max_new_tokens": 8,
+                                   "temperature": TEMPERATURE}).encode()
+                request = urllib.request.Request(f"{url}/process", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                s = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=120) as answer:
+                    reply = json.loads(answer.read())
+                out["first_request"] = {"s": round(time.perf_counter() - s, 3), "tokens": len(reply["tokens"])}
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    out["exit"] = proc.returncode
+    record = run / "serve" / "stage.json"
+    details = json.loads(record.read_text()).get("details", {}) if record.is_file() and health is not None else {}
+    keys = ("verify_inputs_s", "load_s", "warmup_s", "warmup_compiled_graphs", "decode", "compile_cache")
+    out["stage"] = {k: details.get(k) for k in keys}
+    if health is not None:
+        known = sum(details.get(k) or 0.0 for k in ("verify_inputs_s", "load_s", "warmup_s"))
+        # interpreter start, imports, recipe, binding, uvicorn's start and the poll's granularity
+        out["process_start_imports_and_other_s"] = round(out["wall_to_ready_s"] - known, 2)
+    out["compile_cache_files_after"] = _count_files(run / "cache" / "inductor")
+    if health is None or proc.returncode not in (0, None):
+        out["log_tail"] = log.read_text(errors="replace")[-3000:]
+    return out
+
+
+def _count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def imports_s() -> float:
+    """A fresh interpreter importing what the serve stage imports (the files are in the page cache by then)."""
+    import subprocess
+
+    code = ("import time; t = time.perf_counter(); import torch, transformers, peft, fastapi, uvicorn; "
+            "import birbal.cli, birbal.serve.stage; print(time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**__import__("os").environ, "PYTHONPATH": f"{REPO / 'src'}:" +
+                               __import__("os").environ.get("PYTHONPATH", "")})
+    return round(float(done.stdout.strip().splitlines()[-1]), 2) if done.returncode == 0 else float("nan")
+
+
+def startup(res: dict, work: Path, entries, device, default_timeout: float, left, save) -> None:
+    """Cold start (empty compile cache) then warm restart (the cache the cold start left) per entry."""
+    import shutil
+
+    res["startup"] = {"imports_s": imports_s(), "note": "wall_to_ready_s: launch of `python -m birbal serve` "
+                      "to the first 200 from /health; stage: the serve record's own times"}
+    save()
+    for served, mode, timeout in entries:
+        key = f"{served}_{mode}"
+        entry: dict = {"profile": PROFILES[served], "decode": mode}
+        res["startup"][key] = entry
+        if (reason := skip_reason(mode, device)):
+            entry["skipped"] = reason
+            continue
+        run = startup_run_dir(work, served, mode, device)
+        for start in ("cold", "warm"):
+            budget = min(timeout or default_timeout, left() - READY_RESERVE_S)
+            if budget < 20:
+                entry[start] = {"skipped": f"{left():.0f} s left before the deadline"}
+                break
+            if start == "cold":
+                shutil.rmtree(run / "cache" / "inductor", ignore_errors=True)
+            entry[start] = launch_until_ready(work, run, served, mode, device, budget)
+            save()
+            print(f"startup {key} {start}: ready={entry[start]['ready']} in {entry[start]['wall_to_ready_s']} s "
+                  f"{json.dumps(entry[start]['stage'])}", flush=True)
+            if not entry[start]["ready"]:
+                break
+        if entry.get("cold", {}).get("ready"):
+            entry["cold_start_s"] = entry["cold"]["wall_to_ready_s"]
+        if entry.get("warm", {}).get("ready"):
+            entry["warm_restart_s"] = entry["warm"]["wall_to_ready_s"]
+    first = next((k for k in res["startup"] if isinstance(res["startup"][k], dict)
+                  and "cold_start_s" in res["startup"][k]), None)
+    if first is not None:
+        e = res["startup"][first]
+        res["cold_start_s"], res["warm_restart_s"] = e.get("cold_start_s"), e.get("warm_restart_s")
+        res["startup_targets"] = {"judged": first, "cold_start_target_met": e["cold_start_s"] <= 120,
+                                  "warm_restart_target_met": (e.get("warm_restart_s") or float("inf")) <= 30}
 
 
 # ---- replay ----------------------------------------------------------------------------------------------------
@@ -399,7 +618,7 @@ def faithful_key(mode: str) -> str:
 
 def decode_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in DECODE_MODES]
+    unknown = [m for m in modes if not known_mode(m)]
     if not modes or unknown or len(set(modes)) != len(modes):
         raise argparse.ArgumentTypeError(f"a comma-separated list of distinct modes from {', '.join(DECODE_MODES)}; "
                                          f"given {text!r}")
@@ -407,7 +626,7 @@ def decode_modes(text: str) -> list[str]:
 
 
 def skip_reason(mode: str, device) -> str | None:
-    if mode in GRAPH_MODES and device.type != "cuda":
+    if split_mode(mode)[0] in GRAPH_MODES and device.type != "cuda":
         return f"{mode} needs a CUDA device; this run is on {device} (time static for the same cache path)"
     return None
 
@@ -463,6 +682,8 @@ def main() -> int:
                         help="skip (c), our engine on the unmerged PeftModel (a numerics check, not a server)")
     parser.add_argument("--decode-modes", type=decode_modes, default=["auto"],
                         help="time ours once per serve.decode mode, comma-separated, from " + ", ".join(DECODE_MODES)
+                        + " (a mode may end in +grouped: serve.decode_attention=grouped, and +each: "
+                        "serve.decode_compile_lengths=each)"
                         + " (default auto: the server's own choice)")
     parser.add_argument("--served", default="merged,unmerged",
                         help="which of our servers to time per decode mode: merged (the export's merged weights, "
@@ -471,7 +692,23 @@ def main() -> int:
     parser.add_argument("--skip-winners", action="store_true",
                         help="time ours only (the per-token bound is measured in the same run; the total-time "
                              "ratio needs the winners and is left out)")
+    parser.add_argument("--startup", type=startup_entries, default=[],
+                        help="time the real server's start (launch of `python -m birbal serve` to /health 200) for "
+                             "each served:mode[@timeout_s], cold (empty compile cache) then warm (the cache it left), "
+                             "e.g. unmerged:compiled_layers,merged:compiled_layers,unmerged:compiled_graph@90; the "
+                             "first that is ready gives the top-level cold_start_s and warm_restart_s")
+    parser.add_argument("--startup-timeout-s", type=float, default=240.0, help="per start, unless @ says otherwise")
+    parser.add_argument("--skip-mix", action="store_true", help="the start-up part only (no request mix)")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="stop starting new parts this many seconds after launch, so the JSON is always written "
+                             "within the device call's limit (start-ups get what is left; servers of the mix are "
+                             "skipped once less than --mix-reserve-s is left)")
+    parser.add_argument("--mix-reserve-s", type=float, default=90.0)
     args = parser.parse_args()
+    launched = time.perf_counter()
+
+    def left() -> float:
+        return float("inf") if args.deadline_s is None else args.deadline_s - (time.perf_counter() - launched)
 
     import torch
 
@@ -493,6 +730,12 @@ def main() -> int:
         tokenizer = load_tokenizer(args.workdir / "cache", args.tokenizer_folder)
         res["weights"] = build_folders(args.workdir, arch, device, tokenizer)
         save()
+        if args.startup:
+            startup(res, args.workdir, args.startup, device, args.startup_timeout_s, left, save)
+            save()
+        if args.skip_mix:
+            print(json.dumps({k: v for k, v in res.items() if k != "mix"}, indent=1))
+            return 0
         mix = make_mix(tokenizer, args.seed, args.prompt_scale, args.new_scale)
         warm = mix[0]
         timed: list[str] = []  # the ours keys that ran, in order; the first is the one `targets` judges
@@ -500,57 +743,85 @@ def main() -> int:
         if not served or served - {"merged", "unmerged"}:
             raise ValueError(f"--served takes merged and/or unmerged; given {args.served!r}")
         servers = [] if args.skip_winners else [("winners", None)]
-        ours_servers = [(ours_key(m), m) for m in args.decode_modes if "merged" in served]
-        ours_servers += [(faithful_key(m), m) for m in args.decode_modes if "unmerged" in served]
+        order = [x.strip() for x in args.served.split(",") if x.strip()]  # in the order --served names them
+        ours_servers = [(ours_key(m) if kind == "merged" else faithful_key(m), m)
+                        for kind in order for m in args.decode_modes]
         faithful_timed: list[str] = []
         for key, mode in [*servers, *ours_servers]:
+            if left() < args.mix_reserve_s:
+                res.setdefault("skipped_by_deadline", []).append(key)
+                print(f"{key}: skipped, {left():.0f} s left before --deadline-s", flush=True)
+                continue
+            if mode is not None:
+                # the compile cache the start-up of the same server left, when there was one: this warm-up reuses it
+                served_as = "unmerged" if key.startswith("faithful") else "merged"
+                cached = args.workdir / f"startrun_{served_as}_{mode}" / "cache" / "inductor"
+                if not cached.is_dir():  # a +variant: the plain mode's cache (the kernels they share)
+                    cached = args.workdir / f"startrun_{served_as}_{split_mode(mode)[0]}" / "cache" / "inductor"
+                if cached.is_dir():
+                    import os
+
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cached)
             if mode is not None and (reason := skip_reason(mode, device)):
                 res[key] = {"decode": mode, "skipped": reason}
                 print(f"{key}: skipped, {reason}", flush=True)
                 continue
-            if key == "winners":
-                server = WinnersServer(args.workdir / "base", args.workdir / "adapter", device)
-            elif key.startswith("faithful"):
-                server = OursServer(None, device, decode=mode, base=args.workdir / "base",
-                                    adapter=args.workdir / "adapter")
-            else:
-                server = OursServer(args.workdir / "merged", device, decode=mode)
-            res[key] = {"load_s": round(server.load_s, 2)}
-            if mode is not None:
-                res[key]["decode"] = server.decode
-                res[key]["engine_reported_load_s"] = round(server.engine_load_s, 2)
-                # what the server does before /health says ready: a graph per cache length (captured, and for
-                # compiled_graph compiled), so that no request of the mix pays for one
-                res[key]["engine_warm_up_s"] = round(server.engine.warm_up(), 2)
-                (faithful_timed if key.startswith("faithful") else timed).append(key)
-            s = time.perf_counter()
-            server.process(warm["prompt"], 16, TEMPERATURE, TOP_K)
-            sync(device)
-            res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)
-            torch.manual_seed(args.seed)  # the same random stream for each server's draws (sampling at 1e-7)
-            res[key].update(replay(server, mix, device))
-            heavy = next(r for r in mix if r["scenario"] == HEAVY[0])
-            if mode is not None and (bare := graph_step_ms(server.engine, heavy["prompt"], device)):
-                res[key]["graph_step"] = bare
-            if key == "winners" and not args.skip_unmerged_check:
-                # (c) our engine on the winners' own unmerged model: separates what merging the adapter into
-                # bf16 changes from what the engine changes
-                runnable = [m for m in args.decode_modes if not skip_reason(m, device)] or ["auto"]
-                check = OursServer(None, device, model=server.model, tokenizer=server.tokenizer,
-                                   decode=runnable[0])
-                res["ours_unmerged"] = replay(check, mix, device, marginal=False)
-                res["ours_unmerged"]["summary"] = summarise(res["ours_unmerged"])
-                del check
-            res[key]["summary"] = summarise(res[key])
-            if device.type == "cuda":
-                res[key]["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                torch.cuda.reset_peak_memory_stats(device)
-            save()
-            print(f"{key}: {json.dumps(res[key]['summary'])}", flush=True)
+            server = None
+            try:
+                if key == "winners":
+                    server = WinnersServer(args.workdir / "base", args.workdir / "adapter", device)
+                elif key.startswith("faithful"):
+                    server = OursServer(None, device, decode=mode, base=args.workdir / "base",
+                                        adapter=args.workdir / "adapter")
+                else:
+                    server = OursServer(args.workdir / "merged", device, decode=mode)
+                res[key] = {"load_s": round(server.load_s, 2)}
+                if mode is not None:
+                    res[key]["decode"] = server.decode
+                    res[key]["engine_reported_load_s"] = round(server.engine_load_s, 2)
+                    # what the server does before /health says ready: a graph per cache length (captured, and for
+                    # compiled_graph compiled), so that no request of the mix pays for one
+                    res[key]["engine_warm_up_s"] = round(server.engine.warm_up(), 2)
+                    res[key]["engine_warmup_compiled_graphs"] = server.engine.warmup_compiled_graphs
+                    (faithful_timed if key.startswith("faithful") else timed).append(key)
+                s = time.perf_counter()
+                server.process(warm["prompt"], 16, TEMPERATURE, TOP_K)
+                sync(device)
+                res[key]["warmup_request_s"] = round(time.perf_counter() - s, 3)
+                torch.manual_seed(args.seed)  # the same random stream for each server's draws (sampling at 1e-7)
+                res[key].update(replay(server, mix, device))
+                heavy = next(r for r in mix if r["scenario"] == HEAVY[0])
+                if mode is not None and (bare := graph_step_ms(server.engine, heavy["prompt"], device)):
+                    res[key]["graph_step"] = bare
+                if key == "winners" and not args.skip_unmerged_check:
+                    # (c) our engine on the winners' own unmerged model: separates what merging the adapter into
+                    # bf16 changes from what the engine changes
+                    runnable = [m for m in args.decode_modes if not skip_reason(m, device)] or ["auto"]
+                    check = OursServer(None, device, model=server.model, tokenizer=server.tokenizer,
+                                       decode=runnable[0])
+                    res["ours_unmerged"] = replay(check, mix, device, marginal=False)
+                    res["ours_unmerged"]["summary"] = summarise(res["ours_unmerged"])
+                    del check
+                res[key]["summary"] = summarise(res[key])
+                if device.type == "cuda":
+                    res[key]["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                    torch.cuda.reset_peak_memory_stats(device)
+                save()
+                print(f"{key}: {json.dumps(res[key]['summary'])}", flush=True)
+            except Exception:  # one server failing (a compile, a warm-up) costs its row, not the run
+                res[key] = {**res.get(key, {}), "decode": mode, "error": traceback.format_exc()[-4000:]}
+                for timed_list in (timed, faithful_timed):
+                    if key in timed_list:
+                        timed_list.remove(key)
+                save()
+                print(f"{key}: failed\n{res[key]['error']}", flush=True)
             del server
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if not timed and not faithful_timed and "skipped_by_deadline" in res:
+            save()
+            return 0
         if not timed and not faithful_timed:
             raise RuntimeError(f"no decode mode of {args.decode_modes} can run on {device}")
         if "winners" in res and faithful_timed:
@@ -597,7 +868,9 @@ def main() -> int:
                     by_mode[key] = {"decode": res[key]["decode"], "decode_ms_per_token": decode,
                                     "marginal_ms_per_token": res[key]["summary"]["decode_heavy_marginal_ms_per_token"],
                                     "over_bound": round(decode[1] / bound_ms, 2),
-                                    "within_2x_bound_met": decode[1] <= 2 * bound_ms}
+                                    "within_2x_bound_met": decode[1] <= 2 * bound_ms,
+                                    # issue 17: <= 80% of the bandwidth bound's speed (bound / 0.8: 4.2 ms on an H200)
+                                    "within_bound_over_0_8_met": decode[1] <= bound_ms / 0.8}
                     if "graph_step" in res[key]:
                         by_mode[key]["graph_step_ms"] = res[key]["graph_step"]["ms_per_step"]
             targets["decode_by_mode"] = by_mode

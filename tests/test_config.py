@@ -35,15 +35,15 @@ def test_4090_profile_is_the_winning_recipe():
     assert (s.model, s.dtype, s.quantize, s.adapter_dtype, s.request_policy) == ("adapter", "bfloat16", "none",
                                                                                  "base", "upstream")
     assert s.published_adapter is None
-    # a replayed CUDA graph per step, not compiled: the faithful path's compile warm-up was too slow at 7B (configs)
-    assert s.decode == "cuda_graph"
+    # a replayed CUDA graph per step, its layers compiled one region for all (the whole-step compile was too slow at 7B)
+    assert s.decode == "compiled_layers" and s.decode_compile_lengths == "each" and s.decode_attention == "sdpa"
 
 
 def test_plus_profile_switches_the_serving_improvements_on():
     plus, full = load_recipe("birbal-4090-plus"), load_recipe("birbal-4090")
-    assert (plus.serve.model, plus.serve.request_policy, plus.serve.decode) == ("merged", "kit", "auto")
-    assert plus.serve.model_dump(exclude={"model", "request_policy", "decode"}) == full.serve.model_dump(
-        exclude={"model", "request_policy", "decode"})
+    switched = {"model", "request_policy", "decode", "decode_attention"}
+    assert tuple(getattr(plus.serve, k) for k in sorted(switched)) == ("auto", "grouped", "merged", "kit")
+    assert plus.serve.model_dump(exclude=switched) == full.serve.model_dump(exclude=switched)
 
 
 def test_smoke_is_the_same_recipe_shrunk():

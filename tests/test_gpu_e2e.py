@@ -51,9 +51,9 @@ PROFILE = "birbal-4090"
 BUDGET_S = 500.0  # the whole test body (8.5 min less start-up); the device command is killed at 600 s
 CAPS_S = {"prepare-data": 120.0, "train": 300.0, "export": 200.0}
 SERVE_READY_CAP_S = 330.0
-# The decode path the profile serves with (birbal-4090: serve.decode cuda_graph); BIRBAL_E2E_DECODE names another
+# The decode path the profile serves with (birbal-4090: serve.decode compiled_layers); BIRBAL_E2E_DECODE names another
 # when a run overrides serve.decode through BIRBAL_E2E_SET
-EXPECTED_DECODE = os.environ.get("BIRBAL_E2E_DECODE", "cuda_graph")
+EXPECTED_DECODE = os.environ.get("BIRBAL_E2E_DECODE", "compiled_layers")
 RESERVE_AFTER_READY_S = 45.0  # the burst, the shutdown and the checks
 TOKENIZER_FOLDER = REPO / ".whl" / "tok"
 MISTRAL_COMMON_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"  # as test_gpu_train.py
@@ -245,7 +245,7 @@ def test_birbal_4090_end_to_end_at_the_7b_shape(tmp_path):
     result.data["overrides"] = overrides
     recipe = load_recipe(PROFILE, overrides)
     assert recipe.serve.model == "adapter" and recipe.export.dtype == "bfloat16"
-    assert recipe.serve.decode == EXPECTED_DECODE or (recipe.serve.decode == "auto" and EXPECTED_DECODE == "compiled_graph")
+    assert recipe.serve.decode == EXPECTED_DECODE or (recipe.serve.decode == "auto" and EXPECTED_DECODE == "compiled_layers")
     args = [a for o in overrides for a in ("--set", o)]
     run = tmp_path / "run"
 

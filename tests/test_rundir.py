@@ -65,3 +65,32 @@ def test_run_dir_that_cannot_be_made(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(RunDirError, match="cannot be created"):
         RunDir(blocker / "run")
+
+
+def test_the_served_adapter_is_re_hashed_without_the_merged_weights(tmp_path):
+    """Serving the adapter (birbal-4090) verifies export/adapter/ only: the merged weights beside it are not what
+    the server loads, and re-hashing them was most of a restart at 7B. Serving merged verifies every output."""
+    from birbal.fsutil import sha256_file
+
+    run_dir = RunDir(tmp_path / "run")
+    export = run_dir.stage_dir("export")
+    for rel, text in (("adapter/adapter_model.safetensors", "lora"), ("adapter/adapter_config.json", "{}"),
+                      ("merged/model.safetensors", "weights")):
+        (export / rel).parent.mkdir(parents=True, exist_ok=True)
+        (export / rel).write_text(text)
+    record = run_dir.begin("export", {"test": "digest"})
+    run_dir.finish(record, outputs={rel: sha256_file(export / rel) for rel in
+                                    ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                                     "merged/model.safetensors")})
+    adapter_digest, _ = run_dir.model_digest("adapter")
+    (export / "merged/model.safetensors").write_text("changed")
+    assert RunDir(run_dir.path).model_digest("adapter")[0] == adapter_digest
+    with pytest.raises(RunDirError, match="merged/model.safetensors: sha256"):
+        RunDir(run_dir.path).model_digest("merged")
+    (export / "adapter/adapter_config.json").write_text('{"r": 9}')
+    with pytest.raises(RunDirError, match="adapter/adapter_config.json: sha256"):
+        RunDir(run_dir.path).model_digest("adapter")
+    (export / "adapter/adapter_config.json").write_text("{}")
+    (export / "adapter/adapter_model.safetensors").unlink()
+    with pytest.raises(RunDirError, match="adapter_model.safetensors: recorded in .* but missing"):
+        RunDir(run_dir.path).model_digest("adapter")

@@ -192,7 +192,7 @@ def test_decode_mode_resolution():
     assert resolve_mode("static", model, cpu) == "static"
     with pytest.raises(ServeError, match="cuda_graph needs a CUDA device"):
         resolve_mode("cuda_graph", model, cpu)
-    assert resolve_mode("auto", model, torch.device("cuda")) == "compiled_graph"
+    assert resolve_mode("auto", model, torch.device("cuda")) == "compiled_layers"
 
 
 def test_one_token_requests_skip_the_static_cache():
@@ -256,18 +256,47 @@ def test_compiled_step_equals_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
 
 
+@pytest.mark.parametrize(("lengths", "graphs"), [("one", 1), ("each", 2)])
+def test_compiled_layers_step_equals_eager_with_one_graph_for_all_layers(lengths, graphs):
+    """compiled_layers' step (each decoder layer's forward compiled, routed only inside the step), without the
+    graph: the eager tokens and logprobs across requests and cache lengths; one compiled graph for all the layers
+    (the layer index never reaches a guard): for every cache length (`one`, the slot dimension dynamic) or per
+    length (`each`); prefills and the eager decoders untouched."""
+    from birbal.serve.regional import compiled_graph_count
+
+    eager = engine()
+    layers = _twin(eager, decode="static")
+    layers.decoder = StaticDecoder(layers.model, layers.cfg.max_context, (16,), compile_step="layers",
+                                   compile_lengths=lengths)
+    assert len(layers.model.model.layers) >= 2
+    torch._dynamo.reset()
+    before = compiled_graph_count()
+    for prompt, n in (PROMPTS[2], PROMPTS[0], PROMPTS[2]):  # 16 slots, then max_context, then 16 again
+        request = _greedy(prompt, n)
+        _assert_same(eager.process(request), layers.process(request), tol=1e-4)
+    assert sorted(layers.decoder._caches) == [16, layers.cfg.max_context]
+    assert compiled_graph_count() - before == graphs
+    _assert_same(eager.process(_greedy(*PROMPTS[1])), _twin(eager, decode="static").process(_greedy(*PROMPTS[1])),
+                 tol=1e-5)  # the same layers outside the step: eager, no new graph
+    assert compiled_graph_count() - before == graphs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_graph"])
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_layers", "compiled_graph", "compiled_layers+grouped"])
 def test_cuda_graph_equals_eager_on_cuda(mode):
     cfg = serve_cfg(postprocess="none", device="cuda")
-    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": mode}))
+    mode, _, attention = mode.partition("+")
+    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update={"decode": mode,
+                                                                       "decode_attention": attention or "sdpa"}))
     assert graph.decode_mode == mode
     eager = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "eager"}))
     static = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "static"}))
     graph.warm_up()
     captured = dict(graph.decoder._graphs)
     assert sorted(captured) == [16, 64, cfg.max_context]  # one graph per cache length, all in the warm-up
+    if mode == "compiled_layers":  # one compiled layer for every cache length, not one per layer (it has several)
+        assert len(graph.model.model.layers) >= 2 and graph.warmup_compiled_graphs == 1
     for prompt, n in PROMPTS + PROMPTS[::-1]:
         request = _greedy(prompt, n)
         replayed = graph.process(request)
@@ -313,3 +342,101 @@ def test_a_failing_warm_up_names_the_decode_path_and_the_way_out():
         static.warm_up()
     assert static.warmup_s is None
     assert _twin(engine(), decode="static").warm_up() > 0
+
+
+_RESTART = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from birbal.serve.stage import use_compile_cache
+use_compile_cache(Path(sys.argv[1]))  # the serve stage's own setting: <run>/cache/inductor
+import torch
+from torch._dynamo.utils import counters
+from serve_model import engine, serve_cfg
+from birbal.serve.decode import StaticDecoder
+from birbal.serve.engine import Engine
+from birbal.serve.schemas import ProcessRequest
+eng = Engine(engine().model, engine().tokenizer, serve_cfg(postprocess="none", decode="static"))
+eng.decoder = StaticDecoder(eng.model, eng.cfg.max_context, (16,), compile_step="layers")
+out = eng.process(ProcessRequest(prompt="Hi", temperature=1e-7, max_new_tokens=4, top_k_per_token=2))
+print(json.dumps({"text": out.text, "logprobs": [t.logprob for t in out.tokens],
+                  "inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"])}))
+"""
+
+
+def test_a_restart_reuses_the_runs_compile_cache(tmp_path):
+    """Two server processes on one run's compile cache (`use_compile_cache`: <run>/cache/inductor): the first
+    compiles the decoder layer (cache misses, kernels saved there), the second loads it (hits, no miss), with the
+    same answer."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    tests = str(Path(__file__).parent)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _RESTART, str(tmp_path / "cache"), tests], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert (tmp_path / "cache" / "inductor").is_dir()
+    assert cold["inductor"].get("fxgraph_cache_miss", 0) >= 1 and not cold["inductor"].get("fxgraph_cache_hit")
+    assert warm["aot"].get("autograd_cache_hit", 0) + warm["inductor"].get("fxgraph_cache_hit", 0) >= 1
+    assert not warm["inductor"].get("fxgraph_cache_miss") and not warm["aot"].get("autograd_cache_miss")
+    assert warm["text"] == cold["text"] and warm["logprobs"] == pytest.approx(cold["logprobs"], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_decode_attention_equals_sdpa(dtype):
+    """serve.decode_attention=grouped against transformers' SDPA path (which expands the KV heads), one query
+    token over a masked cache: the same output up to float rounding; a prompt (several queries) is SDPA itself."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from birbal.serve.attention import grouped_decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    attn = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)  # what both read of the module
+    q = torch.randn(1, 8, 1, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(1, 2, 40, 16, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., :29] = True  # 29 slots filled, the rest of the static cache empty
+    ours, _ = grouped_decode_attention(attn, q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(attn, q, k, v, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (1, 1, 8, 16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=tol, atol=tol)
+    wrong = grouped_decode_attention(attn, q, k, v, torch.ones_like(mask), scaling=0.25)[0]
+    assert (wrong.float() - theirs.float()).abs().max() > 10 * tol  # the mask matters: the check can fail
+    prompt_q = torch.randn(1, 8, 5, 16, generator=gen).to(dtype)
+    torch.testing.assert_close(grouped_decode_attention(attn, prompt_q, k[:, :, :5], v[:, :, :5], None)[0],
+                               sdpa_attention_forward(attn, prompt_q, k[:, :, :5], v[:, :, :5], None)[0])
+
+
+def test_grouped_decode_attention_serves_the_static_path_with_the_same_answers():
+    from transformers import AttentionInterface
+
+    from birbal.serve import attention
+
+    plain = _twin(engine(), decode="static")
+    grouped = Engine.from_merged(merged_folder(), serve_cfg(postprocess="none", decode="static",
+                                                            decode_attention="grouped"))
+    assert grouped.model.config._attn_implementation == attention.NAME
+    taken = []
+
+    def counted(module, query, key, value, mask, **kwargs):
+        taken.append(query.shape[2] == 1 and mask is not None and mask.dtype == torch.bool)
+        return attention.grouped_decode_attention(module, query, key, value, mask, **kwargs)
+
+    AttentionInterface.register(attention.NAME, counted)
+    try:
+        for prompt, n in PROMPTS[:2]:
+            _assert_same(plain.process(_greedy(prompt, n)), grouped.process(_greedy(prompt, n)), tol=1e-4)
+    finally:
+        AttentionInterface.register(attention.NAME, attention.grouped_decode_attention)
+    assert any(taken) and not all(taken)  # decode steps took the grouped path, prompts SDPA's

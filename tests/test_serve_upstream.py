@@ -212,9 +212,13 @@ def peft_reference(dtype=torch.float32):
 
 
 def test_unmerged_static_and_compiled_paths_equal_peft_generate_greedy():
+    """Eager steps, the whole step compiled (compiled_graph's) and each decoder layer compiled (compiled_layers'):
+    each gives peft's greedy text. The per-layer compile makes one graph for all the layers of the unmerged model
+    (peft's LoRA projections included), however many requests reuse the cache."""
     from peft import PeftModel
 
     from birbal.serve.decode import StaticDecoder
+    from birbal.serve.regional import compiled_graph_count
 
     reference = peft_reference()
     tokenizer = engine().tokenizer
@@ -223,6 +227,11 @@ def test_unmerged_static_and_compiled_paths_equal_peft_generate_greedy():
     assert isinstance(served.model, PeftModel) and served.decode_mode == "static"
     compiled = Engine(served.model, tokenizer, cfg)
     compiled.decoder = StaticDecoder(served.model, cfg.max_context, (64,), compile_step=True)
+    layers = Engine(served.model, tokenizer, cfg)
+    layers.decoder = StaticDecoder(served.model, cfg.max_context, (64,), compile_step="layers")
+    assert len(served.model.get_base_model().model.layers) >= 2
+    torch._dynamo.reset()
+    layer_graphs = 0
     for prompt, n in (("The capital of France is", 10), ("Once upon a time", 12)):
         ids = served.encode(prompt)
         with torch.inference_mode():
@@ -231,9 +240,13 @@ def test_unmerged_static_and_compiled_paths_equal_peft_generate_greedy():
         new = out[0, len(ids):].tolist()
         new = new[: new.index(2)] if 2 in new else new
         expected = tokenizer.decode(new, skip_special_tokens=True)
-        for eng in (served, compiled):
+        for eng in (served, compiled, layers):
+            before = compiled_graph_count()
             response = eng.process(ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=n))
+            if eng is layers:
+                layer_graphs += compiled_graph_count() - before
             assert response.text == expected
+    assert layer_graphs == 1  # one cache length (64), one graph for every layer and every step
     assert engine().process(ProcessRequest(prompt="Once upon a time", temperature=1e-7, max_new_tokens=12)).text \
         != expected  # the adapter changes the output: the test can tell merged-away from applied
 
@@ -267,7 +280,7 @@ def test_adapter_weights_stay_in_the_base_dtype_unless_upcast():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_graph"])
+@pytest.mark.parametrize("mode", ["cuda_graph", "compiled_layers", "compiled_graph"])
 def test_unmerged_graph_decode_equals_static_and_their_server_on_cuda(mode):
     """birbal-4090's server on a GPU: the base plus the unmerged adapter, each step a replayed (compiled) graph;
     the same answers as the static cache with the same kernels un-replayed, and as main.py's generate."""
@@ -277,6 +290,8 @@ def test_unmerged_graph_decode_equals_static_and_their_server_on_cuda(mode):
     assert graph.decode_mode == mode
     static = Engine(graph.model, tokenizer, cfg.model_copy(update={"decode": "static"}))
     graph.warm_up()
+    if mode == "compiled_layers":  # the unmerged layers (peft's LoRA projections): one graph for every cache length
+        assert len(graph.decoder.cache_lengths) >= 2 and graph.warmup_compiled_graphs == 1
     reference = peft_reference().to("cuda")
     for _, body in CASES:
         replayed = ours(graph, body)

@@ -38,18 +38,30 @@ class ServeConfig(Section):
         "birbal", description="birbal: the winners' prompt wrapping and output cutting rules; none: raw."
     )
     max_context: int = Field(4096, gt=0, description="Prompt plus new tokens may not exceed this.")
-    decode: Literal["auto", "eager", "static", "cuda_graph", "compiled_graph"] = Field(
+    decode: Literal["auto", "eager", "static", "cuda_graph", "compiled_layers", "compiled_graph"] = Field(
         "auto", description="The per-token forward. cuda_graph: a static KV cache and a CUDA graph replayed per "
-        "token (CUDA only); compiled_graph: the same graph around a torch.compile'd step (fused kernels; compiles "
-        "in the server's warm-up); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
-        "one eager forward per token; auto: compiled_graph on CUDA (eager for a 4-bit base), eager elsewhere."
+        "token (CUDA only); compiled_layers: the same graph around a step whose decoder layers are torch.compile'd, "
+        "one compiled graph shared by every layer (fused kernels; compiles one layer per cache length in the "
+        "server's warm-up); compiled_graph: the same around the whole step compiled (the slowest warm-up); static: the same cache without graphs (runs on CPU, for tests); eager: a growing cache, "
+        "one eager forward per token; auto: compiled_layers on CUDA (eager for a 4-bit base), eager elsewhere."
     )
     decode_cache_lengths: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=lambda: [1024, 2048],
         description="Static-cache lengths below max_context (which is always one): a generation takes the shortest "
         "that holds its prompt and max_new_tokens, since a decode step attends over every slot of its cache. Each "
         "is one more CUDA graph (and compile) in the warm-up; lengths at or above max_context add nothing. "
-        "static, cuda_graph and compiled_graph only.",
+        "static and the graph modes only.",
+    )
+    decode_compile_lengths: Literal["one", "each"] = Field(
+        "each", description="compiled_layers only: one graph per static-cache length, each its own compile (the "
+        "form measured and GPU-tested at the Mistral-7B shape, benchmarks/results), or one compiled graph for every "
+        "length (the slot dimension dynamic: one compile at start-up; CPU-tested, not yet run on a GPU).",
+    )
+    decode_attention: Literal["sdpa", "grouped"] = Field(
+        "sdpa", description="A decode step's attention over the static cache. sdpa: transformers' SDPA (the KV "
+        "heads expanded to the query heads first); grouped: the query heads of each KV head as rows of two batched "
+        "GEMMs, each key and value read once (the same maths up to float rounding; birbal.serve.attention). "
+        "Prompts always run SDPA.",
     )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")

@@ -35,7 +35,7 @@ import torch
 from birbal.errors import ServeError
 from birbal.models import unwrap_peft
 
-GRAPH_MODES = ("cuda_graph", "compiled_graph")  # CUDA only
+GRAPH_MODES = ("cuda_graph", "compiled_layers", "compiled_graph")  # CUDA only
 MODES = ("eager", "static", *GRAPH_MODES)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as the PyTorch CUDA graphs notes advise
 
@@ -47,15 +47,16 @@ def cache_kwarg(model) -> str:
 
 
 def resolve_mode(requested: str, model, device: torch.device) -> str:
-    """`auto`: `compiled_graph` on CUDA for an unquantized model (the fastest measured, benchmarks/results),
-    `eager` otherwise.
+    """`auto`: `compiled_layers` on CUDA for an unquantized model (the compiled step, as fast as `compiled_graph`
+    should be, which took 214 s to compile at the 7B shape; one layer compiles instead of 32: not yet measured on
+    a GPU, benchmarks/results/README.md "Pending"), `eager` otherwise.
 
     A 4-bit base stays eager under `auto`: bitsandbytes' kernels have not been checked under graph capture here.
     """
     if requested == "auto":
         core = unwrap_peft(model)
         quantized = getattr(core, "hf_quantizer", None) is not None
-        return "compiled_graph" if device.type == "cuda" and not quantized else "eager"
+        return "compiled_layers" if device.type == "cuda" and not quantized else "eager"
     if requested not in MODES:
         raise ServeError(f"serve.decode must be auto or one of {', '.join(MODES)}; given {requested!r}")
     if requested in GRAPH_MODES and device.type != "cuda":
@@ -64,12 +65,16 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
     return requested
 
 
-def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = ()):
-    """`cache_lengths`: the static decoders' smaller caches (serve.decode_cache_lengths); eager ignores them."""
+def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = (), compile_lengths: str = "one"):
+    """`cache_lengths`: the static decoders' smaller caches (serve.decode_cache_lengths); eager ignores them.
+    `compile_lengths` (serve.decode_compile_lengths, compiled_layers only): one graph for every cache length
+    ("one") or one per length ("each")."""
     if mode == "eager":
         return EagerDecoder(model, max_len)
     if mode == "compiled_graph":
-        return GraphDecoder(model, max_len, cache_lengths, compile_step=True)
+        return GraphDecoder(model, max_len, cache_lengths, compile_step="model")
+    if mode == "compiled_layers":
+        return GraphDecoder(model, max_len, cache_lengths, compile_step="layers", compile_lengths=compile_lengths)
     return {"static": StaticDecoder, "cuda_graph": GraphDecoder}[mode](model, max_len, cache_lengths)
 
 
@@ -116,15 +121,30 @@ class StaticDecoder(EagerDecoder):
 
     mode = "static"
 
-    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: bool = False):
+    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
+                 compile_lengths: str = "one"):
+        """`compile_step`: False (eager steps), "model" (`compiled_graph`: torch.compile of the whole 1-token
+        step) or "layers" (`compiled_layers`: each decoder layer's forward compiled, one graph shared by all;
+        `birbal.serve.regional`)."""
         super().__init__(model, max_len)
+        if compile_step is True:
+            compile_step = "model"
+        if compile_step not in (False, "model", "layers"):
+            raise ServeError(f"compile_step must be False, 'model' or 'layers'; given {compile_step!r}")
+        self.compile_step = compile_step
+        self.compile_lengths = compile_lengths
         self.cache_lengths = tuple(sorted({n for n in cache_lengths if 0 < n < max_len} | {max_len}))
         self._caches: dict[int, object] = {}  # length -> StaticCache, each built on first use
         self._cache_len = max_len  # the length of the cache `_cache` is, for this request
         # dynamic=False: the step's shapes change only with the cache's length, so one specialised graph per
         # length (a new length is a recompile, well inside Dynamo's limit of 8); Inductor's own CUDA graphs stay
         # off (the GraphDecoder captures its own, around this).
-        self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step else self._one_token
+        self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step == "model" else self._one_token
+        self._regional = None
+        if compile_step == "layers":
+            from birbal.serve.regional import RegionalLayers
+
+            self._regional = RegionalLayers.install(model)
         self._length = 0  # positions filled in this request, kept on the host only to refuse an overflow
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
 
@@ -198,16 +218,20 @@ class StaticDecoder(EagerDecoder):
         return self._forward(token, all_positions=False)[-1]
 
     def _decode_step(self) -> torch.Tensor:
+        if self._regional is not None:
+            with self._regional.active(self._cache, self.compile_lengths):
+                return self._step_fn(self._token)
         return self._step_fn(self._token)
 
 
 class GraphDecoder(StaticDecoder):
     mode = "cuda_graph"
 
-    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: bool = False):
-        super().__init__(model, max_len, cache_lengths, compile_step=compile_step)
-        if compile_step:
-            self.mode = "compiled_graph"
+    def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
+                 compile_lengths: str = "one"):
+        super().__init__(model, max_len, cache_lengths, compile_step=compile_step, compile_lengths=compile_lengths)
+        if self.compile_step:
+            self.mode = "compiled_layers" if self.compile_step == "layers" else "compiled_graph"
         if self.device.type != "cuda":
             raise ServeError(f"the cuda_graph decoder needs a CUDA device; the model is on {self.device}")
         # cache length -> (the captured step, its fp32 logits: a fixed buffer in the graph's pool, overwritten by

@@ -122,10 +122,16 @@ class Engine:
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
+        if serve_cfg.decode_attention == "grouped":
+            from birbal.serve.attention import use_grouped_decode_attention
+
+            use_grouped_decode_attention(model)
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
-                                    serve_cfg.max_context, tuple(serve_cfg.decode_cache_lengths))
+                                    serve_cfg.max_context, tuple(serve_cfg.decode_cache_lengths),
+                                    serve_cfg.decode_compile_lengths)
         self.decode_mode = self.decoder.mode
         self.warmup_s: float | None = None
+        self.warmup_compiled_graphs: int | None = None  # graphs torch.compile made in the warm-up (Dynamo's count)
         # A request that generates at most one token runs no decode step, so a static cache buys it nothing and
         # would cost it the copy of its keys and values into the cache. Most of HELM's requests are of this kind
         # (multiple choice: one new token, or echo with none).
@@ -136,7 +142,10 @@ class Engine:
         """The decoder's own preparation (a graph per cache length: the CUDA graph captures, and for
         compiled_graph the compiles), then one short greedy generation through the decode path, before the server
         says it is ready: otherwise the first requests would pay them. Seconds taken."""
+        from birbal.serve.regional import compiled_graph_count
+
         t0 = time.perf_counter()
+        graphs_before = compiled_graph_count()
         prompt = "Warm-up: count to three. One, two,"
         try:
             with torch.inference_mode():  # the caches are made, and later updated, in inference mode
@@ -145,8 +154,10 @@ class Engine:
                       stops=[])
         except Exception as err:
             raise ServeError(f"the {self.decode_mode} decode path failed its warm-up ({type(err).__name__}: {err}); "
-                             "--set serve.decode=eager serves without CUDA graphs or compiling") from err
+                             "--set serve.decode=cuda_graph serves without compiling, "
+                             "--set serve.decode=eager without CUDA graphs or compiling") from err
         self.warmup_s = time.perf_counter() - t0
+        self.warmup_compiled_graphs = compiled_graph_count() - graphs_before
         return self.warmup_s
 
     # ---- construction -------------------------------------------------------------------------------------

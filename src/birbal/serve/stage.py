@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from birbal.config import Recipe
@@ -179,7 +180,9 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     host = cfg.host if host is None else host
     port = cfg.port if port is None else port
     cache_dir = cache_dir or run_dir.path / "cache"
-    factory, sources = engine_factory(recipe, run_dir, cache_dir)
+    t0 = time.perf_counter()
+    factory, sources = engine_factory(recipe, run_dir, cache_dir)  # re-hashes what the records say it serves
+    verify_s = round(time.perf_counter() - t0, 2)
     compile_cache = use_compile_cache(cache_dir)
     record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
     try:
@@ -195,7 +198,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     # no access line per request (HELM sends thousands): the counts by path and status go to serve/stage.json
     server = _server_class()(uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=30))
     record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess,
-                           "compile_cache": compile_cache, **identity})
+                           "compile_cache": compile_cache, "verify_inputs_s": verify_s, **identity})
     run_dir.write_record(record)
     slot = app.state.slot
 
@@ -222,6 +225,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
                "stopped_by": server.stop_signal}
     if engine is not None:
         details.update({"load_s": engine.load_s, "warmup_s": engine.warmup_s, "decode": engine.decode_mode,
+                        "warmup_compiled_graphs": engine.warmup_compiled_graphs,
                         "generation_requests": engine.stats.requests,
                         "prompt_tokens": engine.stats.prompt_tokens,
                         "generated_tokens": engine.stats.generated_tokens,

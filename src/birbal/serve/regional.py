@@ -1,0 +1,148 @@
+"""`serve.decode: compiled_layers`: the decode step with each decoder layer's forward compiled, one graph for all.
+
+Why per layer: compiling the whole 1-token step (`compiled_graph`) hands Dynamo and Inductor all 32 layers as one
+graph. On the unmerged adapter (peft's Python around 224 LoRA projections) its warm-up was still compiling after
+283 s at the Mistral-7B shape (benchmarks/results/README.md, fifth session). The 32 layers run the same code on
+parameters of the same shapes, so compiled once (Dynamo treats a module's parameters as inputs) they share one
+graph: one layer is traced and compiled, whatever the depth; with the cache's slot dimension dynamic
+(`serve.decode_compile_lengths: one`, the default) that one graph serves every cache length. This is PyTorch's
+documented "regional compilation" recipe, as training's `compile_decoder_layers` does it.
+
+What stops a plain `layer.compile()` here: the attention writes its keys and values with
+`cache.update(k, v, self.layer_idx)`, which selects the cache's layer by a Python int. Dynamo specialises on it,
+so each of the 32 layers would be one more compile (and the 9th would hit Dynamo's recompile limit and fall back to
+eager, silently). Handed the whole cache, the layer's graph would also depend on which of its layers it picked.
+So each layer is given the one cache layer it writes, behind the cache's own `update` signature
+(`_LayerCache.update` ignores the index it is passed): the index is never read inside the graph, and the cache
+layer's tensors (same shapes in every layer) are graph inputs like the parameters. The write itself is still
+transformers' `StaticLayer.update`, traced.
+
+The compiled forward runs only inside the decode step (`RegionalLayers.active(cache)`), for the static cache the
+step decodes over; the prompt's prefill (any length, a `DynamicCache`) runs the same layers eagerly. Embedding,
+rotary tables, the mask, the final norm and lm_head stay eager: a few dozen kernels in a step of over a thousand,
+and all inside the CUDA graph the decoder captures around the step.
+
+The model's maths are unchanged: the layer's own forward and modules, compiled by Inductor as `compiled_graph` is
+(float rounding may differ: tests/test_serve_decode.py compares it with eager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+from birbal.errors import ServeError
+from birbal.models import unwrap_peft
+
+_ATTR = "_birbal_regional_layers"  # on the core model: installed once, shared by every decoder on that model
+CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5.24 and 5.17 names of the layer's cache argument
+
+
+class _LayerCache:
+    """One layer of a `StaticCache`, with the cache's `update(key_states, value_states, layer_idx, ...)`: the
+    attention's call reaches this layer whatever index it passes (the index is what makes Dynamo recompile)."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return self.layer.update(key_states, value_states, *args, **kwargs)
+
+
+class RegionalLayers:
+    """The decoder layers of one model, each routed through one compiled forward while `active`."""
+
+    def __init__(self, core):
+        layers = getattr(getattr(core, "model", None), "layers", None)
+        if layers is None or len(layers) == 0:
+            raise ServeError(f"serve.decode=compiled_layers needs a model with decoder layers at .model.layers; "
+                             f"{type(core).__name__} has none (use compiled_graph or cuda_graph)")
+        classes = {type(layer) for layer in layers}
+        if len(classes) != 1:
+            raise ServeError(f"serve.decode=compiled_layers needs one decoder layer class; found "
+                             f"{sorted(c.__name__ for c in classes)}")
+        layer_class = classes.pop()
+        # The undecorated forward (transformers wraps it to rename past_key_values to cache, and that wrapper's
+        # code object is shared by every wrapped function, so Dynamo would keep their compiles in one list).
+        forward = inspect.unwrap(layer_class.forward)
+        # fullgraph: a graph break would split the layer and could let the layer index back into a guard, so it
+        # is an error, not a slow path. Two compiled forms, chosen per decoder (serve.decode_compile_lengths):
+        # "each" (dynamic=False): one graph per cache length; "one": the cache's slot dimension (keys, values and
+        # the mask's last dimension) marked dynamic, so one graph serves every cache length (one trace and one
+        # compile at start-up instead of one per length; the attention is an extern SDPA call either way).
+        self.compiled = {"each": torch.compile(forward, dynamic=False, fullgraph=True),
+                         "one": torch.compile(forward, dynamic=None, fullgraph=True)}
+        # One graph per cache length and model kind is expected (3 lengths for the merged model and 3 for the
+        # adapter, in a process that serves both, as the benchmark does): past Dynamo's default limit of 8 a frame
+        # silently runs eagerly, which would serve at cuda_graph's speed under this mode's name.
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 64))
+        self.layer_class = layer_class.__name__
+        self.layers = len(layers)
+        self._cache = None
+        self._lengths = "one"
+        for index, layer in enumerate(layers):
+            layer.forward = self._routed(layer, getattr(getattr(layer, "self_attn", None), "layer_idx", index))
+
+    @classmethod
+    def install(cls, model) -> RegionalLayers:
+        core = unwrap_peft(model)
+        existing = getattr(core, _ATTR, None)
+        if existing is None:
+            existing = cls(core)
+            object.__setattr__(core, _ATTR, existing)  # not a submodule, not in the state dict
+        return existing
+
+    def _routed(self, layer, index: int):
+        eager = layer.forward  # the bound forward of the class, as transformers wrote it
+
+        def forward(*args, **kwargs):
+            cache = self._cache
+            name = next((k for k in CACHE_KWARGS if k in kwargs), None)
+            if cache is None or name is None or kwargs[name] is not cache:
+                return eager(*args, **kwargs)  # a prefill, or any forward outside the decode step
+            cache_layer = cache.layers[index]
+            kwargs[name] = _LayerCache(cache_layer)
+            if self._lengths == "one":
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor):
+                    torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
+                for tensor in (cache_layer.keys, cache_layer.values):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 2)
+            return self.compiled[self._lengths](layer, *args, **kwargs)
+
+        return forward
+
+    @contextlib.contextmanager
+    def active(self, cache, lengths: str = "one"):
+        """Route the layers' forwards through the compiled one for steps over `cache` (a StaticCache whose layers
+        are allocated; a step that allocates them runs eagerly, so that no graph is traced for an empty cache)."""
+        if not all(getattr(layer, "is_initialized", True) for layer in cache.layers):
+            yield
+            return
+        for layer in cache.layers:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None),
+                           getattr(layer, "cumulative_length", None)):
+                if isinstance(tensor, torch.Tensor):
+                    # the same tensors every step (a graph input whose address stays), not guarded by identity:
+                    # 32 layers' caches are 32 tensors, which must not mean 32 graphs
+                    torch._dynamo.mark_static_address(tensor, guard=False)
+        if lengths not in self.compiled:
+            raise ServeError(f"serve.decode_compile_lengths must be one or each; given {lengths!r}")
+        self._cache, self._lengths = cache, lengths
+        try:
+            yield
+        finally:
+            self._cache = None
+
+
+def compiled_graph_count() -> int:
+    """Graphs Dynamo has compiled in this process so far (its own counter): the warm-up reports how many it made."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
