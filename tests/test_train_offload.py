@@ -1,0 +1,94 @@
+"""train.offload_layers: offloaded layers skip their recompute, their saved tensors go to the host and come back,
+and the loss and LoRA gradients are those of full checkpointing (dropout on, as the recipe trains)."""
+
+import pytest
+import torch
+from test_train_model import QA, randomise_lora_b
+
+from birbal.train import offload as offload_module
+from birbal.train.model import build_qlora_model, response_loss_sum
+from birbal.train.offload import offloaded_layer_indices
+from birbal.train.packing import collate, pack_examples, tokenize_example
+
+
+def test_offloaded_layers_are_spread_over_the_checkpointed_ones():
+    assert offloaded_layer_indices(32, 2, 0) == []
+    assert offloaded_layer_indices(32, 2, 10) == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
+    assert offloaded_layer_indices(32, 2, 30) == list(range(30))
+    assert offloaded_layer_indices(2, 0, 1) == [1]
+    from birbal.errors import TrainError
+
+    with pytest.raises(TrainError, match="more than the 30 checkpointed decoder layers"):
+        offloaded_layer_indices(32, 2, 31)
+
+
+def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overrides=(), count_mlp=False):
+    """Shared with tests/test_gpu_train.py (streams, pinned memory, compiled layers on CUDA)."""
+    from birbal.config import load_recipe
+
+    rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
+    batch = {k: v.to(device) for k, v in collate(rows).items()}
+
+    def run(offloaded: int):
+        recipe = load_recipe("smoke", ["train.unchecked_layers=0", f"train.offload_layers={offloaded}",
+                                       f"train.device={device.type}", *overrides])
+        torch._dynamo.reset()
+        model = randomise_lora_b(build_qlora_model(recipe, cache, device).train())  # dropout 0.05 on
+        layers = model.get_base_model().model.layers
+        calls = [0] * len(layers)
+        index_of = {id(layer.mlp): i for i, layer in enumerate(layers)}
+        mlp_forward = type(layers[0].mlp).forward
+
+        def counted(mlp, *args, **kwargs):
+            calls[index_of[id(mlp)]] += 1
+            return mlp_forward(mlp, *args, **kwargs)
+
+        def one_step():
+            model.zero_grad(set_to_none=True)
+            loss, _ = response_loss_sum(model, batch)
+            loss.backward()
+            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        if count_mlp:  # module hooks do not fire in the recompute; the forward itself does
+            type(layers[0].mlp).forward = counted
+        torch.manual_seed(5)
+        try:
+            results = [one_step() for _ in range(2)]  # the second reuses the hooks and the host buffers
+        finally:
+            type(layers[0].mlp).forward = mlp_forward
+        return results, calls, getattr(model, "birbal_offload", None), model
+
+    reference, full_calls, _, plain = run(0)
+    results, calls, offload, model = run(2)
+    assert offload is not None and offload.indices == [0, 1]
+    assert offload.bytes_offloaded > 0  # real tensors went through the host copies
+    assert offload.layers == {} and offload._host_bytes == 0  # every one came back and was let go
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    if count_mlp:
+        assert full_calls == [4] * len(full_calls)  # checkpointed: forward + recompute, two micro-batches
+        assert calls == [2] * len(calls)  # offloaded: the forward only
+    for (loss, grads), (ref_loss, ref_grads) in zip(results, reference):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        assert all(g.abs().max() > 0 for n, g in grads.items() if "lora_A" in n)
+        for name, grad in grads.items():
+            assert (grad - ref_grads[name]).abs().max() <= 1e-5 * ref_grads[name].abs().max() + 1e-7, name
+    return offload
+
+
+def test_offloaded_layers_skip_their_recompute_and_keep_the_maths(shared_cache, tokenizer, monkeypatch):
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
+    offload_matches_checkpointing(shared_cache, tokenizer, torch.device("cpu"), count_mlp=True)
+
+
+def test_eval_passes_leave_the_offload_alone(shared_cache, tokenizer, monkeypatch):
+    from birbal.config import load_recipe
+
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)
+    model = build_qlora_model(load_recipe("smoke", ["train.unchecked_layers=0", "train.offload_layers=1"]),
+                              shared_cache, torch.device("cpu"))
+    rows, _ = pack_examples([tokenize_example(tokenizer, *QA[0])], 64, tokenizer.eos_token_id)
+    model.eval()
+    with torch.no_grad():
+        response_loss_sum(model, collate(rows))
+    assert model.birbal_offload.bytes_offloaded == 0 and model.birbal_offload.layers == {}
