@@ -58,23 +58,39 @@ TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden
             num_key_value_heads=2, sliding_window=256, rope_theta=10000.0, max_position_embeddings=4096,
             rms_norm_eps=1e-5)
 
-# name -> (implementation, data, capped, attention, torch_compile, unchecked layers); run in this order, most
-# important first
+# name -> (implementation, data, capped, attention, torch_compile, unchecked layers, offloaded layers, row shape);
+# run in this order, most important first. Row shape "2x8192": a micro batch of 2 rows of 8192 tokens;
+# "1x16384": birbal-4090's own, one multipack bin of 16,384 tokens per micro batch (full rows: two 8192-token
+# examples in it, attending only to themselves; the mix: packed into 16,384-token rows).
 VARIANTS = {
-    "ours_full": ("ours", "full", True, "sdpa", False, 0),
-    "ours_mix": ("ours", "mix", True, "sdpa", False, 0),
-    "baseline_full_uncapped": ("baseline", "full", False, "sdpa", False, 0),
-    "baseline_mix": ("baseline", "mix", True, "sdpa", False, 0),
-    "baseline_full": ("baseline", "full", True, "sdpa", False, 0),
-    "ours_mix_flex": ("ours", "mix", True, "flex_attention", False, 0),
-    "ours_full_flex": ("ours", "full", True, "flex_attention", False, 0),
-    "ours_full_flex_compiled": ("ours", "full", True, "flex_attention", True, 0),
-    "ours_mix_flex_compiled": ("ours", "mix", True, "flex_attention", True, 0),
+    "ours_full": ("ours", "full", True, "sdpa", False, 0, 0, "2x8192"),
+    "ours_mix": ("ours", "mix", True, "sdpa", False, 0, 0, "2x8192"),
+    "baseline_full_uncapped": ("baseline", "full", False, "sdpa", False, 0, 0, "2x8192"),
+    "baseline_mix": ("baseline", "mix", True, "sdpa", False, 0, 0, "2x8192"),
+    "baseline_full": ("baseline", "full", True, "sdpa", False, 0, 0, "2x8192"),
+    "ours_mix_flex": ("ours", "mix", True, "flex_attention", False, 0, 0, "2x8192"),
+    "ours_full_flex": ("ours", "full", True, "flex_attention", False, 0, 0, "2x8192"),
+    "ours_full_flex_compiled": ("ours", "full", True, "flex_attention", True, 0, 0, "2x8192"),
+    "ours_mix_flex_compiled": ("ours", "mix", True, "flex_attention", True, 0, 0, "2x8192"),
     # train.unchecked_layers: the last N layers keep their activations (no recompute), inside the cap's headroom
-    "ours_full_flex_compiled_unchecked1": ("ours", "full", True, "flex_attention", True, 1),
-    "ours_full_flex_compiled_unchecked2": ("ours", "full", True, "flex_attention", True, 2),
-    "ours_full_flex_compiled_unchecked3": ("ours", "full", True, "flex_attention", True, 3),
-    "ours_mix_flex_compiled_unchecked2": ("ours", "mix", True, "flex_attention", True, 2),
+    "ours_full_flex_compiled_unchecked1": ("ours", "full", True, "flex_attention", True, 1, 0, "2x8192"),
+    "ours_full_flex_compiled_unchecked2": ("ours", "full", True, "flex_attention", True, 2, 0, "2x8192"),
+    "ours_full_flex_compiled_unchecked3": ("ours", "full", True, "flex_attention", True, 3, 0, "2x8192"),
+    "ours_mix_flex_compiled_unchecked2": ("ours", "mix", True, "flex_attention", True, 2, 0, "2x8192"),
+    # birbal-4090 as it trains (flex, compiled, 2 unchecked) at its own shape, one 16,384-token bin a micro batch
+    "ours_bin16k_full": ("ours", "full", True, "flex_attention", True, 2, 0, "1x16384"),
+    "ours_bin16k_mix": ("ours", "mix", True, "flex_attention", True, 2, 0, "1x16384"),
+    # train.offload_layers=K: K of the 30 checkpointed layers run unchecked, their saved tensors in pinned host
+    # memory (copy streams, one offloaded layer prefetched ahead)
+    "ours_bin16k_full_offload6": ("ours", "full", True, "flex_attention", True, 2, 6, "1x16384"),
+    "ours_bin16k_full_offload10": ("ours", "full", True, "flex_attention", True, 2, 10, "1x16384"),
+    "ours_bin16k_full_offload15": ("ours", "full", True, "flex_attention", True, 2, 15, "1x16384"),
+    "ours_bin16k_full_offload30": ("ours", "full", True, "flex_attention", True, 2, 30, "1x16384"),
+    "ours_bin16k_mix_offload10": ("ours", "mix", True, "flex_attention", True, 2, 10, "1x16384"),
+    # no recompute at all, every layer's activations on the GPU (~64 GiB, so uncapped): the compute-only
+    # ceiling the offload approaches when PCIe keeps up (the basis of the 4090 projection with offload)
+    "ours_bin16k_full_norecompute_uncapped": ("ours", "full", False, "flex_attention", True, 32, 0, "1x16384"),
+    "ours_bin16k_mix_norecompute_uncapped": ("ours", "mix", False, "flex_attention", True, 32, 0, "1x16384"),
 }
 
 
@@ -100,8 +116,9 @@ def mix_examples(seed: int, count: int, seq_len: int, vocab: int):
     return [synthetic_example(rng, int(n), vocab) for n in lengths]
 
 
-def full_rows(seed: int, count: int, seq_len: int, vocab: int):
-    """Rows of one example each, exactly seq_len tokens, about half of them labelled."""
+def full_rows(seed: int, count: int, seq_len: int, vocab: int, per_row: int = 1):
+    """Rows of `per_row` examples each, every example exactly seq_len tokens, about half of it labelled (per_row 2:
+    birbal-4090's 16,384-token bin holding two 8192-token examples)."""
     import numpy as np
 
     from birbal.train.packing import IGNORE_INDEX, Example, pack_examples
@@ -109,23 +126,29 @@ def full_rows(seed: int, count: int, seq_len: int, vocab: int):
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(count):
-        ex = synthetic_example(rng, seq_len, vocab)
-        labels = ex.labels.copy()
-        labels[: seq_len // 2] = IGNORE_INDEX
-        labels[seq_len // 2:] = ex.input_ids[seq_len // 2:]
-        rows.extend(pack_examples([Example(ex.input_ids, labels)], seq_len, pad_id=2)[0])
+        examples = []
+        for _ in range(per_row):
+            ex = synthetic_example(rng, seq_len, vocab)
+            labels = ex.labels.copy()
+            labels[: seq_len // 2] = IGNORE_INDEX
+            labels[seq_len // 2:] = ex.input_ids[seq_len // 2:]
+            examples.append(Example(ex.input_ids, labels))
+        packed, _ = pack_examples(examples, seq_len * per_row, pad_id=2)
+        assert len(packed) == 1
+        rows.extend(packed)
     return rows
 
 
-def mix_steps(seed: int, steps: int, micro_batch: int, seq_len: int, vocab: int):
+def mix_steps(seed: int, steps: int, micro_batch: int, seq_len: int, vocab: int, bin_len: int | None = None):
     """Packed rows per step (ours: one micro batch of `micro_batch` packed rows per optimiser step), and the same
     examples, in the same order, for the baseline (micro batches of `micro_batch` examples, each padded to its
     longest, all accumulated into one optimiser step): both sides see the same tokens per optimiser step."""
     from birbal.train.packing import Example, pack_examples
 
     need = steps * micro_batch
-    count = max(64, need * seq_len // 300)
-    rows, dropped = pack_examples(mix_examples(seed, count, seq_len, vocab), seq_len, pad_id=2)
+    count = max(64, need * (bin_len or seq_len) // 300)
+    # examples up to seq_len; rows of bin_len (birbal-4090: 16,384-token bins, one per micro batch)
+    rows, dropped = pack_examples(mix_examples(seed, count, seq_len, vocab), bin_len or seq_len, pad_id=2)
     assert len(rows) >= need + 1, (len(rows), need)
     rows = rows[:need]  # the last row of a packing is part-filled; it is never among the first `need`
     out = []
@@ -193,13 +216,13 @@ def load_baseline(checkpoint: Path, device, attn: str):
     return get_peft_model(model, lora)
 
 
-def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool, unchecked: int):
+def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool, unchecked: int, offload: int = 0):
     from birbal.config import load_recipe
     from birbal.train.model import build_qlora_model
     from birbal.train.neftune import PerExampleNEFTune
 
     recipe = load_recipe("birbal-4090", [f"model.name_or_path={checkpoint}", f"train.torch_compile={compiled}",
-                                          f"train.unchecked_layers={unchecked}"])
+                                          f"train.unchecked_layers={unchecked}", f"train.offload_layers={offload}"])
     model = build_qlora_model(recipe, workdir / "cache", device)
     if attn != recipe.model.attn_implementation:
         # the SDPA variants: the packed-mask cost without flex_attention's block sparsity
@@ -257,24 +280,45 @@ def memory(device) -> dict:
     if device.type != "cuda":
         return {}
     free, total = torch.cuda.mem_get_info(device)
+    used, reserved, peak_reserved = total - free, torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device)
     return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+            "peak_reserved_gib": round(peak_reserved / 2**30, 2),
             # device-wide: PyTorch's pool + CUDA context + bnb's paged (managed) optimizer state when resident
-            "device_used_gib_at_end": round((total - free) / 2**30, 2)}
+            "device_used_gib_at_end": round(used / 2**30, 2),
+            # the same at the pool's peak: what is outside the pool (context, managed memory) plus its peak
+            "device_peak_gib_estimate": round((used - reserved + peak_reserved) / 2**30, 2)}
+
+
+def host_memory() -> dict:
+    """This process's peak resident host memory (pinned offload buffers included) and the machine's total."""
+    import resource
+
+    out = {"host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    try:
+        with open("/proc/meminfo") as handle:
+            kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal:"))
+        out["host_total_gib"] = round(kib / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return out
 
 
 def run_variant(name: str, args) -> dict:
     import numpy as np
     import torch
 
-    impl, data, capped, attn, compiled, unchecked = VARIANTS[name]
+    impl, data, capped, attn, compiled, unchecked, offload, shape = VARIANTS[name]
+    if args.arch == "tiny":  # a CPU dry run of the code paths: 2 layers, eager SDPA
+        unchecked = min(unchecked, 1)
+        offload = min(offload, TINY["num_hidden_layers"] - unchecked)
+        attn, compiled = "sdpa", False
     from birbal.train.metrics import flops_per_token, mean_attention_context
 
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     arch = MISTRAL_7B if args.arch == "7b" else TINY
     seq, mb = args.seq_len, args.micro_batch
     result: dict = {"variant": name, "implementation": impl, "data": data, "attention": attn, "torch_compile": compiled,
-                    "unchecked_layers": unchecked,
+                    "unchecked_layers": unchecked, "offload_layers": offload, "row_shape": shape,
                     "cap_gib": args.cap_gib if capped else None, "micro_batch": mb, "sequence_len": seq,
                     "warmup_steps": args.warmup, "timed_steps": args.timed}
     if device.type == "cuda":
@@ -291,12 +335,19 @@ def run_variant(name: str, args) -> dict:
         result["warmup_steps"] = steps - args.timed
 
     # data first: cheap, and the same for both implementations (same seeds)
-    if data == "full":
+    if data == "full" and shape == "1x16384":
+        rows = full_rows(7, steps, seq, arch["vocab_size"], per_row=mb)
+        plan = [([row], None) for row in rows]
+        result["grad_accum"] = 1
+    elif data == "full":
         rows = full_rows(7, steps * mb, seq, arch["vocab_size"])
         plan = [(rows[s * mb:(s + 1) * mb], None) for s in range(steps)]
         result["grad_accum"] = 1
     else:
-        plan, dropped = mix_steps(11, steps, mb, seq, arch["vocab_size"])
+        if shape == "1x16384":
+            plan, dropped = mix_steps(11, steps, 1, seq, arch["vocab_size"], bin_len=seq * mb)
+        else:
+            plan, dropped = mix_steps(11, steps, mb, seq, arch["vocab_size"])
         result["mix"] = {"lengths": f"lognormal median {MIX_MEDIAN} sigma {MIX_SIGMA}, clipped [{MIX_MIN}, {seq}]",
                          "dropped_too_long": dropped,
                          "examples_per_step": [len(ex) for _, ex in plan]}
@@ -311,7 +362,7 @@ def run_variant(name: str, args) -> dict:
             model = load_baseline(args.checkpoint, device, attn)
             neftune = None
         else:
-            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked)
+            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked, offload)
         result["load_s"] = round(time.perf_counter() - t0, 1)
         trainable = [p for p in model.parameters() if p.requires_grad]
         result["trainable_parameters"] = sum(p.numel() for p in trainable)
@@ -385,9 +436,16 @@ def run_variant(name: str, args) -> dict:
         result["error"] = f"{phase}: {type(err).__name__}: {str(err)[:400]}"
         result["traceback_tail"] = traceback.format_exc()[-1500:]
     result.update(memory(device))
+    result.update(host_memory())
+    offloader = getattr(model, "birbal_offload", None) if "model" in locals() else None
+    if offloader is not None:
+        result["offload_indices"] = offloader.indices
+        result["offload_gib_per_micro_batch"] = round(offloader.bytes_offloaded / 2**30, 2)
+        result["offload_host_peak_gib"] = round(offloader.peak_host_bytes / 2**30, 2)
     if device.type == "cuda" and capped:
         result["fits_cap"] = result["status"] == "ok"
         result["device_used_within_cap"] = result.get("device_used_gib_at_end", 1e9) <= args.cap_gib
+        result["device_peak_within_cap"] = result.get("device_peak_gib_estimate", 1e9) <= args.cap_gib
     elif device.type == "cuda":
         result["would_fit_cap"] = result["status"] == "ok" and result["peak_reserved_gib"] <= args.cap_gib
     result["steps_completed"] = len(done)
@@ -411,6 +469,10 @@ def run_variant(name: str, args) -> dict:
             "mfu_vs_790": round(tps_useful * flops_per_token(config, context) / 790e12, 4),
             "losses": [round(d["loss"], 4) for d in done],
         })
+        if result.get("offload_gib_per_micro_batch"):
+            # the host link's rate each way that would move the offloaded bytes within one step
+            result["offload_gb_per_s_needed_each_way"] = round(
+                result["offload_gib_per_micro_batch"] * 2**30 / 1e9 / result["s_per_step"], 1)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if result.get("losses") and not all(np.isfinite(result["losses"])):
         result["status"] = "error"
@@ -439,7 +501,7 @@ def versions() -> dict:
 
 def table(results: list[dict]) -> str:
     head = ("| variant | status | s/step | tokens/s | useful tokens/s | MFU (790) | peak alloc / reserved GiB "
-            "| device used GiB | cap |\n|---|---|---|---|---|---|---|---|---|")
+            "| device used GiB (end / peak est.) | offload GiB | cap |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     def cell(r: dict, key: str, fmt: str) -> str:
         return fmt.format(r[key]) if r.get(key) is not None else "—"
@@ -451,7 +513,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['variant']} | {r['status']} | {f('s_per_step', '{:.2f}')} | {f('tokens_per_s', '{:,.0f}')} "
                      f"| {f('useful_tokens_per_s', '{:,.0f}')} | {f('mfu_vs_790', '{:.1%}')} "
                      f"| {f('peak_allocated_gib', '{:.2f}')} / {f('peak_reserved_gib', '{:.2f}')} "
-                     f"| {f('device_used_gib_at_end', '{:.2f}')} | {cap} |")
+                     f"| {f('device_used_gib_at_end', '{:.2f}')} / {f('device_peak_gib_estimate', '{:.2f}')} "
+                     f"| {f('offload_gib_per_micro_batch', '{:.2f}')} | {cap} |")
     return "\n".join(lines)
 
 

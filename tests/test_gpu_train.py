@@ -172,3 +172,18 @@ def test_birbal_4090_training_maths_at_the_7b_shape(tmp_path):
     assert details["packing_efficiency_estimate"] > 0.5
     assert [e["step"] for e in details["eval_history"]] == [2] and math.isfinite(details["eval_history"][0]["eval_loss"])
     assert 0 < details["peak_gpu_memory_gib"] < 24
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offloaded_layers_match_checkpointing_on_cuda(compiled, tokenizer, tmp_path, monkeypatch):
+    """train.offload_layers with its copy streams and pinned memory (and compiled layers, flex_attention): the
+    loss and LoRA gradients of full checkpointing, over two micro-batches, and every tensor brought back."""
+    from test_train_offload import offload_matches_checkpointing
+
+    from birbal.train import offload
+
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)  # the smoke model's tensors are all small
+    done = offload_matches_checkpointing(tmp_path, tokenizer, torch.device("cuda"), overrides=(
+        "quantization.compute_dtype=float32", "model.attn_implementation=flex_attention",
+        f"train.torch_compile={str(compiled).lower()}"))
+    assert done.cuda and done.peak_host_bytes > 0

@@ -67,7 +67,7 @@ def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overri
     if count_mlp:
         assert full_calls == [4] * len(full_calls)  # checkpointed: forward + recompute, two micro-batches
         assert calls == [2] * len(calls)  # offloaded: the forward only
-    for (loss, grads), (ref_loss, ref_grads) in zip(results, reference):
+    for (loss, grads), (ref_loss, ref_grads) in zip(results, reference, strict=True):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         assert grads.keys() == ref_grads.keys()
         assert all(g.abs().max() > 0 for n, g in grads.items() if "lora_A" in n)

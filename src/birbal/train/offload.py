@@ -74,6 +74,7 @@ class ActivationOffload:
         self.bytes_offloaded = 0  # in the last forward, for the benchmark and the host-RAM estimate
         self.peak_host_bytes = 0
         self._host_bytes = 0
+        self.parameter_storages: set[int] = set()  # weights (4-bit ones too) saved by a matmul stay where they are
 
     # ---- the forward ----------------------------------------------------------------------------------------------
     def begin(self, index: int) -> None:
@@ -85,7 +86,8 @@ class ActivationOffload:
     def pack(self, index: int, tensor: torch.Tensor):
         nbytes = tensor.numel() * tensor.element_size()
         if (tensor.device.type != self.device.type or nbytes < self.min_bytes
-                or isinstance(tensor, torch.nn.Parameter) or tensor.layout != torch.strided):
+                or isinstance(tensor, torch.nn.Parameter) or tensor.layout != torch.strided
+                or tensor.untyped_storage().data_ptr() in self.parameter_storages):
             return tensor  # kept where it is
         layer = self.layers[index]
         entry = layer.by_id.get(id(tensor))
@@ -187,6 +189,7 @@ class ActivationOffload:
         """
         core = unwrap_peft(model)
         layers = core.model.layers
+        self.parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
         for index in self.indices:
             layer = layers[index]
             layer.gradient_checkpointing = False
