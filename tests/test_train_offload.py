@@ -92,3 +92,20 @@ def test_eval_passes_leave_the_offload_alone(shared_cache, tokenizer, monkeypatc
     with torch.no_grad():
         response_loss_sum(model, collate(rows))
     assert model.birbal_offload.bytes_offloaded == 0 and model.birbal_offload.layers == {}
+
+
+def test_preflight_counts_the_host_ram_the_offload_pins(tmp_path):
+    from birbal import preflight
+    from birbal.config import load_recipe
+
+    plain = load_recipe("birbal-4090")
+    assert preflight.check_host_ram(plain, 4 * 2**30).ok  # nothing pinned without offload
+    offloaded = load_recipe("birbal-4090", ["train.offload_layers=28"])
+    needed = preflight.host_ram_needed_gib(offloaded)
+    assert 50 < needed < 60  # 28 layers x ~1.6 GiB at 16,384 tokens, plus the base
+    short = preflight.check_host_ram(offloaded, int(32 * 2**30))
+    assert not short.ok and "train.offload_layers=28" in short.line() and "32.0 GiB" in short.line()
+    assert preflight.check_host_ram(offloaded, int(128 * 2**30)).ok
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       65536000 kB\nMemFree:         1000000 kB\nMemAvailable:   33554432 kB\n")
+    assert preflight.mem_available_bytes(meminfo) == 32 * 2**30

@@ -80,6 +80,13 @@ class ActivationOffload:
     def begin(self, index: int) -> None:
         if index == self.indices[0]:
             self.bytes_offloaded = 0
+        earlier = [i for i in self.indices if i < index]
+        previous = self.layers.get(earlier[-1]) if earlier else None
+        if self.cuda and previous is not None and previous.copied is not None:
+            # At most one offloaded layer's copies in flight: where the link is slower than the compute, the
+            # compute waits here (a measured stall) instead of the GPU filling up with tensors not yet copied,
+            # which under the memory cap would make the caching allocator free and re-allocate its whole cache.
+            torch.cuda.current_stream(self.device).wait_event(previous.copied)
         self._drop(index)  # a micro-batch whose backward never reached this layer leaves nothing behind
         self.layers[index] = _Layer()
 
