@@ -442,6 +442,7 @@ def run_variant(name: str, args) -> dict:
         result["offload_indices"] = offloader.indices
         result["offload_gib_per_micro_batch"] = round(offloader.bytes_offloaded / 2**30, 2)
         result["offload_host_peak_gib"] = round(offloader.peak_host_bytes / 2**30, 2)
+        result["offload_late_fetches"] = offloader.late_fetches
     if device.type == "cuda" and capped:
         result["fits_cap"] = result["status"] == "ok"
         result["device_used_within_cap"] = result.get("device_used_gib_at_end", 1e9) <= args.cap_gib
@@ -607,6 +608,53 @@ def projection(tokens_per_epoch: float, useful_tokens_per_s: float, epochs: floa
             "rtx4090_hours": round(rtx_h, 1), "rtx4090_epochs_in_budget": round(min(epochs, epochs * budget_h / rtx_h), 2)}
 
 
+# The 4090 with train.offload_layers: the recompute a layer saves scales with compute (RTX4090_OVER_H200), the bytes
+# it moves with the host link. Assumed, not measured: an RTX 4090 on PCIe 4.0 x16 copies pinned memory at about
+# 25 GB/s each way (31.5 GB/s raw), and the forward is a third of a no-recompute step (2N of 6N FLOP a token: the
+# device-to-host copies must fit in it; the host-to-device ones have the backward's two thirds).
+RTX4090_PCIE_GBPS = 25.0
+FORWARD_SHARE = 1.0 / 3.0
+# 3 epochs of the published set: 57-73M tokens an epoch (README, "Projected time for 3 epochs"), 68.5M at the
+# fixture rows' bytes per token
+EPOCH_TOKENS = {"low": 57e6, "fixture_ratio": 68.5e6, "high": 73e6}
+
+
+def rtx4090_offload_projection(results: list[dict], budget_h: float = 24.0) -> dict | None:
+    """A 4090's step with K offloaded layers from this run's H200 figures at the 16,384-token shape.
+
+    H200 compute with K of the 30 checkpointed layers offloaded: linear between the measured step with every one of
+    them recomputed (`ours_bin16k_full`) and the measured step with no recompute at all
+    (`ours_bin16k_full_norecompute_uncapped`), the saved recompute being the same for each layer; scaled to the
+    4090 by RTX4090_OVER_H200. The link: K layers' bytes (measured per layer by the offload variants) must cross it
+    within the forward's share of the step. The 4090's step is the larger of the two.
+    """
+    by_name = {r.get("variant"): r for r in results if r.get("status") == "ok"}
+    checked, free = by_name.get("ours_bin16k_full"), by_name.get("ours_bin16k_full_norecompute_uncapped")
+    offloaded = [r for r in by_name.values() if r.get("offload_layers") and r.get("offload_gib_per_micro_batch")
+                 and r.get("row_shape") == "1x16384" and r.get("data") == "full"]
+    if not (checked and free and offloaded):
+        return None
+    layer_bytes = sum(r["offload_gib_per_micro_batch"] * 2**30 / r["offload_layers"] for r in offloaded) / len(offloaded)
+    recomputed = 32 - checked["unchecked_layers"]
+    tokens = checked["tokens_per_s"] * checked["s_per_step"]
+    rows = []
+    for k in sorted({0, 10, 15, 20, 25, recomputed}):
+        h200_s = checked["s_per_step"] - k / recomputed * (checked["s_per_step"] - free["s_per_step"])
+        compute_s = h200_s / RTX4090_OVER_H200
+        link_s = k * layer_bytes / (RTX4090_PCIE_GBPS * 1e9) / FORWARD_SHARE
+        step_s = max(compute_s, link_s)
+        rate = tokens / step_s
+        rows.append({"offload_layers": k, "h200_compute_s": round(h200_s, 3), "rtx4090_compute_s": round(compute_s, 2),
+                     "rtx4090_link_s": round(link_s, 2), "rtx4090_step_s": round(step_s, 2),
+                     "rtx4090_tokens_per_s": round(rate), "host_ram_pinned_gib": round(k * layer_bytes / 2**30, 1),
+                     "hours_3_epochs": {name: round(3 * n / rate / 3600, 1) for name, n in EPOCH_TOKENS.items()},
+                     "tokens_in_budget_m": round(rate * budget_h * 3600 / 1e6)})
+    return {"basis": f"H200 steps x {RTX4090_OVER_H200:.3f} (165/790 TFLOP/s); offloaded bytes over "
+                     f"{RTX4090_PCIE_GBPS:g} GB/s within {FORWARD_SHARE:.2f} of the step (assumed)",
+            "bytes_per_offloaded_layer_gib": round(layer_bytes / 2**30, 3), "tokens_per_step": round(tokens),
+            "rows": rows}
+
+
 def estimate_main(data: Path, useful_tokens_per_s: float) -> dict:
     from birbal.config import load_recipe
     from birbal.models import load_tokenizer
@@ -694,6 +742,7 @@ def main() -> int:
               f"{result.get('useful_tokens_per_s')} useful tok/s, peak {result.get('peak_allocated_gib')}/"
               f"{result.get('peak_reserved_gib')} GiB {result.get('error', '')}", file=sys.stderr, flush=True)
     payload["total_s"] = round(time.perf_counter() - start, 1)
+    payload["rtx4090_offload_projection"] = rtx4090_offload_projection(payload["results"])
     write_json(args.out, payload)
     print(json.dumps(payload))
     print(table(payload["results"]))

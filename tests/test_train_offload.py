@@ -22,7 +22,8 @@ def test_offloaded_layers_are_spread_over_the_checkpointed_ones():
         offloaded_layer_indices(32, 2, 31)
 
 
-def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overrides=(), count_mlp=False):
+def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overrides=(), count_mlp=False,
+                                  unchecked=0, count=2):
     """Shared with tests/test_gpu_train.py (streams, pinned memory, compiled layers on CUDA)."""
     from birbal.config import load_recipe
 
@@ -30,7 +31,7 @@ def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overri
     batch = {k: v.to(device) for k, v in collate(rows).items()}
 
     def run(offloaded: int):
-        recipe = load_recipe("smoke", ["train.unchecked_layers=0", f"train.offload_layers={offloaded}",
+        recipe = load_recipe("smoke", [f"train.unchecked_layers={unchecked}", f"train.offload_layers={offloaded}",
                                        f"train.device={device.type}", *overrides])
         torch._dynamo.reset()
         model = randomise_lora_b(build_qlora_model(recipe, cache, device).train())  # dropout 0.05 on
@@ -59,14 +60,16 @@ def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overri
         return results, calls, getattr(model, "birbal_offload", None), model
 
     reference, full_calls, _, plain = run(0)
-    results, calls, offload, model = run(2)
-    assert offload is not None and offload.indices == [0, 1]
+    results, calls, offload, model = run(count)
+    assert offload is not None and offload.indices == offloaded_layer_indices(len(calls), unchecked, count)
     assert offload.bytes_offloaded > 0  # real tensors went through the host copies
     assert offload.layers == {} and offload._host_bytes == 0  # every one came back and was let go
+    assert offload.late_fetches == 0  # each layer fetched ahead of its backward
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
     if count_mlp:
-        assert full_calls == [4] * len(full_calls)  # checkpointed: forward + recompute, two micro-batches
-        assert calls == [2] * len(calls)  # offloaded: the forward only
+        # two micro-batches: checkpointed layers run forward + recompute, unchecked and offloaded the forward only
+        assert full_calls == [4] * (len(full_calls) - unchecked) + [2] * unchecked
+        assert calls == [2] * len(calls)
     for (loss, grads), (ref_loss, ref_grads) in zip(results, reference, strict=True):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         assert grads.keys() == ref_grads.keys()
@@ -76,9 +79,21 @@ def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overri
     return offload
 
 
-def test_offloaded_layers_skip_their_recompute_and_keep_the_maths(shared_cache, tokenizer, monkeypatch):
+@pytest.mark.parametrize("unchecked,count", [(0, 2), (1, 1)])  # the top one fetched by the norm's / a layer's hook
+def test_offloaded_layers_skip_their_recompute_and_keep_the_maths(unchecked, count, shared_cache, tokenizer,
+                                                                  monkeypatch):
     monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)  # the tiny model's tensors are all small
-    offload_matches_checkpointing(shared_cache, tokenizer, torch.device("cpu"), count_mlp=True)
+    fetched = []
+    fetch_top = offload_module.ActivationOffload.fetch_top
+
+    def counted(self, grad=None):
+        fetched.append(self.indices[-1])
+        return fetch_top(self, grad)
+
+    monkeypatch.setattr(offload_module.ActivationOffload, "fetch_top", counted)
+    offload = offload_matches_checkpointing(shared_cache, tokenizer, torch.device("cpu"), count_mlp=True,
+                                            unchecked=unchecked, count=count)
+    assert fetched == [offload.indices[-1]] * 2  # ahead of its backward, in both micro-batches
 
 
 def test_eval_passes_leave_the_offload_alone(shared_cache, tokenizer, monkeypatch):
@@ -109,3 +124,27 @@ def test_preflight_counts_the_host_ram_the_offload_pins(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       65536000 kB\nMemFree:         1000000 kB\nMemAvailable:   33554432 kB\n")
     assert preflight.mem_available_bytes(meminfo) == 32 * 2**30
+
+
+def test_the_4090_projection_takes_the_larger_of_compute_and_the_link():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_throughput import rtx4090_offload_projection
+
+    common = {"status": "ok", "row_shape": "1x16384", "data": "full", "unchecked_layers": 2, "tokens_per_s": 9000.0}
+    results = [dict(common, variant="ours_bin16k_full", s_per_step=16384 / 9000.0, offload_layers=0),
+               dict(common, variant="ours_bin16k_full_norecompute_uncapped", s_per_step=1.3, offload_layers=0,
+                    unchecked_layers=32),
+               dict(common, variant="ours_bin16k_full_offload10", s_per_step=1.7, offload_layers=10,
+                    offload_gib_per_micro_batch=15.5)]
+    out = rtx4090_offload_projection(results)
+    rows = {r["offload_layers"]: r for r in out["rows"]}
+    assert out["bytes_per_offloaded_layer_gib"] == 1.55 and out["tokens_per_step"] == 16384
+    assert rows[0]["rtx4090_link_s"] == 0 and rows[0]["rtx4090_step_s"] == rows[0]["rtx4090_compute_s"]
+    assert rows[30]["h200_compute_s"] == 1.3  # every recompute gone: the no-recompute step
+    assert rows[30]["rtx4090_link_s"] > rows[10]["rtx4090_link_s"] > 0
+    assert all(r["rtx4090_step_s"] == max(r["rtx4090_compute_s"], r["rtx4090_link_s"]) for r in rows.values())
+    assert rtx4090_offload_projection(results[:2]) is None  # no offload measured: no projection

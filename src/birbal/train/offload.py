@@ -29,6 +29,9 @@ from birbal.models import unwrap_peft
 # Saved tensors smaller than this stay on the GPU: LoRA weights' bf16 casts (1-3.5 MiB), norms' per-token
 # statistics. At 16,384 tokens every per-token activation of d_model width is 128 MiB, a LoRA rank-128 one 4 MiB.
 MIN_OFFLOAD_BYTES = 4 * 2**20
+# Offloaded layers whose device-to-host copies may be in flight at once in the forward (their GPU memory is held
+# until copied). The backward fetches one layer ahead.
+COPIES_IN_FLIGHT = 2
 
 
 def offloaded_layer_indices(num_layers: int, unchecked: int, count: int) -> list[int]:
@@ -74,6 +77,7 @@ class ActivationOffload:
         self.bytes_offloaded = 0  # in the last forward, for the benchmark and the host-RAM estimate
         self.peak_host_bytes = 0
         self._host_bytes = 0
+        self.late_fetches = 0  # layers the backward reached before they were fetched (no hook fired ahead)
         self.parameter_storages: set[int] = set()  # weights (4-bit ones too) saved by a matmul stay where they are
 
     # ---- the forward ----------------------------------------------------------------------------------------------
@@ -81,12 +85,13 @@ class ActivationOffload:
         if index == self.indices[0]:
             self.bytes_offloaded = 0
         earlier = [i for i in self.indices if i < index]
-        previous = self.layers.get(earlier[-1]) if earlier else None
-        if self.cuda and previous is not None and previous.copied is not None:
-            # At most one offloaded layer's copies in flight: where the link is slower than the compute, the
-            # compute waits here (a measured stall) instead of the GPU filling up with tensors not yet copied,
-            # which under the memory cap would make the caching allocator free and re-allocate its whole cache.
-            torch.cuda.current_stream(self.device).wait_event(previous.copied)
+        if self.cuda and len(earlier) >= COPIES_IN_FLIGHT:
+            previous = self.layers.get(earlier[-COPIES_IN_FLIGHT])
+            if previous is not None and previous.copied is not None:
+                # Where the link is slower than the compute, the compute waits here (a measured stall) instead of
+                # the GPU filling up with tensors not yet copied, which under the memory cap would make the caching
+                # allocator free and re-allocate its whole cache.
+                torch.cuda.current_stream(self.device).wait_event(previous.copied)
         self._drop(index)  # a micro-batch whose backward never reached this layer leaves nothing behind
         self.layers[index] = _Layer()
 
@@ -135,10 +140,15 @@ class ActivationOffload:
             # fetched meanwhile
             hidden.register_hook(lambda grad, nxt=below[-1]: self.prefetch(nxt))
 
-    def backward_starts(self, _grad=None) -> None:
-        """The top offloaded layer is fetched as the backward starts (a hook on the final norm's input)."""
-        if self.indices:
-            self.prefetch(self.indices[-1])
+    def fetch_top(self, _grad=None) -> None:
+        """The top offloaded layer is fetched as the backward of the layer above it starts (or, when it is the last
+        layer, of the final norm): late enough that the peak at the backward's start is not raised by it."""
+        self.prefetch(self.indices[-1])
+
+    def trigger(self, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(self.fetch_top)
 
     # ---- the backward ---------------------------------------------------------------------------------------------
     def prefetch(self, index: int) -> None:
@@ -159,7 +169,8 @@ class ActivationOffload:
         index, entry = handle
         layer = self.layers[index]
         if layer.gpu is None:
-            self.prefetch(index)  # not fetched ahead (the first micro-batch's first layer, or no hook fired)
+            self.late_fetches += 1
+            self.prefetch(index)  # not fetched ahead: no hook fired before this layer's backward
         tensor = layer.gpu[entry]
         if self.cuda and not layer.waited:
             compute = torch.cuda.current_stream(self.device)
@@ -202,13 +213,16 @@ class ActivationOffload:
             layer.gradient_checkpointing = False
             layer.__class__ = _offloaded_class(type(layer))
             layer._birbal_offload = (self, index)
+        above = self.indices[-1] + 1
+        if above < len(layers):  # its output's gradient starts its backward: the top offloaded layer is fetched
+            layers[above].__class__ = _offloaded_class(type(layers[above]))
+            layers[above]._birbal_offload = (self, None)
+        else:
+            def on_norm_input(_module, args):
+                if torch.is_grad_enabled():
+                    self.trigger(args[0])
 
-        def on_norm_input(_module, args):
-            hidden = args[0]
-            if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                hidden.register_hook(self.backward_starts)
-
-        core.model.norm.register_forward_pre_hook(on_norm_input)
+            core.model.norm.register_forward_pre_hook(on_norm_input)
 
 
 _OFFLOADED_CLASSES: dict[type, type] = {}
@@ -222,6 +236,10 @@ def _offloaded_class(cls: type) -> type:
             offload, index = self._birbal_offload
             if not (self.training and torch.is_grad_enabled()):
                 return super(sub, self).__call__(*args, **kwargs)
+            if index is None:  # the layer above the top offloaded one: only the trigger
+                output = super(sub, self).__call__(*args, **kwargs)
+                offload.trigger(output)
+                return output
             offload.begin(index)
             with offload.hooks(index):
                 output = super(sub, self).__call__(*args, **kwargs)
