@@ -85,8 +85,11 @@ VARIANTS = {
     "ours_bin16k_full_offload6": ("ours", "full", True, "flex_attention", True, 2, 6, "1x16384"),
     "ours_bin16k_full_offload10": ("ours", "full", True, "flex_attention", True, 2, 10, "1x16384"),
     "ours_bin16k_full_offload15": ("ours", "full", True, "flex_attention", True, 2, 15, "1x16384"),
+    "ours_bin16k_full_offload20": ("ours", "full", True, "flex_attention", True, 2, 20, "1x16384"),
     "ours_bin16k_full_offload30": ("ours", "full", True, "flex_attention", True, 2, 30, "1x16384"),
     "ours_bin16k_mix_offload10": ("ours", "mix", True, "flex_attention", True, 2, 10, "1x16384"),
+    "ours_bin16k_mix_offload15": ("ours", "mix", True, "flex_attention", True, 2, 15, "1x16384"),
+    "ours_bin16k_mix_offload20": ("ours", "mix", True, "flex_attention", True, 2, 20, "1x16384"),
     # no recompute at all, every layer's activations on the GPU (~64 GiB, so uncapped): the compute-only
     # ceiling the offload approaches when PCIe keeps up (the basis of the 4090 projection with offload)
     "ours_bin16k_full_norecompute_uncapped": ("ours", "full", False, "flex_attention", True, 32, 0, "1x16384"),
