@@ -446,6 +446,9 @@ def run_variant(name: str, args) -> dict:
         result["offload_gib_per_micro_batch"] = round(offloader.bytes_offloaded / 2**30, 2)
         result["offload_host_peak_gib"] = round(offloader.peak_host_bytes / 2**30, 2)
         result["offload_late_fetches"] = offloader.late_fetches
+        # what one offloaded layer saves for its backward (the compiled graph's choice): [shape, dtype, MiB, moved]
+        result["offload_layer_saved_tensors"] = [[list(shape), dtype, round(n / 2**20, 1), moved]
+                                                 for shape, dtype, n, moved in offloader.first_layer_saved]
     if device.type == "cuda" and capped:
         result["fits_cap"] = result["status"] == "ok"
         result["device_used_within_cap"] = result.get("device_used_gib_at_end", 1e9) <= args.cap_gib

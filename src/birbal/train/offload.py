@@ -78,12 +78,15 @@ class ActivationOffload:
         self.peak_host_bytes = 0
         self._host_bytes = 0
         self.late_fetches = 0  # layers the backward reached before they were fetched (no hook fired ahead)
+        # what the first offloaded layer saved in the last forward, for the benchmark: (shape, dtype, bytes, moved)
+        self.first_layer_saved: list[tuple[tuple[int, ...], str, int, bool]] = []
         self.parameter_storages: set[int] = set()  # weights (4-bit ones too) saved by a matmul stay where they are
 
     # ---- the forward ----------------------------------------------------------------------------------------------
     def begin(self, index: int) -> None:
         if index == self.indices[0]:
             self.bytes_offloaded = 0
+            self.first_layer_saved = []
         earlier = [i for i in self.indices if i < index]
         if self.cuda and len(earlier) >= COPIES_IN_FLIGHT:
             previous = self.layers.get(earlier[-COPIES_IN_FLIGHT])
@@ -97,6 +100,13 @@ class ActivationOffload:
 
     def pack(self, index: int, tensor: torch.Tensor):
         nbytes = tensor.numel() * tensor.element_size()
+        handle = self._pack(index, tensor, nbytes)
+        if index == self.indices[0]:
+            self.first_layer_saved.append((tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), nbytes,
+                                           not isinstance(handle, torch.Tensor)))
+        return handle
+
+    def _pack(self, index: int, tensor: torch.Tensor, nbytes: int):
         if (tensor.device.type != self.device.type or nbytes < self.min_bytes
                 or isinstance(tensor, torch.nn.Parameter) or tensor.layout != torch.strided
                 or tensor.untyped_storage().data_ptr() in self.parameter_storages):
