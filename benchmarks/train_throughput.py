@@ -24,6 +24,13 @@ Variants
   flex_attention (block-sparse: packed examples' masked blocks are skipped).
 - *_compiled: the same with `train.torch_compile=true` (each decoder layer compiled; the first step compiles).
 - *_uncheckedN: the same with `train.unchecked_layers=N` (the last N layers not checkpointed: memory for speed).
+- ours_bin16k_*: birbal-4090 as it trains (flex, compiled, 2 unchecked) at its own shape, one 16,384-token
+  multipack bin per micro batch (full rows: two 8192-token examples in the bin); *_offloadK adds
+  `train.offload_layers=K` (K checkpointed layers keep their saved tensors in pinned host memory instead of a
+  recompute); *_norecompute_uncapped keeps every layer's activations on the GPU (~64 GiB, no cap): the step with
+  no recompute at all, the ceiling the offload approaches where the link keeps up.
+- The JSON's `rtx4090_offload_projection`: a 4090's step for K offloaded layers from this run's figures (see
+  `rtx4090_offload_projection`: compute scaled by 165/790, the offloaded bytes over an assumed 25 GB/s link).
 
 Synthetic data (no tokenizer needed): random token ids; example lengths lognormal with median 350 tokens and
 sigma 0.9 (mean ~525), clipped to [24, 8192]; the first 35-65% of each example is the prompt (masked), the rest
