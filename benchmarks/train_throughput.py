@@ -283,6 +283,32 @@ def profile_step(step, path: Path) -> dict:
             "top_kernels_s": [[k[:120], round(t / 1e6, 3)] for k, t in top[:12]]}
 
 
+def host_link_gb_per_s(gib: float = 1.0, repeats: int = 4) -> dict:
+    """Pinned host <-> GPU copy rates (GB/s), each way alone and both at once: what train.offload_layers moves on."""
+    import torch
+
+    n = int(gib * 2**30)
+    host_out, host_in = torch.empty(n, dtype=torch.uint8, pin_memory=True), torch.ones(n, dtype=torch.uint8).pin_memory()
+    gpu_in, gpu_out = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.ones(n, dtype=torch.uint8, device="cuda")
+    d2h, h2d = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def timed(streams) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for stream, dst, src in streams:
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        return n * repeats / (time.perf_counter() - start) / 1e9
+
+    timed([(d2h, host_out, gpu_out)])  # warm-up
+    alone_d2h = timed([(d2h, host_out, gpu_out)])
+    alone_h2d = timed([(h2d, gpu_in, host_in)])
+    both = timed([(d2h, host_out, gpu_out), (h2d, gpu_in, host_in)])  # bytes of one direction per second
+    return {"d2h": round(alone_d2h, 1), "h2d": round(alone_h2d, 1), "each_way_when_both": round(both, 1)}
+
+
 # ---- one variant, in its own process ---------------------------------------------------------------------------
 def memory(device) -> dict:
     import torch
@@ -712,7 +738,10 @@ def main() -> int:
 
     if args.build:
         arch = MISTRAL_7B if args.arch == "7b" else TINY
-        print(RESULT_MARK + json.dumps(build_checkpoint(args.checkpoint, arch, args.device)), flush=True)
+        built = build_checkpoint(args.checkpoint, arch, args.device)
+        if args.device == "cuda":
+            built["host_link"] = host_link_gb_per_s()
+        print(RESULT_MARK + json.dumps(built), flush=True)
         return 0
     if args.worker:
         result = run_variant(args.worker, args)
