@@ -148,3 +148,39 @@ def test_the_4090_projection_takes_the_larger_of_compute_and_the_link():
     assert rows[30]["rtx4090_link_s"] > rows[10]["rtx4090_link_s"] > 0
     assert all(r["rtx4090_step_s"] == max(r["rtx4090_compute_s"], r["rtx4090_link_s"]) for r in rows.values())
     assert rtx4090_offload_projection(results[:2]) is None  # no offload measured: no projection
+
+
+def test_the_active_layers_change_on_one_model_and_the_maths_does_not(shared_cache, tokenizer, monkeypatch):
+    """set_active (the benchmark's settings on one compiled model): none, the lower one (fetched by the hook of the
+    inactive layer above it), both; the same loss and LoRA gradients each time."""
+    from birbal.config import load_recipe
+
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)
+    model = randomise_lora_b(build_qlora_model(
+        load_recipe("smoke", ["train.unchecked_layers=0", "train.offload_layers=2"]), shared_cache,
+        torch.device("cpu")).train())
+    offload = model.birbal_offload
+    rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
+    batch = collate(rows)
+    seen = {}
+    for active in ([], [0], [0, 1]):
+        offload.set_active(active)
+        layers = model.get_base_model().model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [i not in active for i in range(2)]
+        torch.manual_seed(3)
+        model.zero_grad(set_to_none=True)
+        loss, _ = response_loss_sum(model, batch)
+        loss.backward()
+        seen[tuple(active)] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.requires_grad})
+        assert (offload.bytes_offloaded > 0) == bool(active) and offload.layers == {}
+    assert offload.late_fetches == 0
+    ref_loss, ref_grads = seen[()]
+    for loss, grads in seen.values():
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            assert (grad - ref_grads[name]).abs().max() <= 1e-5 * ref_grads[name].abs().max() + 1e-7, name
+    from birbal.errors import TrainError
+
+    with pytest.raises(TrainError, match="were not installed"):
+        offload.set_active([0, 1, 2])

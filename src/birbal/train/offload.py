@@ -68,7 +68,10 @@ class ActivationOffload:
 
     def __init__(self, device: torch.device, indices: list[int], min_bytes: int = MIN_OFFLOAD_BYTES):
         self.device = device
-        self.indices = sorted(indices)
+        self.indices = sorted(indices)  # the active ones (set_active); all of `members` unless changed
+        self.members = list(self.indices)  # the layers given the offloading __call__ at install
+        self.trigger_index: int | None = None  # the layer whose backward's start fetches the top active one
+        self._layers = None
         self.min_bytes = min_bytes
         self.cuda = device.type == "cuda"
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
@@ -153,7 +156,8 @@ class ActivationOffload:
     def fetch_top(self, _grad=None) -> None:
         """The top offloaded layer is fetched as the backward of the layer above it starts (or, when it is the last
         layer, of the final norm): late enough that the peak at the backward's start is not raised by it."""
-        self.prefetch(self.indices[-1])
+        if self.indices:
+            self.prefetch(self.indices[-1])
 
     def trigger(self, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -217,22 +221,38 @@ class ActivationOffload:
         """
         core = unwrap_peft(model)
         layers = core.model.layers
+        self._layers = layers
         self.parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        for index in self.indices:
-            layer = layers[index]
-            layer.gradient_checkpointing = False
-            layer.__class__ = _offloaded_class(type(layer))
-            layer._birbal_offload = (self, index)
-        above = self.indices[-1] + 1
-        if above < len(layers):  # its output's gradient starts its backward: the top offloaded layer is fetched
-            layers[above].__class__ = _offloaded_class(type(layers[above]))
-            layers[above]._birbal_offload = (self, None)
-        else:
-            def on_norm_input(_module, args):
-                if torch.is_grad_enabled():
-                    self.trigger(args[0])
+        wrapped = list(self.members)
+        if self.members[-1] + 1 < len(layers):  # the layer above the top one fetches it as its backward starts
+            wrapped.append(self.members[-1] + 1)
+        for index in wrapped:
+            layers[index].__class__ = _offloaded_class(type(layers[index]))
+            layers[index]._birbal_offload = (self, index)
+        self._wrapped = wrapped
 
-            core.model.norm.register_forward_pre_hook(on_norm_input)
+        def on_norm_input(_module, args):  # when no layer above the top active one is wrapped
+            if torch.is_grad_enabled() and self.indices and self.trigger_index is None:
+                self.trigger(args[0])
+
+        core.model.norm.register_forward_pre_hook(on_norm_input)
+        self.set_active(self.members)
+
+    def set_active(self, indices: list[int]) -> None:
+        """Offload these (a subset of the installed layers; the others are checkpointed again). The benchmark
+        compares settings on one loaded, compiled model with it: the layers' class does not change, so nothing
+        is compiled again."""
+        if not set(indices) <= set(self.members):
+            raise TrainError(f"offload: layers {sorted(set(indices) - set(self.members))} were not installed")
+        if any(self.layers.values()):
+            raise TrainError("offload: set_active between micro-batches only")
+        self.indices = sorted(indices)
+        self.bytes_offloaded = 0
+        self.first_layer_saved = []
+        for index in self.members:
+            self._layers[index].gradient_checkpointing = index not in self.indices
+        above = [i for i in self._wrapped if self.indices and i > self.indices[-1]]
+        self.trigger_index = above[0] if above else None
 
 
 _OFFLOADED_CLASSES: dict[type, type] = {}
@@ -246,9 +266,10 @@ def _offloaded_class(cls: type) -> type:
             offload, index = self._birbal_offload
             if not (self.training and torch.is_grad_enabled()):
                 return super(sub, self).__call__(*args, **kwargs)
-            if index is None:  # the layer above the top offloaded one: only the trigger
+            if index not in offload.indices:  # checkpointed (or unchecked) as any other layer
                 output = super(sub, self).__call__(*args, **kwargs)
-                offload.trigger(output)
+                if index == offload.trigger_index:
+                    offload.trigger(output)
                 return output
             offload.begin(index)
             with offload.hooks(index):
