@@ -57,6 +57,7 @@ from pathlib import Path
 from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
 
 RESULT_MARK = "@@RESULT "
+PHASE_MARK = "@@PHASE "  # one setting of a PHASES run, printed as it ends: kept if the worker then runs out of time
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIX_MEDIAN, MIX_SIGMA, MIX_MIN = 350, 0.9, 24
 PROMPT_FRACTION = (0.35, 0.65)
@@ -102,6 +103,30 @@ VARIANTS = {
     "ours_bin16k_full_norecompute_uncapped": ("ours", "full", False, "flex_attention", True, 32, 0, "1x16384"),
     "ours_bin16k_mix_norecompute_uncapped": ("ours", "mix", False, "flex_attention", True, 32, 0, "1x16384"),
 }
+
+# One loaded, compiled model measured at several train.offload_layers settings in turn (offload.set_active: the
+# layers keep their class, nothing is compiled again): name -> (the VARIANTS entry it runs, the counts, in order).
+# The first setting pays the compile in its warm-up (--warmup steps); each later one gets one warm-up step.
+PHASES = {
+    "ours_bin16k_full_phases15": ("ours_bin16k_full_offload15", (0, 8, 15)),
+    "ours_bin16k_full_phases12": ("ours_bin16k_full_offload12", (0, 6, 12)),
+    "ours_bin16k_full_phases10": ("ours_bin16k_full_offload10", (0, 5, 10)),
+    "ours_bin16k_mix_phases12": ("ours_bin16k_mix_offload12", (0, 6, 12)),
+}
+VARIANTS["ours_bin16k_full_offload12"] = ("ours", "full", True, "flex_attention", True, 2, 12, "1x16384")
+VARIANTS["ours_bin16k_mix_offload12"] = ("ours", "mix", True, "flex_attention", True, 2, 12, "1x16384")
+
+
+def spread_subset(members: list[int], count: int) -> list[int]:
+    """`count` of the installed offload layers, spread over them."""
+    return [] if count <= 0 else sorted({members[int((i + 0.5) * len(members) / count)] for i in range(count)})
+
+
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 # ---- synthetic data ------------------------------------------------------------------------------------------
@@ -343,12 +368,12 @@ def run_variant(name: str, args) -> dict:
     import numpy as np
     import torch
 
-    impl, data, capped, attn, compiled, unchecked, offload, shape = VARIANTS[name]
+    base_name, phase_counts = PHASES.get(name, (name, None))
+    impl, data, capped, attn, compiled, unchecked, offload, shape = VARIANTS[base_name]
     if args.arch == "tiny":  # a CPU dry run of the code paths: 2 layers, eager SDPA
         unchecked = min(unchecked, 1)
         offload = min(offload, TINY["num_hidden_layers"] - unchecked)
         attn, compiled = "sdpa", False
-    from birbal.train.metrics import flops_per_token, mean_attention_context
 
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     arch = MISTRAL_7B if args.arch == "7b" else TINY
@@ -366,6 +391,8 @@ def run_variant(name: str, args) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
     torch.manual_seed(1234)
     steps = args.warmup + args.timed
+    if phase_counts:
+        steps += (len(phase_counts) - 1) * (1 + args.timed)
     if impl == "baseline" and data == "mix":
         steps = max(2, args.warmup_mix_baseline + args.timed)
         result["warmup_steps"] = steps - args.timed
@@ -455,11 +482,37 @@ def run_variant(name: str, args) -> dict:
             return {"step_s": time.perf_counter() - ts, "slots": slots, "useful": sum(lengths),
                     "lengths": lengths, "loss": loss_value}
 
-        for s, (step_rows, step_examples) in enumerate(plan):
-            phase = f"step {s}"
-            done.append(one_step(step_rows, step_examples))
-            print(f"  [{name}] step {s}: {done[-1]['step_s']:.2f} s, loss {done[-1]['loss']:.3f}, "
-                  f"{done[-1]['useful']}/{done[-1]['slots']} useful tokens", file=sys.stderr, flush=True)
+        progress(f"[{name}] loaded in {result['load_s']} s")
+        offloader = getattr(model, "birbal_offload", None)
+        # (offload count, warm-up steps) per setting; one setting unless this is a PHASES entry
+        settings = ([(k, args.warmup if i == 0 else 1) for i, k in enumerate(phase_counts)] if phase_counts
+                    else [(offload, result["warmup_steps"])])
+        result["phases"] = []
+        s = 0
+        for count, warm in settings:
+            if phase_counts:
+                offloader.set_active(spread_subset(offloader.members, count))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+            first = len(done)
+            for _ in range(warm + args.timed):
+                phase = f"step {s} (offload {count})"
+                done.append(one_step(*plan[s]))
+                done[-1]["offload"] = count
+                progress(f"[{name}] offload {count} step {s}: {done[-1]['step_s']:.2f} s, loss {done[-1]['loss']:.3f}, "
+                         f"{done[-1]['useful']}/{done[-1]['slots']} useful tokens")
+                s += 1
+            if phase_counts:
+                entry = {"offload_layers": count, "offload_indices": offloader.indices, **memory(device),
+                         **{k: result[k] for k in ("cap_gib", "row_shape", "data", "unchecked_layers", "load_s")},
+                         **summarize(done[first + warm:], arch),
+                         "step_s_each": [round(d["step_s"], 3) for d in done[first:]],
+                         "offload_gib_per_micro_batch": round(offloader.bytes_offloaded / 2**30, 2),
+                         "offload_late_fetches": offloader.late_fetches}
+                if device.type == "cuda" and capped:
+                    entry["device_peak_within_cap"] = entry.get("device_peak_gib_estimate", 1e9) <= args.cap_gib
+                result["phases"].append(entry)
+                print(PHASE_MARK + json.dumps(entry), flush=True)
         if args.profile_dir is not None and device.type == "cuda":
             phase = "profiled step"
             result["profile"] = profile_step(lambda: one_step(*plan[-1]), args.profile_dir / f"profile_{name}.txt")
@@ -489,35 +542,62 @@ def run_variant(name: str, args) -> dict:
     elif device.type == "cuda":
         result["would_fit_cap"] = result["status"] == "ok" and result["peak_reserved_gib"] <= args.cap_gib
     result["steps_completed"] = len(done)
-    timed = done[result["warmup_steps"]:] if result["status"] == "ok" else []
+    timed = done[result["warmup_steps"]:] if result["status"] == "ok" and not phase_counts else []
     if timed:
-        secs = sum(d["step_s"] for d in timed)
-        useful = sum(d["useful"] for d in timed)
-        context = mean_attention_context([n for d in timed for n in d["lengths"]])
-        from transformers import MistralConfig
+        result.update(summarize(timed, arch))
+        result["step_s_each"] = [round(d["step_s"], 3) for d in done]
+        result["losses"] = [round(d["loss"], 4) for d in done]
+        if result.get("offload_gib_per_micro_batch"):
+            # the host link's rate each way that would move the offloaded bytes within one step
+            result["offload_gb_per_s_needed_each_way"] = round(
+                result["offload_gib_per_micro_batch"] * 2**30 / 1e9 / result["s_per_step"], 1)
+    if phase_counts:
+        result["losses"] = [round(d["loss"], 4) for d in done]
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    if result.get("losses") and not all(np.isfinite(result["losses"])):
+        result["status"] = "error"
+        result["error"] = "non-finite loss"
+    return result
 
-        config = MistralConfig(**arch)
-        tps_useful = useful / secs
-        result.update({
-            "s_per_step": round(secs / len(timed), 3),
-            "step_s_each": [round(d["step_s"], 3) for d in done],
+
+def summarize(timed: list[dict], arch: dict) -> dict:
+    from transformers import MistralConfig
+
+    from birbal.train.metrics import flops_per_token, mean_attention_context
+
+    if not timed:
+        return {}
+    secs = sum(d["step_s"] for d in timed)
+    useful = sum(d["useful"] for d in timed)
+    context = mean_attention_context([n for d in timed for n in d["lengths"]])
+    config = MistralConfig(**arch)
+    tps_useful = useful / secs
+    return {"s_per_step": round(secs / len(timed), 3),
             "tokens_per_s": round(sum(d["slots"] for d in timed) / secs, 1),
             "useful_tokens_per_s": round(tps_useful, 1),
             "useful_fraction": round(useful / sum(d["slots"] for d in timed), 4),
             "mean_attention_context": round(context, 1),
             "flops_per_token": flops_per_token(config, context),
             "mfu_vs_790": round(tps_useful * flops_per_token(config, context) / 790e12, 4),
-            "losses": [round(d["loss"], 4) for d in done],
-        })
-        if result.get("offload_gib_per_micro_batch"):
-            # the host link's rate each way that would move the offloaded bytes within one step
-            result["offload_gb_per_s_needed_each_way"] = round(
-                result["offload_gib_per_micro_batch"] * 2**30 / 1e9 / result["s_per_step"], 1)
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    if result.get("losses") and not all(np.isfinite(result["losses"])):
-        result["status"] = "error"
-        result["error"] = "non-finite loss"
-    return result
+            "losses": [round(d["loss"], 4) for d in timed]}
+
+
+def expand_phases(result: dict) -> list[dict]:
+    """A PHASES run as one row per setting (variant `name@offloadK`, `equivalent` the single-setting name)."""
+    if not result.get("phases"):
+        result.pop("phases", None)
+        return [result]
+    skip = ("phases", "s_per_step", "tokens_per_s", "status", "error", "traceback_tail", "stderr_tail")
+    common = {k: v for k, v in result.items() if k not in skip}
+    base = PHASES[result["variant"]][0].rsplit("_offload", 1)[0]
+    rows = []
+    for phase in result["phases"]:  # each of these settings finished
+        k = phase["offload_layers"]
+        rows.append({**common, **phase, "status": "ok", "variant": f"{result['variant']}@offload{k}",
+                     "equivalent": base if k == 0 else f"{base}_offload{k}"})
+    if result.get("status") != "ok":  # what stopped the next setting
+        rows.append({"variant": f"{result['variant']}@next", **{k: result[k] for k in skip[3:] if k in result}})
+    return rows
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
@@ -575,15 +655,45 @@ def worker_argv(args, extra: list[str]) -> list[str]:
             *(["--profile-dir", str(args.profile_dir)] if args.profile_dir else []), *extra]
 
 
-def call_worker(argv: list[str], timeout: float) -> dict | None:
+def call_worker(argv: list[str], timeout: float) -> dict:
+    """Run one worker in its own process group; its stderr is passed through, and its last lines kept for the
+    JSON when it fails or runs out of time (the whole group is killed then: Inductor's compile workers too)."""
+    import collections
+    import signal
+    import threading
+
+    tail: collections.deque[str] = collections.deque(maxlen=25)
+    stdout: list[str] = []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def relay():
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line.rstrip()[:300])
+
+    readers = [threading.Thread(target=relay, daemon=True),
+               threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None
-    for line in reversed(proc.stdout.splitlines()):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for reader in readers:
+            reader.join(5)
+        # the settings a PHASES run finished before the time ran out
+        phases = [json.loads(line[len(PHASE_MARK):]) for line in stdout if line.startswith(PHASE_MARK)]
+        return {"status": "timeout", "error": f"no result within {timeout:.0f} s", "stderr_tail": list(tail),
+                **({"phases": phases} if phases else {})}
+    for reader in readers:
+        reader.join(10)
+    for line in reversed(stdout):
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
-    return {"status": "error", "error": f"worker exited {proc.returncode} without a result"}
+    return {"status": "error", "error": f"worker exited {proc.returncode} without a result",
+            "stderr_tail": list(tail)}
 
 
 # ---- the dataset's size, for the 24-hour projection ------------------------------------------------------------
@@ -667,7 +777,8 @@ def rtx4090_offload_projection(results: list[dict], budget_h: float = 24.0) -> d
     4090 by RTX4090_OVER_H200. The link: K layers' bytes (measured per layer by the offload variants) must cross it
     within the forward's share of the step. The 4090's step is the larger of the two.
     """
-    by_name = {r.get("variant"): r for r in results if r.get("status") == "ok"}
+    by_name = {r.get("equivalent", r.get("variant")): r for r in results if r.get("status") == "ok"
+               and r.get("s_per_step")}
     checked, free = by_name.get("ours_bin16k_full"), by_name.get("ours_bin16k_full_norecompute_uncapped")
     offloaded = [r for r in by_name.values() if r.get("offload_layers") and r.get("offload_gib_per_micro_batch")
                  and r.get("row_shape") == "1x16384" and r.get("data") == "full"]
@@ -764,11 +875,12 @@ def main() -> int:
                                    "x useful tokens/s / 790 TFLOP/s"},
                "results": [], "skipped": []}
     print(json.dumps(payload["versions"]), file=sys.stderr, flush=True)
+    progress("building the random checkpoint")
     build = call_worker(worker_argv(args, ["--build"]), timeout=max(60.0, args.deadline_s - 60))
     payload["checkpoint"] = build
     write_json(args.out, payload)
     print(f"checkpoint: {build}", file=sys.stderr, flush=True)
-    if not build or "checkpoint" not in build:
+    if "checkpoint" not in build:
         print(json.dumps(payload))
         return 1
     for name in [v for v in args.variants.split(",") if v]:
@@ -776,12 +888,10 @@ def main() -> int:
         if left < 45:
             payload["skipped"].append({"variant": name, "reason": f"deadline ({left:.0f} s left)"})
             continue
-        print(f"== {name} ({left:.0f} s left)", file=sys.stderr, flush=True)
+        progress(f"== {name} ({left:.0f} s left)")
         result = call_worker(worker_argv(args, ["--worker", name]), timeout=min(args.variant_timeout_s, left - 5))
-        if result is None:
-            result = {"variant": name, "status": "timeout", "error": f"no result within {min(args.variant_timeout_s, left - 5):.0f} s"}
         result.setdefault("variant", name)
-        payload["results"].append(result)
+        payload["results"].extend(expand_phases(result))
         write_json(args.out, payload)
         print(f"   -> {result.get('status')} {result.get('s_per_step')} s/step, "
               f"{result.get('useful_tokens_per_s')} useful tok/s, peak {result.get('peak_allocated_gib')}/"

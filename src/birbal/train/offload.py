@@ -146,6 +146,8 @@ class ActivationOffload:
                 # the caching allocator will not hand this memory out again before the copy has read it
                 tensor.record_stream(self.d2h)
         layer.pending.clear()
+        if not layer.host:  # everything it saved was small: nothing to fetch
+            del self.layers[index]
         hidden = output[0] if isinstance(output, tuple) else output
         below = [i for i in self.indices if i < index]
         if below and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
@@ -167,7 +169,7 @@ class ActivationOffload:
     # ---- the backward ---------------------------------------------------------------------------------------------
     def prefetch(self, index: int) -> None:
         layer = self.layers.get(index)
-        if layer is None or layer.gpu is not None:
+        if layer is None or layer.gpu is not None:  # nothing moved, or on its way already
             return
         if not self.cuda:
             layer.gpu = list(layer.host)
@@ -244,7 +246,7 @@ class ActivationOffload:
         is compiled again."""
         if not set(indices) <= set(self.members):
             raise TrainError(f"offload: layers {sorted(set(indices) - set(self.members))} were not installed")
-        if any(self.layers.values()):
+        if any(layer.host for layer in self.layers.values()):
             raise TrainError("offload: set_active between micro-batches only")
         self.indices = sorted(indices)
         self.bytes_offloaded = 0
