@@ -453,7 +453,11 @@ def run_variant(name: str, args) -> dict:
                 with autocast:
                     loss_sum, labelled = response_loss_sum(model, batch)
                 loss = loss_sum / max(labelled, 1)
+                if not done:  # the first step compiles: say how long its forward took, then its backward
+                    progress(f"[{name}] first forward done ({time.perf_counter() - ts:.1f} s)")
                 loss.backward()
+                if not done:
+                    progress(f"[{name}] first backward done ({time.perf_counter() - ts:.1f} s)")
                 slots = int(batch["input_ids"].numel())
                 lengths = [n for r in step_rows for n in r.example_lengths]
                 loss_value = float(loss.detach())
