@@ -24,6 +24,13 @@ Variants
   flex_attention (block-sparse: packed examples' masked blocks are skipped).
 - *_compiled: the same with `train.torch_compile=true` (each decoder layer compiled; the first step compiles).
 - *_uncheckedN: the same with `train.unchecked_layers=N` (the last N layers not checkpointed: memory for speed).
+- ours_bin16k_*: birbal-4090 as it trains (flex, compiled, 2 unchecked) at its own shape, one 16,384-token
+  multipack bin per micro batch (full rows: two 8192-token examples in the bin); *_offloadK adds
+  `train.offload_layers=K` (K checkpointed layers keep their saved tensors in pinned host memory instead of a
+  recompute); *_norecompute_uncapped keeps every layer's activations on the GPU (~64 GiB, no cap): the step with
+  no recompute at all, the ceiling the offload approaches where the link keeps up.
+- The JSON's `rtx4090_offload_projection`: a 4090's step for K offloaded layers from this run's figures (see
+  `rtx4090_offload_projection`: compute scaled by 165/790, the offloaded bytes over an assumed 25 GB/s link).
 
 Synthetic data (no tokenizer needed): random token ids; example lengths lognormal with median 350 tokens and
 sigma 0.9 (mean ~525), clipped to [24, 8192]; the first 35-65% of each example is the prompt (masked), the rest
@@ -50,6 +57,7 @@ from pathlib import Path
 from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
 
 RESULT_MARK = "@@RESULT "
+PHASE_MARK = "@@PHASE "  # one setting of a PHASES run, printed as it ends: kept if the worker then runs out of time
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIX_MEDIAN, MIX_SIGMA, MIX_MIN = 350, 0.9, 24
 PROMPT_FRACTION = (0.35, 0.65)
@@ -58,24 +66,67 @@ TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden
             num_key_value_heads=2, sliding_window=256, rope_theta=10000.0, max_position_embeddings=4096,
             rms_norm_eps=1e-5)
 
-# name -> (implementation, data, capped, attention, torch_compile, unchecked layers); run in this order, most
-# important first
+# name -> (implementation, data, capped, attention, torch_compile, unchecked layers, offloaded layers, row shape);
+# run in this order, most important first. Row shape "2x8192": a micro batch of 2 rows of 8192 tokens;
+# "1x16384": birbal-4090's own, one multipack bin of 16,384 tokens per micro batch (full rows: two 8192-token
+# examples in it, attending only to themselves; the mix: packed into 16,384-token rows).
 VARIANTS = {
-    "ours_full": ("ours", "full", True, "sdpa", False, 0),
-    "ours_mix": ("ours", "mix", True, "sdpa", False, 0),
-    "baseline_full_uncapped": ("baseline", "full", False, "sdpa", False, 0),
-    "baseline_mix": ("baseline", "mix", True, "sdpa", False, 0),
-    "baseline_full": ("baseline", "full", True, "sdpa", False, 0),
-    "ours_mix_flex": ("ours", "mix", True, "flex_attention", False, 0),
-    "ours_full_flex": ("ours", "full", True, "flex_attention", False, 0),
-    "ours_full_flex_compiled": ("ours", "full", True, "flex_attention", True, 0),
-    "ours_mix_flex_compiled": ("ours", "mix", True, "flex_attention", True, 0),
+    "ours_full": ("ours", "full", True, "sdpa", False, 0, 0, "2x8192"),
+    "ours_mix": ("ours", "mix", True, "sdpa", False, 0, 0, "2x8192"),
+    "baseline_full_uncapped": ("baseline", "full", False, "sdpa", False, 0, 0, "2x8192"),
+    "baseline_mix": ("baseline", "mix", True, "sdpa", False, 0, 0, "2x8192"),
+    "baseline_full": ("baseline", "full", True, "sdpa", False, 0, 0, "2x8192"),
+    "ours_mix_flex": ("ours", "mix", True, "flex_attention", False, 0, 0, "2x8192"),
+    "ours_full_flex": ("ours", "full", True, "flex_attention", False, 0, 0, "2x8192"),
+    "ours_full_flex_compiled": ("ours", "full", True, "flex_attention", True, 0, 0, "2x8192"),
+    "ours_mix_flex_compiled": ("ours", "mix", True, "flex_attention", True, 0, 0, "2x8192"),
     # train.unchecked_layers: the last N layers keep their activations (no recompute), inside the cap's headroom
-    "ours_full_flex_compiled_unchecked1": ("ours", "full", True, "flex_attention", True, 1),
-    "ours_full_flex_compiled_unchecked2": ("ours", "full", True, "flex_attention", True, 2),
-    "ours_full_flex_compiled_unchecked3": ("ours", "full", True, "flex_attention", True, 3),
-    "ours_mix_flex_compiled_unchecked2": ("ours", "mix", True, "flex_attention", True, 2),
+    "ours_full_flex_compiled_unchecked1": ("ours", "full", True, "flex_attention", True, 1, 0, "2x8192"),
+    "ours_full_flex_compiled_unchecked2": ("ours", "full", True, "flex_attention", True, 2, 0, "2x8192"),
+    "ours_full_flex_compiled_unchecked3": ("ours", "full", True, "flex_attention", True, 3, 0, "2x8192"),
+    "ours_mix_flex_compiled_unchecked2": ("ours", "mix", True, "flex_attention", True, 2, 0, "2x8192"),
+    # birbal-4090 as it trains (flex, compiled, 2 unchecked) at its own shape, one 16,384-token bin a micro batch
+    "ours_bin16k_full": ("ours", "full", True, "flex_attention", True, 2, 0, "1x16384"),
+    "ours_bin16k_mix": ("ours", "mix", True, "flex_attention", True, 2, 0, "1x16384"),
+    # train.offload_layers=K: K of the 30 checkpointed layers run unchecked, their saved tensors in pinned host
+    # memory (copy streams, one offloaded layer prefetched ahead)
+    "ours_bin16k_full_offload6": ("ours", "full", True, "flex_attention", True, 2, 6, "1x16384"),
+    "ours_bin16k_full_offload10": ("ours", "full", True, "flex_attention", True, 2, 10, "1x16384"),
+    "ours_bin16k_full_offload15": ("ours", "full", True, "flex_attention", True, 2, 15, "1x16384"),
+    "ours_bin16k_full_offload20": ("ours", "full", True, "flex_attention", True, 2, 20, "1x16384"),
+    "ours_bin16k_full_offload30": ("ours", "full", True, "flex_attention", True, 2, 30, "1x16384"),
+    "ours_bin16k_mix_offload10": ("ours", "mix", True, "flex_attention", True, 2, 10, "1x16384"),
+    "ours_bin16k_mix_offload15": ("ours", "mix", True, "flex_attention", True, 2, 15, "1x16384"),
+    "ours_bin16k_mix_offload20": ("ours", "mix", True, "flex_attention", True, 2, 20, "1x16384"),
+    # no recompute at all, every layer's activations on the GPU (~64 GiB, so uncapped): the compute-only
+    # ceiling the offload approaches when PCIe keeps up (the basis of the 4090 projection with offload)
+    "ours_bin16k_full_norecompute_uncapped": ("ours", "full", False, "flex_attention", True, 32, 0, "1x16384"),
+    "ours_bin16k_mix_norecompute_uncapped": ("ours", "mix", False, "flex_attention", True, 32, 0, "1x16384"),
 }
+
+# One loaded, compiled model measured at several train.offload_layers settings in turn (offload.set_active: the
+# layers keep their class, nothing is compiled again): name -> (the VARIANTS entry it runs, the counts, in order).
+# The first setting pays the compile in its warm-up (--warmup steps); each later one gets one warm-up step.
+PHASES = {
+    "ours_bin16k_full_phases15": ("ours_bin16k_full_offload15", (0, 8, 15)),
+    "ours_bin16k_full_phases12": ("ours_bin16k_full_offload12", (0, 6, 12)),
+    "ours_bin16k_full_phases10": ("ours_bin16k_full_offload10", (0, 5, 10)),
+    "ours_bin16k_mix_phases12": ("ours_bin16k_mix_offload12", (0, 6, 12)),
+}
+VARIANTS["ours_bin16k_full_offload12"] = ("ours", "full", True, "flex_attention", True, 2, 12, "1x16384")
+VARIANTS["ours_bin16k_mix_offload12"] = ("ours", "mix", True, "flex_attention", True, 2, 12, "1x16384")
+
+
+def spread_subset(members: list[int], count: int) -> list[int]:
+    """`count` of the installed offload layers, spread over them."""
+    return [] if count <= 0 else sorted({members[int((i + 0.5) * len(members) / count)] for i in range(count)})
+
+
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 # ---- synthetic data ------------------------------------------------------------------------------------------
@@ -100,8 +151,9 @@ def mix_examples(seed: int, count: int, seq_len: int, vocab: int):
     return [synthetic_example(rng, int(n), vocab) for n in lengths]
 
 
-def full_rows(seed: int, count: int, seq_len: int, vocab: int):
-    """Rows of one example each, exactly seq_len tokens, about half of them labelled."""
+def full_rows(seed: int, count: int, seq_len: int, vocab: int, per_row: int = 1):
+    """Rows of `per_row` examples each, every example exactly seq_len tokens, about half of it labelled (per_row 2:
+    birbal-4090's 16,384-token bin holding two 8192-token examples)."""
     import numpy as np
 
     from birbal.train.packing import IGNORE_INDEX, Example, pack_examples
@@ -109,23 +161,29 @@ def full_rows(seed: int, count: int, seq_len: int, vocab: int):
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(count):
-        ex = synthetic_example(rng, seq_len, vocab)
-        labels = ex.labels.copy()
-        labels[: seq_len // 2] = IGNORE_INDEX
-        labels[seq_len // 2:] = ex.input_ids[seq_len // 2:]
-        rows.extend(pack_examples([Example(ex.input_ids, labels)], seq_len, pad_id=2)[0])
+        examples = []
+        for _ in range(per_row):
+            ex = synthetic_example(rng, seq_len, vocab)
+            labels = ex.labels.copy()
+            labels[: seq_len // 2] = IGNORE_INDEX
+            labels[seq_len // 2:] = ex.input_ids[seq_len // 2:]
+            examples.append(Example(ex.input_ids, labels))
+        packed, _ = pack_examples(examples, seq_len * per_row, pad_id=2)
+        assert len(packed) == 1
+        rows.extend(packed)
     return rows
 
 
-def mix_steps(seed: int, steps: int, micro_batch: int, seq_len: int, vocab: int):
+def mix_steps(seed: int, steps: int, micro_batch: int, seq_len: int, vocab: int, bin_len: int | None = None):
     """Packed rows per step (ours: one micro batch of `micro_batch` packed rows per optimiser step), and the same
     examples, in the same order, for the baseline (micro batches of `micro_batch` examples, each padded to its
     longest, all accumulated into one optimiser step): both sides see the same tokens per optimiser step."""
     from birbal.train.packing import Example, pack_examples
 
     need = steps * micro_batch
-    count = max(64, need * seq_len // 300)
-    rows, dropped = pack_examples(mix_examples(seed, count, seq_len, vocab), seq_len, pad_id=2)
+    count = max(64, need * (bin_len or seq_len) // 300)
+    # examples up to seq_len; rows of bin_len (birbal-4090: 16,384-token bins, one per micro batch)
+    rows, dropped = pack_examples(mix_examples(seed, count, seq_len, vocab), bin_len or seq_len, pad_id=2)
     assert len(rows) >= need + 1, (len(rows), need)
     rows = rows[:need]  # the last row of a packing is part-filled; it is never among the first `need`
     out = []
@@ -193,13 +251,13 @@ def load_baseline(checkpoint: Path, device, attn: str):
     return get_peft_model(model, lora)
 
 
-def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool, unchecked: int):
+def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool, unchecked: int, offload: int = 0):
     from birbal.config import load_recipe
     from birbal.train.model import build_qlora_model
     from birbal.train.neftune import PerExampleNEFTune
 
     recipe = load_recipe("birbal-4090", [f"model.name_or_path={checkpoint}", f"train.torch_compile={compiled}",
-                                          f"train.unchecked_layers={unchecked}"])
+                                          f"train.unchecked_layers={unchecked}", f"train.offload_layers={offload}"])
     model = build_qlora_model(recipe, workdir / "cache", device)
     if attn != recipe.model.attn_implementation:
         # the SDPA variants: the packed-mask cost without flex_attention's block sparsity
@@ -250,6 +308,32 @@ def profile_step(step, path: Path) -> dict:
             "top_kernels_s": [[k[:120], round(t / 1e6, 3)] for k, t in top[:12]]}
 
 
+def host_link_gb_per_s(gib: float = 1.0, repeats: int = 4) -> dict:
+    """Pinned host <-> GPU copy rates (GB/s), each way alone and both at once: what train.offload_layers moves on."""
+    import torch
+
+    n = int(gib * 2**30)
+    host_out, host_in = torch.empty(n, dtype=torch.uint8, pin_memory=True), torch.ones(n, dtype=torch.uint8).pin_memory()
+    gpu_in, gpu_out = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.ones(n, dtype=torch.uint8, device="cuda")
+    d2h, h2d = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def timed(streams) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for stream, dst, src in streams:
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        return n * repeats / (time.perf_counter() - start) / 1e9
+
+    timed([(d2h, host_out, gpu_out)])  # warm-up
+    alone_d2h = timed([(d2h, host_out, gpu_out)])
+    alone_h2d = timed([(h2d, gpu_in, host_in)])
+    both = timed([(d2h, host_out, gpu_out), (h2d, gpu_in, host_in)])  # bytes of one direction per second
+    return {"d2h": round(alone_d2h, 1), "h2d": round(alone_h2d, 1), "each_way_when_both": round(both, 1)}
+
+
 # ---- one variant, in its own process ---------------------------------------------------------------------------
 def memory(device) -> dict:
     import torch
@@ -257,24 +341,45 @@ def memory(device) -> dict:
     if device.type != "cuda":
         return {}
     free, total = torch.cuda.mem_get_info(device)
+    used, reserved, peak_reserved = total - free, torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device)
     return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+            "peak_reserved_gib": round(peak_reserved / 2**30, 2),
             # device-wide: PyTorch's pool + CUDA context + bnb's paged (managed) optimizer state when resident
-            "device_used_gib_at_end": round((total - free) / 2**30, 2)}
+            "device_used_gib_at_end": round(used / 2**30, 2),
+            # the same at the pool's peak: what is outside the pool (context, managed memory) plus its peak
+            "device_peak_gib_estimate": round((used - reserved + peak_reserved) / 2**30, 2)}
+
+
+def host_memory() -> dict:
+    """This process's peak resident host memory (pinned offload buffers included) and the machine's total."""
+    import resource
+
+    out = {"host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    try:
+        with open("/proc/meminfo") as handle:
+            kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal:"))
+        out["host_total_gib"] = round(kib / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return out
 
 
 def run_variant(name: str, args) -> dict:
     import numpy as np
     import torch
 
-    impl, data, capped, attn, compiled, unchecked = VARIANTS[name]
-    from birbal.train.metrics import flops_per_token, mean_attention_context
+    base_name, phase_counts = PHASES.get(name, (name, None))
+    impl, data, capped, attn, compiled, unchecked, offload, shape = VARIANTS[base_name]
+    if args.arch == "tiny":  # a CPU dry run of the code paths: 2 layers, eager SDPA
+        unchecked = min(unchecked, 1)
+        offload = min(offload, TINY["num_hidden_layers"] - unchecked)
+        attn, compiled = "sdpa", False
 
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     arch = MISTRAL_7B if args.arch == "7b" else TINY
     seq, mb = args.seq_len, args.micro_batch
     result: dict = {"variant": name, "implementation": impl, "data": data, "attention": attn, "torch_compile": compiled,
-                    "unchecked_layers": unchecked,
+                    "unchecked_layers": unchecked, "offload_layers": offload, "row_shape": shape,
                     "cap_gib": args.cap_gib if capped else None, "micro_batch": mb, "sequence_len": seq,
                     "warmup_steps": args.warmup, "timed_steps": args.timed}
     if device.type == "cuda":
@@ -286,17 +391,26 @@ def run_variant(name: str, args) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
     torch.manual_seed(1234)
     steps = args.warmup + args.timed
+    if phase_counts:
+        steps += (len(phase_counts) - 1) * (1 + args.timed)
     if impl == "baseline" and data == "mix":
         steps = max(2, args.warmup_mix_baseline + args.timed)
         result["warmup_steps"] = steps - args.timed
 
     # data first: cheap, and the same for both implementations (same seeds)
-    if data == "full":
+    if data == "full" and shape == "1x16384":
+        rows = full_rows(7, steps, seq, arch["vocab_size"], per_row=mb)
+        plan = [([row], None) for row in rows]
+        result["grad_accum"] = 1
+    elif data == "full":
         rows = full_rows(7, steps * mb, seq, arch["vocab_size"])
         plan = [(rows[s * mb:(s + 1) * mb], None) for s in range(steps)]
         result["grad_accum"] = 1
     else:
-        plan, dropped = mix_steps(11, steps, mb, seq, arch["vocab_size"])
+        if shape == "1x16384":
+            plan, dropped = mix_steps(11, steps, 1, seq, arch["vocab_size"], bin_len=seq * mb)
+        else:
+            plan, dropped = mix_steps(11, steps, mb, seq, arch["vocab_size"])
         result["mix"] = {"lengths": f"lognormal median {MIX_MEDIAN} sigma {MIX_SIGMA}, clipped [{MIX_MIN}, {seq}]",
                          "dropped_too_long": dropped,
                          "examples_per_step": [len(ex) for _, ex in plan]}
@@ -311,7 +425,7 @@ def run_variant(name: str, args) -> dict:
             model = load_baseline(args.checkpoint, device, attn)
             neftune = None
         else:
-            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked)
+            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked, offload)
         result["load_s"] = round(time.perf_counter() - t0, 1)
         trainable = [p for p in model.parameters() if p.requires_grad]
         result["trainable_parameters"] = sum(p.numel() for p in trainable)
@@ -339,7 +453,11 @@ def run_variant(name: str, args) -> dict:
                 with autocast:
                     loss_sum, labelled = response_loss_sum(model, batch)
                 loss = loss_sum / max(labelled, 1)
+                if not done:  # the first step compiles: say how long its forward took, then its backward
+                    progress(f"[{name}] first forward done ({time.perf_counter() - ts:.1f} s)")
                 loss.backward()
+                if not done:
+                    progress(f"[{name}] first backward done ({time.perf_counter() - ts:.1f} s)")
                 slots = int(batch["input_ids"].numel())
                 lengths = [n for r in step_rows for n in r.example_lengths]
                 loss_value = float(loss.detach())
@@ -368,11 +486,37 @@ def run_variant(name: str, args) -> dict:
             return {"step_s": time.perf_counter() - ts, "slots": slots, "useful": sum(lengths),
                     "lengths": lengths, "loss": loss_value}
 
-        for s, (step_rows, step_examples) in enumerate(plan):
-            phase = f"step {s}"
-            done.append(one_step(step_rows, step_examples))
-            print(f"  [{name}] step {s}: {done[-1]['step_s']:.2f} s, loss {done[-1]['loss']:.3f}, "
-                  f"{done[-1]['useful']}/{done[-1]['slots']} useful tokens", file=sys.stderr, flush=True)
+        progress(f"[{name}] loaded in {result['load_s']} s")
+        offloader = getattr(model, "birbal_offload", None)
+        # (offload count, warm-up steps) per setting; one setting unless this is a PHASES entry
+        settings = ([(k, args.warmup if i == 0 else 1) for i, k in enumerate(phase_counts)] if phase_counts
+                    else [(offload, result["warmup_steps"])])
+        result["phases"] = []
+        s = 0
+        for count, warm in settings:
+            if phase_counts:
+                offloader.set_active(spread_subset(offloader.members, count))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+            first = len(done)
+            for _ in range(warm + args.timed):
+                phase = f"step {s} (offload {count})"
+                done.append(one_step(*plan[s]))
+                done[-1]["offload"] = count
+                progress(f"[{name}] offload {count} step {s}: {done[-1]['step_s']:.2f} s, loss {done[-1]['loss']:.3f}, "
+                         f"{done[-1]['useful']}/{done[-1]['slots']} useful tokens")
+                s += 1
+            if phase_counts:
+                entry = {"offload_layers": count, "offload_indices": offloader.indices, **memory(device),
+                         **{k: result[k] for k in ("cap_gib", "row_shape", "data", "unchecked_layers", "load_s")},
+                         **summarize(done[first + warm:], arch),
+                         "step_s_each": [round(d["step_s"], 3) for d in done[first:]],
+                         "offload_gib_per_micro_batch": round(offloader.bytes_offloaded / 2**30, 2),
+                         "offload_late_fetches": offloader.late_fetches}
+                if device.type == "cuda" and capped:
+                    entry["device_peak_within_cap"] = entry.get("device_peak_gib_estimate", 1e9) <= args.cap_gib
+                result["phases"].append(entry)
+                print(PHASE_MARK + json.dumps(entry), flush=True)
         if args.profile_dir is not None and device.type == "cuda":
             phase = "profiled step"
             result["profile"] = profile_step(lambda: one_step(*plan[-1]), args.profile_dir / f"profile_{name}.txt")
@@ -385,37 +529,79 @@ def run_variant(name: str, args) -> dict:
         result["error"] = f"{phase}: {type(err).__name__}: {str(err)[:400]}"
         result["traceback_tail"] = traceback.format_exc()[-1500:]
     result.update(memory(device))
+    result.update(host_memory())
+    offloader = getattr(model, "birbal_offload", None) if "model" in locals() else None
+    if offloader is not None:
+        result["offload_indices"] = offloader.indices
+        result["offload_gib_per_micro_batch"] = round(offloader.bytes_offloaded / 2**30, 2)
+        result["offload_host_peak_gib"] = round(offloader.peak_host_bytes / 2**30, 2)
+        result["offload_late_fetches"] = offloader.late_fetches
+        # what one offloaded layer saves for its backward (the compiled graph's choice): [shape, dtype, MiB, moved]
+        result["offload_layer_saved_tensors"] = [[list(shape), dtype, round(n / 2**20, 1), moved]
+                                                 for shape, dtype, n, moved in offloader.first_layer_saved]
     if device.type == "cuda" and capped:
         result["fits_cap"] = result["status"] == "ok"
         result["device_used_within_cap"] = result.get("device_used_gib_at_end", 1e9) <= args.cap_gib
+        result["device_peak_within_cap"] = result.get("device_peak_gib_estimate", 1e9) <= args.cap_gib
     elif device.type == "cuda":
         result["would_fit_cap"] = result["status"] == "ok" and result["peak_reserved_gib"] <= args.cap_gib
     result["steps_completed"] = len(done)
-    timed = done[result["warmup_steps"]:] if result["status"] == "ok" else []
+    timed = done[result["warmup_steps"]:] if result["status"] == "ok" and not phase_counts else []
     if timed:
-        secs = sum(d["step_s"] for d in timed)
-        useful = sum(d["useful"] for d in timed)
-        context = mean_attention_context([n for d in timed for n in d["lengths"]])
-        from transformers import MistralConfig
+        result.update(summarize(timed, arch))
+        result["step_s_each"] = [round(d["step_s"], 3) for d in done]
+        result["losses"] = [round(d["loss"], 4) for d in done]
+        if result.get("offload_gib_per_micro_batch"):
+            # the host link's rate each way that would move the offloaded bytes within one step
+            result["offload_gb_per_s_needed_each_way"] = round(
+                result["offload_gib_per_micro_batch"] * 2**30 / 1e9 / result["s_per_step"], 1)
+    if phase_counts:
+        result["losses"] = [round(d["loss"], 4) for d in done]
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    if result.get("losses") and not all(np.isfinite(result["losses"])):
+        result["status"] = "error"
+        result["error"] = "non-finite loss"
+    return result
 
-        config = MistralConfig(**arch)
-        tps_useful = useful / secs
-        result.update({
-            "s_per_step": round(secs / len(timed), 3),
-            "step_s_each": [round(d["step_s"], 3) for d in done],
+
+def summarize(timed: list[dict], arch: dict) -> dict:
+    from transformers import MistralConfig
+
+    from birbal.train.metrics import flops_per_token, mean_attention_context
+
+    if not timed:
+        return {}
+    secs = sum(d["step_s"] for d in timed)
+    useful = sum(d["useful"] for d in timed)
+    context = mean_attention_context([n for d in timed for n in d["lengths"]])
+    config = MistralConfig(**arch)
+    tps_useful = useful / secs
+    return {"s_per_step": round(secs / len(timed), 3),
             "tokens_per_s": round(sum(d["slots"] for d in timed) / secs, 1),
             "useful_tokens_per_s": round(tps_useful, 1),
             "useful_fraction": round(useful / sum(d["slots"] for d in timed), 4),
             "mean_attention_context": round(context, 1),
             "flops_per_token": flops_per_token(config, context),
             "mfu_vs_790": round(tps_useful * flops_per_token(config, context) / 790e12, 4),
-            "losses": [round(d["loss"], 4) for d in done],
-        })
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    if result.get("losses") and not all(np.isfinite(result["losses"])):
-        result["status"] = "error"
-        result["error"] = "non-finite loss"
-    return result
+            "losses": [round(d["loss"], 4) for d in timed]}
+
+
+def expand_phases(result: dict) -> list[dict]:
+    """A PHASES run as one row per setting (variant `name@offloadK`, `equivalent` the single-setting name)."""
+    if not result.get("phases"):
+        result.pop("phases", None)
+        return [result]
+    skip = ("phases", "s_per_step", "tokens_per_s", "status", "error", "traceback_tail", "stderr_tail")
+    common = {k: v for k, v in result.items() if k not in skip}
+    base = PHASES[result["variant"]][0].rsplit("_offload", 1)[0]
+    rows = []
+    for phase in result["phases"]:  # each of these settings finished
+        k = phase["offload_layers"]
+        rows.append({**common, **phase, "status": "ok", "variant": f"{result['variant']}@offload{k}",
+                     "equivalent": base if k == 0 else f"{base}_offload{k}"})
+    if result.get("status") != "ok":  # what stopped the next setting
+        rows.append({"variant": f"{result['variant']}@next", **{k: result[k] for k in skip[3:] if k in result}})
+    return rows
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
@@ -439,7 +625,7 @@ def versions() -> dict:
 
 def table(results: list[dict]) -> str:
     head = ("| variant | status | s/step | tokens/s | useful tokens/s | MFU (790) | peak alloc / reserved GiB "
-            "| device used GiB | cap |\n|---|---|---|---|---|---|---|---|---|")
+            "| device used GiB (end / peak est.) | offload GiB | cap |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     def cell(r: dict, key: str, fmt: str) -> str:
         return fmt.format(r[key]) if r.get(key) is not None else "—"
@@ -451,7 +637,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['variant']} | {r['status']} | {f('s_per_step', '{:.2f}')} | {f('tokens_per_s', '{:,.0f}')} "
                      f"| {f('useful_tokens_per_s', '{:,.0f}')} | {f('mfu_vs_790', '{:.1%}')} "
                      f"| {f('peak_allocated_gib', '{:.2f}')} / {f('peak_reserved_gib', '{:.2f}')} "
-                     f"| {f('device_used_gib_at_end', '{:.2f}')} | {cap} |")
+                     f"| {f('device_used_gib_at_end', '{:.2f}')} / {f('device_peak_gib_estimate', '{:.2f}')} "
+                     f"| {f('offload_gib_per_micro_batch', '{:.2f}')} | {cap} |")
     return "\n".join(lines)
 
 
@@ -472,15 +659,45 @@ def worker_argv(args, extra: list[str]) -> list[str]:
             *(["--profile-dir", str(args.profile_dir)] if args.profile_dir else []), *extra]
 
 
-def call_worker(argv: list[str], timeout: float) -> dict | None:
+def call_worker(argv: list[str], timeout: float) -> dict:
+    """Run one worker in its own process group; its stderr is passed through, and its last lines kept for the
+    JSON when it fails or runs out of time (the whole group is killed then: Inductor's compile workers too)."""
+    import collections
+    import signal
+    import threading
+
+    tail: collections.deque[str] = collections.deque(maxlen=25)
+    stdout: list[str] = []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def relay():
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line.rstrip()[:300])
+
+    readers = [threading.Thread(target=relay, daemon=True),
+               threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None
-    for line in reversed(proc.stdout.splitlines()):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for reader in readers:
+            reader.join(5)
+        # the settings a PHASES run finished before the time ran out
+        phases = [json.loads(line[len(PHASE_MARK):]) for line in stdout if line.startswith(PHASE_MARK)]
+        return {"status": "timeout", "error": f"no result within {timeout:.0f} s", "stderr_tail": list(tail),
+                **({"phases": phases} if phases else {})}
+    for reader in readers:
+        reader.join(10)
+    for line in reversed(stdout):
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
-    return {"status": "error", "error": f"worker exited {proc.returncode} without a result"}
+    return {"status": "error", "error": f"worker exited {proc.returncode} without a result",
+            "stderr_tail": list(tail)}
 
 
 # ---- the dataset's size, for the 24-hour projection ------------------------------------------------------------
@@ -544,6 +761,54 @@ def projection(tokens_per_epoch: float, useful_tokens_per_s: float, epochs: floa
             "rtx4090_hours": round(rtx_h, 1), "rtx4090_epochs_in_budget": round(min(epochs, epochs * budget_h / rtx_h), 2)}
 
 
+# The 4090 with train.offload_layers: the recompute a layer saves scales with compute (RTX4090_OVER_H200), the bytes
+# it moves with the host link. Assumed, not measured: an RTX 4090 on PCIe 4.0 x16 copies pinned memory at about
+# 25 GB/s each way (31.5 GB/s raw), and the forward is a third of a no-recompute step (2N of 6N FLOP a token: the
+# device-to-host copies must fit in it; the host-to-device ones have the backward's two thirds).
+RTX4090_PCIE_GBPS = 25.0
+FORWARD_SHARE = 1.0 / 3.0
+# 3 epochs of the published set: 57-73M tokens an epoch (README, "Projected time for 3 epochs"), 68.5M at the
+# fixture rows' bytes per token
+EPOCH_TOKENS = {"low": 57e6, "fixture_ratio": 68.5e6, "high": 73e6}
+
+
+def rtx4090_offload_projection(results: list[dict], budget_h: float = 24.0) -> dict | None:
+    """A 4090's step with K offloaded layers from this run's H200 figures at the 16,384-token shape.
+
+    H200 compute with K of the 30 checkpointed layers offloaded: linear between the measured step with every one of
+    them recomputed (`ours_bin16k_full`) and the measured step with no recompute at all
+    (`ours_bin16k_full_norecompute_uncapped`), the saved recompute being the same for each layer; scaled to the
+    4090 by RTX4090_OVER_H200. The link: K layers' bytes (measured per layer by the offload variants) must cross it
+    within the forward's share of the step. The 4090's step is the larger of the two.
+    """
+    by_name = {r.get("equivalent", r.get("variant")): r for r in results if r.get("status") == "ok"
+               and r.get("s_per_step")}
+    checked, free = by_name.get("ours_bin16k_full"), by_name.get("ours_bin16k_full_norecompute_uncapped")
+    offloaded = [r for r in by_name.values() if r.get("offload_layers") and r.get("offload_gib_per_micro_batch")
+                 and r.get("row_shape") == "1x16384" and r.get("data") == "full"]
+    if not (checked and free and offloaded):
+        return None
+    layer_bytes = sum(r["offload_gib_per_micro_batch"] * 2**30 / r["offload_layers"] for r in offloaded) / len(offloaded)
+    recomputed = 32 - checked["unchecked_layers"]
+    tokens = checked["tokens_per_s"] * checked["s_per_step"]
+    rows = []
+    for k in sorted({0, 10, 15, 20, 25, recomputed}):
+        h200_s = checked["s_per_step"] - k / recomputed * (checked["s_per_step"] - free["s_per_step"])
+        compute_s = h200_s / RTX4090_OVER_H200
+        link_s = k * layer_bytes / (RTX4090_PCIE_GBPS * 1e9) / FORWARD_SHARE
+        step_s = max(compute_s, link_s)
+        rate = tokens / step_s
+        rows.append({"offload_layers": k, "h200_compute_s": round(h200_s, 3), "rtx4090_compute_s": round(compute_s, 2),
+                     "rtx4090_link_s": round(link_s, 2), "rtx4090_step_s": round(step_s, 2),
+                     "rtx4090_tokens_per_s": round(rate), "host_ram_pinned_gib": round(k * layer_bytes / 2**30, 1),
+                     "hours_3_epochs": {name: round(3 * n / rate / 3600, 1) for name, n in EPOCH_TOKENS.items()},
+                     "tokens_in_budget_m": round(rate * budget_h * 3600 / 1e6)})
+    return {"basis": f"H200 steps x {RTX4090_OVER_H200:.3f} (165/790 TFLOP/s); offloaded bytes over "
+                     f"{RTX4090_PCIE_GBPS:g} GB/s within {FORWARD_SHARE:.2f} of the step (assumed)",
+            "bytes_per_offloaded_layer_gib": round(layer_bytes / 2**30, 3), "tokens_per_step": round(tokens),
+            "rows": rows}
+
+
 def estimate_main(data: Path, useful_tokens_per_s: float) -> dict:
     from birbal.config import load_recipe
     from birbal.models import load_tokenizer
@@ -588,7 +853,13 @@ def main() -> int:
 
     if args.build:
         arch = MISTRAL_7B if args.arch == "7b" else TINY
-        print(RESULT_MARK + json.dumps(build_checkpoint(args.checkpoint, arch, args.device)), flush=True)
+        built = build_checkpoint(args.checkpoint, arch, args.device)
+        if args.device == "cuda":
+            try:
+                built["host_link"] = host_link_gb_per_s()
+            except Exception as err:  # a measurement on the side: never stops the benchmark
+                built["host_link"] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        print(RESULT_MARK + json.dumps(built), flush=True)
         return 0
     if args.worker:
         result = run_variant(args.worker, args)
@@ -608,11 +879,12 @@ def main() -> int:
                                    "x useful tokens/s / 790 TFLOP/s"},
                "results": [], "skipped": []}
     print(json.dumps(payload["versions"]), file=sys.stderr, flush=True)
+    progress("building the random checkpoint")
     build = call_worker(worker_argv(args, ["--build"]), timeout=max(60.0, args.deadline_s - 60))
     payload["checkpoint"] = build
     write_json(args.out, payload)
     print(f"checkpoint: {build}", file=sys.stderr, flush=True)
-    if not build or "checkpoint" not in build:
+    if "checkpoint" not in build:
         print(json.dumps(payload))
         return 1
     for name in [v for v in args.variants.split(",") if v]:
@@ -620,17 +892,16 @@ def main() -> int:
         if left < 45:
             payload["skipped"].append({"variant": name, "reason": f"deadline ({left:.0f} s left)"})
             continue
-        print(f"== {name} ({left:.0f} s left)", file=sys.stderr, flush=True)
+        progress(f"== {name} ({left:.0f} s left)")
         result = call_worker(worker_argv(args, ["--worker", name]), timeout=min(args.variant_timeout_s, left - 5))
-        if result is None:
-            result = {"variant": name, "status": "timeout", "error": f"no result within {min(args.variant_timeout_s, left - 5):.0f} s"}
         result.setdefault("variant", name)
-        payload["results"].append(result)
+        payload["results"].extend(expand_phases(result))
         write_json(args.out, payload)
         print(f"   -> {result.get('status')} {result.get('s_per_step')} s/step, "
               f"{result.get('useful_tokens_per_s')} useful tok/s, peak {result.get('peak_allocated_gib')}/"
               f"{result.get('peak_reserved_gib')} GiB {result.get('error', '')}", file=sys.stderr, flush=True)
     payload["total_s"] = round(time.perf_counter() - start, 1)
+    payload["rtx4090_offload_projection"] = rtx4090_offload_projection(payload["results"])
     write_json(args.out, payload)
     print(json.dumps(payload))
     print(table(payload["results"]))

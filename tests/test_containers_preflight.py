@@ -30,7 +30,7 @@ def run(recipe, smi, tmp_path: Path, env=None, free=10**15):
 def test_a_4090_with_a_new_driver_passes(recipe, tmp_path):
     checks = run(recipe, RTX_4090, tmp_path)
     assert p.failures(checks) == []
-    assert [c.name for c in checks] == ["gpu", "driver", "disk:run+cache", "hf-token"]
+    assert [c.name for c in checks] == ["gpu", "driver", "disk:run+cache", "hf-token", "host-ram"]
 
 
 def test_old_driver_names_the_minimum(recipe, tmp_path):

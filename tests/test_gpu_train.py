@@ -172,3 +172,20 @@ def test_birbal_4090_training_maths_at_the_7b_shape(tmp_path):
     assert details["packing_efficiency_estimate"] > 0.5
     assert [e["step"] for e in details["eval_history"]] == [2] and math.isfinite(details["eval_history"][0]["eval_loss"])
     assert 0 < details["peak_gpu_memory_gib"] < 24
+
+
+# eager: both layers offloaded (the top one fetched by the final norm's hook); compiled: layer 0 offloaded, layer 1
+# unchecked (the top one fetched by the hook of the layer above it)
+@pytest.mark.parametrize("compiled,unchecked,count", [(False, 0, 2), (True, 1, 1)])
+def test_offloaded_layers_match_checkpointing_on_cuda(compiled, unchecked, count, tokenizer, tmp_path, monkeypatch):
+    """train.offload_layers with its copy streams and pinned memory (and compiled layers, flex_attention): the
+    loss and LoRA gradients of full checkpointing, over two micro-batches, and every tensor brought back."""
+    from test_train_offload import offload_matches_checkpointing
+
+    from birbal.train import offload
+
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)  # the smoke model's tensors are all small
+    done = offload_matches_checkpointing(tmp_path, tokenizer, torch.device("cuda"), overrides=(
+        "quantization.compute_dtype=float32", "model.attn_implementation=flex_attention",
+        f"train.torch_compile={str(compiled).lower()}"), unchecked=unchecked, count=count)
+    assert done.cuda and done.peak_host_bytes > 0

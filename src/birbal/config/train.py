@@ -60,6 +60,12 @@ class TrainConfig(Section):
         0, ge=0, description="With gradient checkpointing, leave the last N decoder layers unchecked: their "
                              "activations stay in memory and their forward is not recomputed. Memory for speed; "
                              "the same maths.")
+    offload_layers: int = Field(
+        0, ge=0, description="With gradient checkpointing, this many of the checkpointed decoder layers (spread "
+                             "evenly over them) are not checkpointed either: their saved activations go to pinned "
+                             "host memory in the forward and come back in the backward, on copy streams beside the "
+                             "compute (about 1.6 GiB of host RAM a layer at 16,384 tokens). PCIe for recompute; "
+                             "the same maths.")
     torch_compile: bool = Field(
         False, description="Compile each decoder layer with torch.compile (fuses the norm, rotary, LoRA and "
                            "activation element-wise work; the first steps pay the compile). GPU speed, not maths.")

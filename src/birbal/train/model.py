@@ -47,6 +47,12 @@ def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
         model.disable_input_require_grads()
     if recipe.train.gradient_checkpointing and recipe.train.unchecked_layers:
         leave_last_layers_unchecked(model, recipe.train.unchecked_layers)
+    if recipe.train.gradient_checkpointing and recipe.train.offload_layers:
+        from birbal.train.offload import install_offload
+
+        # before compiling: the offloaded layers get their own class (an outer __call__), compiled as the others
+        model.birbal_offload = install_offload(model, device, recipe.train.unchecked_layers,
+                                               recipe.train.offload_layers)
     if recipe.train.torch_compile:
         compile_decoder_layers(model)
     return model
