@@ -73,13 +73,27 @@ def test_generations_of_clients_that_went_away_are_cancelled_queued_ones_include
         before = eng.stats.requests
         # long generations (sampled, so the random model does not end at once): one runs, two queue behind it
         long = {"prompt": "Once upon a time", "max_new_tokens": 2000, "temperature": 1.0, "top_k": 0, "seed": 1}
+        running = threading.Event()
+        real_process = eng.process
+
+        def process_and_say_so(*args, **kwargs):  # the real engine, observed: the test waits for it to start
+            running.set()
+            return real_process(*args, **kwargs)
+
+        eng.process = process_and_say_so
         socks = [_send_without_reading(port, long)]
-        time.sleep(0.3)  # the first is running before the others arrive
+        assert running.wait(30)  # the first is running before the others arrive
         socks += [_send_without_reading(port, long) for _ in range(2)]
-        time.sleep(0.3)
-        for sock in socks:
+        time.sleep(1.0)  # both read and queued behind it
+        # the queued clients leave first, then the running one: closing all at once let a loaded machine start a
+        # queued generation (the running one stopped) before its handler's next look at its socket
+        for sock in socks[1:]:
             sock.close()
-        while sum(app.state.cancelled.values()) < 3 and time.monotonic() < deadline:
+        while app.state.cancelled["queued"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dict(app.state.cancelled) == {"queued": 2}  # neither ever started
+        socks[0].close()
+        while app.state.cancelled["running"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert dict(app.state.cancelled) == {"running": 1, "queued": 2}
         t0 = time.monotonic()
