@@ -73,7 +73,8 @@ HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
 DECODE_MODES = ("auto", *MODES)  # serve.decode
 # a mode may end in "+grouped" (serve.decode_attention=grouped: birbal.serve.attention) and/or "+each"
 # (serve.decode_compile_lengths=each: compiled_layers compiles one graph per cache length, not one for all)
-VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each")}
+VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each"),
+            "one": ("decode_compile_lengths", "one")}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:
