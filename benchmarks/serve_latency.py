@@ -71,8 +71,8 @@ MIX = [("mmlu", 700, 1, 8), ("truthfulqa", 500, 1, 4), ("bbq", 400, 1, 4), ("big
        ("gsm8k", 1000, 128, 2), ("cnndm", 1500, 128, 2)]
 HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
 DECODE_MODES = ("auto", *MODES)  # serve.decode
-# a mode may end in "+grouped" (serve.decode_attention=grouped: birbal.serve.attention) and/or "+each"
-# (serve.decode_compile_lengths=each: compiled_layers compiles one graph per cache length, not one for all)
+# a mode may end in "+grouped" (serve.decode_attention=grouped: birbal.serve.attention) and/or "+each" / "+one"
+# (serve.decode_compile_lengths: compiled_layers compiles one graph per cache length, the default, or one for all)
 VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each"),
             "one": ("decode_compile_lengths", "one")}
 
