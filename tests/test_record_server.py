@@ -61,6 +61,7 @@ def test_generations_of_clients_that_went_away_are_cancelled_queued_ones_include
     import uvicorn
 
     eng = engine("none")
+    running, release, started = threading.Event(), threading.Event(), []
     app = create_app(eng, serve_cfg(postprocess="none"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -73,21 +74,23 @@ def test_generations_of_clients_that_went_away_are_cancelled_queued_ones_include
         before = eng.stats.requests
         # long generations (sampled, so the random model does not end at once): one runs, two queue behind it
         long = {"prompt": "Once upon a time", "max_new_tokens": 2000, "temperature": 1.0, "top_k": 0, "seed": 1}
-        running = threading.Event()
         real_process = eng.process
 
-        def process_and_say_so(*args, **kwargs):  # the real engine, observed: the test waits for it to start
+        def held_until_released(*args, **kwargs):
+            # the real engine, held at its start: the first generation keeps the generation thread busy for as
+            # long as the test needs (a sampled generation of this tiny model ends in under a second, so on a
+            # loaded machine it could end, and a queued one start, before the test's clients left)
+            started.append(kwargs.get("request", args[0] if args else None))
             running.set()
+            release.wait(30)
             return real_process(*args, **kwargs)
 
-        eng.process = process_and_say_so
+        eng.process = held_until_released
         socks = [_send_without_reading(port, long)]
         assert running.wait(30)  # the first is running before the others arrive
         socks += [_send_without_reading(port, long) for _ in range(2)]
         time.sleep(1.0)  # both read and queued behind it
-        # the queued clients leave first, then the running one: closing all at once let a loaded machine start a
-        # queued generation (the running one stopped) before its handler's next look at its socket
-        for sock in socks[1:]:
+        for sock in socks[1:]:  # the queued clients leave first
             sock.close()
         while app.state.cancelled["queued"] < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -95,14 +98,17 @@ def test_generations_of_clients_that_went_away_are_cancelled_queued_ones_include
         socks[0].close()
         while app.state.cancelled["running"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
+        release.set()  # the running generation, its client gone, stops at its first token
         assert dict(app.state.cancelled) == {"running": 1, "queued": 2}
         t0 = time.monotonic()
         answer = httpx.post(f"http://127.0.0.1:{port}/process", json={"prompt": "Hi", "max_new_tokens": 2},
                             timeout=30)
         assert answer.status_code == 200 and time.monotonic() - t0 < 10  # nothing left running ahead of it
         assert eng.stats.requests == before + 1  # the cancelled ones never completed
+        assert len(started) == 2  # and the queued ones never reached the engine: the first and "Hi" did
         assert app.state.request_counts["/process 499"] == 3
     finally:
+        release.set()
         server.should_exit = True
         thread.join(timeout=10)
 
