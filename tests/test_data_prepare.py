@@ -143,7 +143,8 @@ def test_4090_profile_data_section_pins_or_explains_every_hub_load():
     origins += [b.origin for b in data.contamination.benchmarks]
     quac = next(s for s in data.rebuild.sources if s.kind == "quac").origin.file
     assert quac.url == "https://s3.amazonaws.com/my89public/quac/train_v0.2.json"  # HELM's quac_scenario.py
-    assert quac.sha256 or quac.sha256_note
+    # ParlAI's parlai/tasks/quac/build.py (facebookresearch/ParlAI 7a206821) pins this digest for the same URL
+    assert quac.sha256 == "ff5cca5a2e4b4d1cb5b5ced68b9fce88394ef6d93117426d6d4baafbcc05c56a"
     for origin in origins:
         assert origin.path or origin.revision or origin.revision_note, origin
     math = next(s for s in data.rebuild.sources if s.kind == "mathinstruct")
