@@ -441,13 +441,49 @@ def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, ti
     details = json.loads(record.read_text()).get("details", {}) if record.is_file() and health is not None else {}
     keys = ("verify_inputs_s", "load_s", "warmup_s", "warmup_compiled_graphs", "decode", "compile_cache")
     out["stage"] = {k: details.get(k) for k in keys}
+    startup_record = details.get("startup") or {}
     if health is not None:
         known = sum(details.get(k) or 0.0 for k in ("verify_inputs_s", "load_s", "warmup_s"))
-        # interpreter start, imports, recipe, binding, uvicorn's start and the poll's granularity
+        # interpreter start, imports, recipe, binding, uvicorn's start and the poll's granularity (the verify ran
+        # beside the load since the phases were recorded, so this older split undercounts the rest)
         out["process_start_imports_and_other_s"] = round(out["wall_to_ready_s"] - known, 2)
+    if startup_record:
+        # the server's own breakdown (birbal.serve.startup): every phase from the process's creation, and what the
+        # launch and the poll added on top of the server's own time to ready
+        out["phases"] = startup_record.get("phases")
+        ready_at = startup_record.get("ready_at_s")
+        if health is not None and ready_at is not None:
+            out["ready_at_s"] = ready_at
+            out["launch_and_poll_s"] = round(out["wall_to_ready_s"] - ready_at, 2)
+            out["critical_path"] = critical_path(startup_record.get("phases") or {})
     out["compile_cache_files_after"] = _count_files(run / "cache" / "inductor")
     if health is None or proc.returncode not in (0, None):
         out["log_tail"] = log.read_text(errors="replace")[-3000:]
+    return out
+
+
+def critical_path(phases: dict) -> dict:
+    """The server's time to ready in consecutive parts, from its phase record: before `main` (the interpreter and
+    the CLI's imports), main to the serve stage (the recipe), the plan, the server's imports and bind, the loading
+    thread's parts, the warm-up and the wait for the hash. Parts that overlap (the hash, uvicorn's start) are
+    not in it; `verify` is given beside it with its own start and duration."""
+    def at(name: str) -> float | None:
+        return (phases.get(name) or {}).get("at_s")
+
+    def dur(name: str) -> float | None:
+        return (phases.get(name) or {}).get("s")
+
+    out = {"before_main_s": at("main"),
+           "main_to_serve_stage_s": None if at("serve_stage") is None or at("main") is None
+           else round(at("serve_stage") - at("main"), 3)}
+    for name in ("plan", "imports.server", "bind", "load.tokenizer", "load.device", "load.imports", "load.weights",
+                 "load.adapter", "load.engine", "warm_up", "verify_wait"):
+        if dur(name) is not None:
+            out[f"{name}_s"] = dur(name)
+    out["verify_beside_s"] = dur("verify")
+    if at("ready") is not None:
+        listed = sum(v for k, v in out.items() if k not in ("verify_beside_s",) and v is not None)
+        out["other_s"] = round(at("ready") - listed, 3)  # the gaps: thread starts, the load's own Python
     return out
 
 

@@ -248,6 +248,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     from it. `startup.PHASES` times every step; the breakdown goes to the log and to the record.
     """
     PHASES.mark("serve_stage")
+    _log_to_stderr()
     cfg = recipe.serve
     host = cfg.host if host is None else host
     port = cfg.port if port is None else port
@@ -313,6 +314,18 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
                         "generated_tokens": engine.stats.generated_tokens,
                         "busy_s": round(engine.stats.busy_s, 3)})
     run_dir.finish(record, outputs={}, details=details, outcome="stopped")
+
+
+def _log_to_stderr() -> None:
+    """The server's own lines (serving where, loaded in, the start-up breakdown, a refusal) on stderr beside
+    uvicorn's, in its format; unless logging is configured already (an embedding program, pytest)."""
+    root = logging.getLogger()
+    if root.handlers or log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def startup_details(check: BackgroundCheck) -> dict[str, Any]:
