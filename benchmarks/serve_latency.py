@@ -382,7 +382,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, timeout_s: float) -> dict:
+def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, timeout_s: float,
+                       importtime: bool = False) -> dict:
     """`python -m birbal serve` in a fresh process, /health polled every 0.2 s until 200; then one greedy request,
     SIGTERM, and the stage record's own times. The compile cache is the stage's (<run>/cache/inductor): the child's
     environment has no TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR."""
@@ -395,6 +396,8 @@ def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, ti
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
+    if importtime:  # python -X importtime: each module's import time, on stderr (the log), summarised below
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     sets = [a for o in startup_overrides(work, mode, device) for a in ("--set", o)]
@@ -457,9 +460,37 @@ def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, ti
             out["launch_and_poll_s"] = round(out["wall_to_ready_s"] - ready_at, 2)
             out["critical_path"] = critical_path(startup_record.get("phases") or {})
     out["compile_cache_files_after"] = _count_files(run / "cache" / "inductor")
+    text = log.read_text(errors="replace")
+    if importtime:
+        out["importtime"] = summarise_importtime(text)
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("import time:"))
     if health is None or proc.returncode not in (0, None):
-        out["log_tail"] = log.read_text(errors="replace")[-3000:]
+        out["log_tail"] = text[-3000:]
+    else:  # the server's own lines (serving, loaded, the start-up breakdown)
+        out["server_lines"] = [line for line in text.splitlines() if "start-up (s since" in line
+                               or "model loaded in" in line or "refused" in line][-4:]
     return out
+
+
+def summarise_importtime(text: str, top: int = 25) -> dict:
+    """`-X importtime` lines (`import time: self_us | cumulative_us | name`, nesting shown by the name's indent):
+    the sum of the self times, the top-level imports by cumulative time, and the modules with the largest self
+    times, in seconds."""
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        try:
+            own, cumulative, name = line[len("import time:"):].split("|", 2)
+            rows.append((int(own), int(cumulative), len(name) - len(name.lstrip()) - 1, name.strip()))
+        except ValueError:
+            continue
+    level0 = min((depth for _, _, depth, _ in rows), default=0)
+    return {"modules": len(rows), "self_total_s": round(sum(r[0] for r in rows) / 1e6, 3),
+            "top_level_by_cumulative_s": {name: round(c / 1e6, 3) for _, c, depth, name in
+                                          sorted(rows, key=lambda r: -r[1]) if depth == level0 and c >= 50_000},
+            "largest_self_s": {name: round(own / 1e6, 3) for own, _, _, name in
+                               sorted(rows, key=lambda r: -r[0])[:top]}}
 
 
 def critical_path(phases: dict) -> dict:
@@ -503,7 +534,8 @@ def imports_s() -> float:
     return round(float(done.stdout.strip().splitlines()[-1]), 2) if done.returncode == 0 else float("nan")
 
 
-def startup(res: dict, work: Path, entries, device, default_timeout: float, left, save) -> None:
+def startup(res: dict, work: Path, entries, device, default_timeout: float, left, save,
+            importtime_cold: bool = False) -> None:
     """Cold start (empty compile cache) then warm restart (the cache the cold start left) per entry."""
     import shutil
 
@@ -525,7 +557,10 @@ def startup(res: dict, work: Path, entries, device, default_timeout: float, left
                 break
             if start == "cold":
                 shutil.rmtree(run / "cache" / "inductor", ignore_errors=True)
-            entry[start] = launch_until_ready(work, run, served, mode, device, budget)
+            # the cold start also records each import's time (-X importtime: a few per cent slower, so only there,
+            # and the warm restart, which the target judges, runs as a judge's does)
+            entry[start] = launch_until_ready(work, run, served, mode, device, budget,
+                                              importtime=start == "cold" and importtime_cold)
             save()
             print(f"startup {key} {start}: ready={entry[start]['ready']} in {entry[start]['wall_to_ready_s']} s "
                   f"{json.dumps(entry[start]['stage'])}", flush=True)
@@ -735,6 +770,8 @@ def main() -> int:
                              "e.g. unmerged:compiled_layers,merged:compiled_layers,unmerged:compiled_graph@90; the "
                              "first that is ready gives the top-level cold_start_s and warm_restart_s")
     parser.add_argument("--startup-timeout-s", type=float, default=240.0, help="per start, unless @ says otherwise")
+    parser.add_argument("--startup-importtime", action="store_true",
+                        help="run each cold start under python -X importtime and summarise it in the JSON")
     parser.add_argument("--skip-mix", action="store_true", help="the start-up part only (no request mix)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop starting new parts this many seconds after launch, so the JSON is always written "
@@ -768,7 +805,8 @@ def main() -> int:
         res["weights"] = build_folders(args.workdir, arch, device, tokenizer)
         save()
         if args.startup:
-            startup(res, args.workdir, args.startup, device, args.startup_timeout_s, left, save)
+            startup(res, args.workdir, args.startup, device, args.startup_timeout_s, left, save,
+                    importtime_cold=args.startup_importtime)
             save()
         if args.skip_mix:
             print(json.dumps({k: v for k, v in res.items() if k != "mix"}, indent=1))

@@ -274,7 +274,9 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig,
 
     @app.exception_handler(RequestError)
     async def _request_error(_, err: RequestError) -> JSONResponse:
-        log.info("request refused (%s): %s", err.error_type, err)
+        # a 503 while loading is what every /health poll gets until ready: not worth a line each
+        (log.debug if isinstance(err, NotReadyError) and slot.error is None else log.info)(
+            "request refused (%s): %s", err.error_type, err)
         return _error_response(err)
 
     @app.exception_handler(RequestValidationError)

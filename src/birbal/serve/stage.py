@@ -262,6 +262,7 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
         import uvicorn
 
         from birbal.serve.app import create_app
+    _start_cuda_early(cfg.device)
     record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
     try:
         with PHASES.span("bind"):
@@ -314,6 +315,25 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
                         "generated_tokens": engine.stats.generated_tokens,
                         "busy_s": round(engine.stats.busy_s, 3)})
     run_dir.finish(record, outputs={}, details=details, outcome="stopped")
+
+
+def _start_cuda_early(device: str) -> None:
+    """CUDA's start (the driver, the context: a second or more on a large GPU) on a thread of its own, beside the
+    loading thread's imports, instead of on it; timed as `device_init`. Any failure is left to the loading thread,
+    which names it (`serve.device`)."""
+    if device == "cpu":
+        return
+    import torch
+
+    def start() -> None:
+        try:
+            with PHASES.span("device_init"):
+                if torch.cuda.is_available():
+                    torch.zeros(1, device="cuda")  # the allocation makes the context; torch holds no GIL in it
+        except Exception:  # noqa: BLE001 - the loading thread meets the same failure and reports it
+            pass
+
+    threading.Thread(target=start, name="birbal-cuda-init", daemon=True).start()
 
 
 def _log_to_stderr() -> None:
