@@ -33,6 +33,12 @@ What it does, in one process:
    `faithful_targets` gives its total time over (a)'s and its decode ms per token. `--served merged` times (b)
    alone. Each server's replay starts from `torch.manual_seed(--seed)`, so sampled ties draw from the same stream.
 
+`--startup served:mode,...` times the real `python -m birbal serve` from launch to /health 200, cold (an empty
+compile cache) then warm (the cache it left): `cold_start_s`, `warm_restart_s`. Each start's JSON holds the
+server's own breakdown (`phases`: birbal.serve.startup, every phase from the process's creation; `critical_path`:
+the consecutive parts to ready, the hash beside them; `launch_and_poll_s`: what the launch and the 0.2 s poll added);
+`--startup-importtime` runs the cold starts under `python -X importtime` and summarises it (`importtime`).
+
 The mix (prompt tokens / max new tokens x count), shaped like the open run specs
 (run_specs_full_coarse_600_budget.conf) as PLATFORM_NOTES.md measured it: MMLU 700/1 x8, TruthfulQA 500/1 x4,
 BBQ 400/1 x4, BIG-bench 350/16 x4, GSM8K 1000/128 x2, CNN/DM 1500/128 x2. Prompts are random whole-word
