@@ -452,9 +452,12 @@ def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, ti
     out["stage"] = {k: details.get(k) for k in keys}
     startup_record = details.get("startup") or {}
     if health is not None:
-        known = sum(details.get(k) or 0.0 for k in ("verify_inputs_s", "load_s", "warmup_s"))
-        # interpreter start, imports, recipe, binding, uvicorn's start and the poll's granularity (the verify ran
-        # beside the load since the phases were recorded, so this older split undercounts the rest)
+        # interpreter start, imports, recipe, binding, uvicorn's start and the poll's granularity. Since the server
+        # records its phases the re-hash runs beside the load: only the time the ready model waited for it
+        # (verify_wait) is on the way to ready, not verify_inputs_s (which counted it twice: negative for merged).
+        phases = startup_record.get("phases") or {}
+        on_path = (phases.get("verify_wait") or {}).get("s", 0.0) if phases else details.get("verify_inputs_s")
+        known = sum(v or 0.0 for v in (on_path, details.get("load_s"), details.get("warmup_s")))
         out["process_start_imports_and_other_s"] = round(out["wall_to_ready_s"] - known, 2)
     if startup_record:
         # the server's own breakdown (birbal.serve.startup): every phase from the process's creation, and what the

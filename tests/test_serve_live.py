@@ -56,8 +56,14 @@ def live(tmp_path_factory):
             raise AssertionError(f"server exited: {(run_dir.path / 'server.log').read_text()[-3000:]}")
         return record and record.status == "running" and record.details.get("url")
 
-    base = _wait_for(url, 60, "serve/stage.json to hold the url")
-    _wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, 60, "/health to answer 200")
+    try:
+        base = _wait_for(url, 60, "serve/stage.json to hold the url")
+        _wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, 60, "/health to answer 200")
+    except BaseException:  # a setup that fails must not leave the server running
+        proc.kill()
+        proc.wait()
+        log.close()
+        raise
     yield {"url": base, "proc": proc, "run_dir": run_dir, "ready_within_s": time.monotonic() - launched}
     if proc.poll() is None:
         proc.kill()
