@@ -33,6 +33,12 @@ What it does, in one process:
    `faithful_targets` gives its total time over (a)'s and its decode ms per token. `--served merged` times (b)
    alone. Each server's replay starts from `torch.manual_seed(--seed)`, so sampled ties draw from the same stream.
 
+`--startup served:mode,...` times the real `python -m birbal serve` from launch to /health 200, cold (an empty
+compile cache) then warm (the cache it left): `cold_start_s`, `warm_restart_s`. Each start's JSON holds the
+server's own breakdown (`phases`: birbal.serve.startup, every phase from the process's creation; `critical_path`:
+the consecutive parts to ready, the hash beside them; `launch_and_poll_s`: what the launch and the 0.2 s poll added);
+`--startup-importtime` runs the cold starts under `python -X importtime` and summarises it (`importtime`).
+
 The mix (prompt tokens / max new tokens x count), shaped like the open run specs
 (run_specs_full_coarse_600_budget.conf) as PLATFORM_NOTES.md measured it: MMLU 700/1 x8, TruthfulQA 500/1 x4,
 BBQ 400/1 x4, BIG-bench 350/16 x4, GSM8K 1000/128 x2, CNN/DM 1500/128 x2. Prompts are random whole-word
@@ -382,7 +388,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, timeout_s: float) -> dict:
+def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, timeout_s: float,
+                       importtime: bool = False) -> dict:
     """`python -m birbal serve` in a fresh process, /health polled every 0.2 s until 200; then one greedy request,
     SIGTERM, and the stage record's own times. The compile cache is the stage's (<run>/cache/inductor): the child's
     environment has no TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR."""
@@ -395,6 +402,8 @@ def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, ti
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
+    if importtime:  # python -X importtime: each module's import time, on stderr (the log), summarised below
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     sets = [a for o in startup_overrides(work, mode, device) for a in ("--set", o)]
@@ -441,13 +450,80 @@ def launch_until_ready(work: Path, run: Path, served: str, mode: str, device, ti
     details = json.loads(record.read_text()).get("details", {}) if record.is_file() and health is not None else {}
     keys = ("verify_inputs_s", "load_s", "warmup_s", "warmup_compiled_graphs", "decode", "compile_cache")
     out["stage"] = {k: details.get(k) for k in keys}
+    startup_record = details.get("startup") or {}
     if health is not None:
-        known = sum(details.get(k) or 0.0 for k in ("verify_inputs_s", "load_s", "warmup_s"))
-        # interpreter start, imports, recipe, binding, uvicorn's start and the poll's granularity
+        # interpreter start, imports, recipe, binding, uvicorn's start and the poll's granularity. Since the server
+        # records its phases the re-hash runs beside the load: only the time the ready model waited for it
+        # (verify_wait) is on the way to ready, not verify_inputs_s (which counted it twice: negative for merged).
+        phases = startup_record.get("phases") or {}
+        on_path = (phases.get("verify_wait") or {}).get("s", 0.0) if phases else details.get("verify_inputs_s")
+        known = sum(v or 0.0 for v in (on_path, details.get("load_s"), details.get("warmup_s")))
         out["process_start_imports_and_other_s"] = round(out["wall_to_ready_s"] - known, 2)
+    if startup_record:
+        # the server's own breakdown (birbal.serve.startup): every phase from the process's creation, and what the
+        # launch and the poll added on top of the server's own time to ready
+        out["phases"] = startup_record.get("phases")
+        ready_at = startup_record.get("ready_at_s")
+        if health is not None and ready_at is not None:
+            out["ready_at_s"] = ready_at
+            out["launch_and_poll_s"] = round(out["wall_to_ready_s"] - ready_at, 2)
+            out["critical_path"] = critical_path(startup_record.get("phases") or {})
     out["compile_cache_files_after"] = _count_files(run / "cache" / "inductor")
+    text = log.read_text(errors="replace")
+    if importtime:
+        out["importtime"] = summarise_importtime(text)
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("import time:"))
     if health is None or proc.returncode not in (0, None):
-        out["log_tail"] = log.read_text(errors="replace")[-3000:]
+        out["log_tail"] = text[-3000:]
+    else:  # the server's own lines (serving, loaded, the start-up breakdown)
+        out["server_lines"] = [line for line in text.splitlines() if "start-up (s since" in line
+                               or "model loaded in" in line or "refused" in line][-4:]
+    return out
+
+
+def summarise_importtime(text: str, top: int = 25) -> dict:
+    """`-X importtime` lines (`import time: self_us | cumulative_us | name`, nesting shown by the name's indent):
+    the sum of the self times, the top-level imports by cumulative time, and the modules with the largest self
+    times, in seconds."""
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        try:
+            own, cumulative, name = line[len("import time:"):].split("|", 2)
+            rows.append((int(own), int(cumulative), len(name) - len(name.lstrip()) - 1, name.strip()))
+        except ValueError:
+            continue
+    level0 = min((depth for _, _, depth, _ in rows), default=0)
+    return {"modules": len(rows), "self_total_s": round(sum(r[0] for r in rows) / 1e6, 3),
+            "top_level_by_cumulative_s": {name: round(c / 1e6, 3) for _, c, depth, name in
+                                          sorted(rows, key=lambda r: -r[1]) if depth == level0 and c >= 50_000},
+            "largest_self_s": {name: round(own / 1e6, 3) for own, _, _, name in
+                               sorted(rows, key=lambda r: -r[0])[:top]}}
+
+
+def critical_path(phases: dict) -> dict:
+    """The server's time to ready in consecutive parts, from its phase record: before `main` (the interpreter and
+    the CLI's imports), main to the serve stage (the recipe), the plan, the server's imports and bind, the loading
+    thread's parts, the warm-up and the wait for the hash. Parts that overlap (the hash, uvicorn's start) are
+    not in it; `verify` is given beside it with its own start and duration."""
+    def at(name: str) -> float | None:
+        return (phases.get(name) or {}).get("at_s")
+
+    def dur(name: str) -> float | None:
+        return (phases.get(name) or {}).get("s")
+
+    out = {"before_main_s": at("main"),
+           "main_to_serve_stage_s": None if at("serve_stage") is None or at("main") is None
+           else round(at("serve_stage") - at("main"), 3)}
+    for name in ("plan", "imports.server", "bind", "load.tokenizer", "load.device", "load.imports", "load.weights",
+                 "load.adapter", "load.engine", "warm_up", "verify_wait"):
+        if dur(name) is not None:
+            out[f"{name}_s"] = dur(name)
+    out["verify_beside_s"] = dur("verify")
+    if at("ready") is not None:
+        listed = sum(v for k, v in out.items() if k not in ("verify_beside_s",) and v is not None)
+        out["other_s"] = round(at("ready") - listed, 3)  # the gaps: thread starts, the load's own Python
     return out
 
 
@@ -467,7 +543,8 @@ def imports_s() -> float:
     return round(float(done.stdout.strip().splitlines()[-1]), 2) if done.returncode == 0 else float("nan")
 
 
-def startup(res: dict, work: Path, entries, device, default_timeout: float, left, save) -> None:
+def startup(res: dict, work: Path, entries, device, default_timeout: float, left, save,
+            importtime_cold: bool = False) -> None:
     """Cold start (empty compile cache) then warm restart (the cache the cold start left) per entry."""
     import shutil
 
@@ -489,7 +566,10 @@ def startup(res: dict, work: Path, entries, device, default_timeout: float, left
                 break
             if start == "cold":
                 shutil.rmtree(run / "cache" / "inductor", ignore_errors=True)
-            entry[start] = launch_until_ready(work, run, served, mode, device, budget)
+            # the cold start also records each import's time (-X importtime: a few per cent slower, so only there,
+            # and the warm restart, which the target judges, runs as a judge's does)
+            entry[start] = launch_until_ready(work, run, served, mode, device, budget,
+                                              importtime=start == "cold" and importtime_cold)
             save()
             print(f"startup {key} {start}: ready={entry[start]['ready']} in {entry[start]['wall_to_ready_s']} s "
                   f"{json.dumps(entry[start]['stage'])}", flush=True)
@@ -699,6 +779,8 @@ def main() -> int:
                              "e.g. unmerged:compiled_layers,merged:compiled_layers,unmerged:compiled_graph@90; the "
                              "first that is ready gives the top-level cold_start_s and warm_restart_s")
     parser.add_argument("--startup-timeout-s", type=float, default=240.0, help="per start, unless @ says otherwise")
+    parser.add_argument("--startup-importtime", action="store_true",
+                        help="run each cold start under python -X importtime and summarise it in the JSON")
     parser.add_argument("--skip-mix", action="store_true", help="the start-up part only (no request mix)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="stop starting new parts this many seconds after launch, so the JSON is always written "
@@ -732,7 +814,8 @@ def main() -> int:
         res["weights"] = build_folders(args.workdir, arch, device, tokenizer)
         save()
         if args.startup:
-            startup(res, args.workdir, args.startup, device, args.startup_timeout_s, left, save)
+            startup(res, args.workdir, args.startup, device, args.startup_timeout_s, left, save,
+                    importtime_cold=args.startup_importtime)
             save()
         if args.skip_mix:
             print(json.dumps({k: v for k, v in res.items() if k != "mix"}, indent=1))

@@ -42,13 +42,12 @@ def _wait_for(predicate, timeout: float, what: str):
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     run_dir = _exported_run_dir(tmp_path_factory.mktemp("live") / "run")
-    script = ("import sys\nfrom birbal.config import load_recipe\nfrom birbal.rundir import RunDir\n"
-              "from birbal.serve.stage import serve_stage\n"
-              "serve_stage(load_recipe('smoke'), RunDir(sys.argv[1]), host='127.0.0.1', port=0)\n")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     log = open(run_dir.path / "server.log", "w")  # noqa: SIM115 - closed in the finaliser
-    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir.path)], env=env, stdout=log,
+    launched = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "birbal", "serve", "--profile", "smoke", "--run-dir",
+                             str(run_dir.path), "--host", "127.0.0.1", "--port", "0"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
     def url():
@@ -57,9 +56,15 @@ def live(tmp_path_factory):
             raise AssertionError(f"server exited: {(run_dir.path / 'server.log').read_text()[-3000:]}")
         return record and record.status == "running" and record.details.get("url")
 
-    base = _wait_for(url, 60, "serve/stage.json to hold the url")
-    _wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, 60, "/health to answer 200")
-    yield {"url": base, "proc": proc, "run_dir": run_dir}
+    try:
+        base = _wait_for(url, 60, "serve/stage.json to hold the url")
+        _wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, 60, "/health to answer 200")
+    except BaseException:  # a setup that fails must not leave the server running
+        proc.kill()
+        proc.wait()
+        log.close()
+        raise
+    yield {"url": base, "proc": proc, "run_dir": run_dir, "ready_within_s": time.monotonic() - launched}
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -141,6 +146,31 @@ def test_sigterm_stops_gracefully_and_completes_the_record(live):
     assert record.details["generation_requests"] >= 32 and record.details["load_s"] > 0
     assert record.details["stopped_by"] == "SIGTERM"
     assert run_dir.manifest()["stages"]["serve"]["status"] == "complete"
+
+
+def test_the_record_and_the_log_break_the_start_down(live):
+    """`python -m birbal serve` as a judge runs it: serve/stage.json's details.startup times every phase on one
+    clock from the process's creation, in the order a start takes them, and the log says the same in one line."""
+    run_dir = live["run_dir"]
+    if live["proc"].poll() is None:  # run alone (-k): stop it here
+        live["proc"].send_signal(signal.SIGTERM)
+        live["proc"].wait(timeout=60)
+    startup = run_dir.record("serve").details["startup"]
+    phases = startup["phases"]
+    order = ["main", "serve_stage", "plan", "verify", "imports.server", "bind", "load.device", "load.imports",
+             "load.weights", "load.tokenizer", "load.engine", "warm_up", "verify_wait", "ready"]
+    assert set(order) <= set(phases), sorted(phases)
+    at = [phases[name]["at_s"] for name in order]
+    assert at == sorted(at), dict(zip(order, at, strict=True))
+    assert 0 < phases["main"]["at_s"] < phases["ready"]["at_s"] == startup["ready_at_s"]
+    assert startup["ready_at_s"] < live["ready_within_s"] + 1  # the clock starts at the process, not later
+    assert phases["verify"]["at_s"] < phases["load.weights"]["at_s"]  # the hash starts before the load
+    assert startup["verify_inputs_s"] == phases["verify"]["s"] == run_dir.record("serve").details["verify_inputs_s"]
+    for name in order:
+        assert phases[name].get("s", 0) >= 0
+    assert startup["process_clock"] is True
+    log = (run_dir.path / "server.log").read_text()
+    assert "start-up (s since the process began, +duration): main " in log
 
 
 def test_a_model_that_fails_to_load_fails_the_stage(tmp_path, monkeypatch):

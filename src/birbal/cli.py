@@ -134,7 +134,7 @@ def _run(args) -> int:
     elif args.stage == "export":
         stages.export_stage(recipe, run_dir, args.force)
     elif args.stage == "serve":
-        from birbal.serve.app import serve_stage
+        from birbal.serve.stage import serve_stage  # torch and fastapi are imported inside, timed
 
         serve_stage(recipe, run_dir, args.host, args.port)
     elif args.stage == "evaluate":
@@ -180,6 +180,9 @@ def name_a_passwdless_uid(environ=os.environ) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from birbal.serve.startup import PHASES  # the serve stage's start-up breakdown (a small module: os, time)
+
+    PHASES.mark("main")
     args = build_parser().parse_args(argv)
     name_a_passwdless_uid()
     try:

@@ -51,26 +51,49 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class EngineSlot:
-    """The engine, or why there is none yet: loading in the background, or failed to load."""
+    """The engine, or why there is none yet: loading in the background, or failed to load, or refused.
 
-    def __init__(self, engine_or_factory: Engine | EngineFactory, serve_cfg: ServeConfig):
+    `gate` (the serve stage's `startup.BackgroundCheck`, the re-hash of the served files, which runs beside the
+    load): the loaded, warmed-up engine is served only once it has passed; if it fails, the slot is refused at
+    once, even while the model is still loading, and never serves."""
+
+    def __init__(self, engine_or_factory: Engine | EngineFactory, serve_cfg: ServeConfig, gate=None):
         self._factory: EngineFactory | None = None
         self._cfg = serve_cfg
+        self._gate = gate
+        self._lock = threading.Lock()
+        self._started = False
         self.engine: Engine | None = None
         self.error: str | None = None
+        self.refused = False  # the error is the gate's: the files are not the record's
         self.loaded = threading.Event()
         if isinstance(engine_or_factory, Engine):
+            if gate is not None:
+                raise ServeError("EngineSlot: a gate applies to an engine still to be loaded (give a factory)")
             self.engine = engine_or_factory
             self.loaded.set()
         else:
             self._factory = engine_or_factory
+        if gate is not None:
+            gate.when_failed(self._refuse)
+
+    def _refuse(self, err: BaseException) -> None:
+        with self._lock:
+            if self.error is None and self.engine is None:
+                self.error, self.refused = str(err), True
+                log.error("model refused: %s", self.error)
+        self.loaded.set()
 
     def start_loading(self) -> None:
-        if self._factory is None or self.loaded.is_set():
-            return
+        with self._lock:
+            if self._factory is None or self.loaded.is_set() or self._started:
+                return
+            self._started = True
         threading.Thread(target=self._load, name="birbal-model-load", daemon=True).start()
 
     def _load(self) -> None:
+        from birbal.serve.startup import PHASES
+
         assert self._factory is not None
         try:
             t0 = time.perf_counter()
@@ -78,13 +101,25 @@ class EngineSlot:
             if engine.cfg != self._cfg:
                 raise ServeError("the engine factory built an engine with another ServeConfig than the app's")
             loaded_s = time.perf_counter() - t0
-            engine.warm_up()  # before `self.engine` is set: /health says ready only once requests run at speed
-            self.engine = engine
-            log.info("model loaded in %.1f s from %s (decode: %s, warm-up %.1f s)", loaded_s, engine.source,
-                     engine.decode_mode, engine.warmup_s)
+            with PHASES.span("warm_up"):
+                engine.warm_up()  # before `self.engine` is set: /health says ready only once requests run at speed
+            if self._gate is not None:
+                self._gate.wait()  # the re-hash of what is served: raises if a file is not the record's
+            with self._lock:
+                if self.error is None:
+                    self.engine = engine
+            if self.engine is engine:
+                PHASES.mark("ready")
+                log.info("model loaded in %.1f s from %s (decode: %s, warm-up %.1f s)", loaded_s, engine.source,
+                         engine.decode_mode, engine.warmup_s)
+                log.info("%s", PHASES.summary())
         except BaseException as err:  # noqa: BLE001 - a failed load is reported by /health, not lost in a thread
-            self.error = f"{type(err).__name__}: {err}"
-            log.error("model failed to load: %s", self.error)
+            with self._lock:
+                if self.error is None:
+                    refused = self._gate is not None and err is self._gate.error
+                    self.error = str(err) if refused else f"{type(err).__name__}: {err}"
+                    self.refused = refused
+                    log.error("model %s: %s", "refused" if refused else "failed to load", self.error)
         finally:
             self.loaded.set()
 
@@ -92,7 +127,8 @@ class EngineSlot:
         if self.engine is not None:
             return self.engine
         if self.error is not None:
-            raise NotReadyError(f"the model failed to load: {self.error}")
+            what = "was refused" if self.refused else "failed to load"
+            raise NotReadyError(f"the model {what}: {self.error}")
         raise NotReadyError("the model is still loading; poll GET /health until it answers 200")
 
 
@@ -202,18 +238,18 @@ def _describe_validation(err: RequestValidationError) -> str:
 
 
 def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig,
-               identity: dict[str, Any] | None = None) -> FastAPI:
+               identity: dict[str, Any] | None = None, gate=None) -> FastAPI:
     """The FastAPI app around a loaded `Engine`, or around a factory that loads one in the background.
 
     With a factory, /health answers 503 until the model is loaded and /process answers 503 meanwhile.
     `serve_cfg` must be the one the engine was built with: the engine enforces its token limits, the app its
     body size limit. `identity` (`run_id`, `model_digest`, `model_stage`: which run's model this is) is reported
-    by GET /health, so a client can prove it talks to the server of its own run.
+    by GET /health, so a client can prove it talks to the server of its own run. `gate`: see `EngineSlot`.
     """
     if isinstance(engine, Engine) and engine.cfg != serve_cfg:
         raise ServeError("create_app: the engine was built with another ServeConfig than the app's; the limits "
                          "would disagree (build the engine with the same serve config)")
-    slot = EngineSlot(engine, serve_cfg)
+    slot = EngineSlot(engine, serve_cfg, gate)
     generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="birbal-generate")
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="birbal-tokenize")
     counts: Counter = Counter()
@@ -238,7 +274,9 @@ def create_app(engine: Engine | EngineFactory, serve_cfg: ServeConfig,
 
     @app.exception_handler(RequestError)
     async def _request_error(_, err: RequestError) -> JSONResponse:
-        log.info("request refused (%s): %s", err.error_type, err)
+        # a 503 while loading is what every /health poll gets until ready: not worth a line each
+        (log.debug if isinstance(err, NotReadyError) and slot.error is None else log.info)(
+            "request refused (%s): %s", err.error_type, err)
         return _error_response(err)
 
     @app.exception_handler(RequestValidationError)

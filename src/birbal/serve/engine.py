@@ -166,12 +166,17 @@ class Engine:
     def from_merged(cls, folder: str | Path, serve_cfg: ServeConfig, device: torch.device | None = None) -> Engine:
         """The export's `merged/` folder: safetensors weights plus tokenizer files (the fast path)."""
         from birbal.serve.loading import load_merged, load_tokenizer_folder
+        from birbal.serve.startup import PHASES
 
-        device = device or resolve_serve_device(serve_cfg.device)
+        with PHASES.span("load.device"):
+            device = device or resolve_serve_device(serve_cfg.device)
         t0 = time.perf_counter()
         model = load_merged(Path(folder), serve_cfg.dtype, device)
-        tokenizer = load_tokenizer_folder(Path(folder))
-        return cls(model, tokenizer, serve_cfg, source=str(folder), load_s=time.perf_counter() - t0)
+        with PHASES.span("load.tokenizer"):
+            tokenizer = load_tokenizer_folder(Path(folder))
+        load_s = time.perf_counter() - t0
+        with PHASES.span("load.engine"):
+            return cls(model, tokenizer, serve_cfg, source=str(folder), load_s=load_s)
 
     @classmethod
     def from_adapter(cls, base: str, adapter: str | Path, tokenizer, serve_cfg: ServeConfig, *,
@@ -181,14 +186,17 @@ class Engine:
         """`base` (folder, or hub id at `revision`) plus the unmerged PEFT adapter (LoRA weights in
         `serve.adapter_dtype`); 4-bit base with `quantization`."""
         from birbal.serve.loading import load_base_with_adapter
+        from birbal.serve.startup import PHASES
 
-        device = device or resolve_serve_device(serve_cfg.device)
+        with PHASES.span("load.device"):
+            device = device or resolve_serve_device(serve_cfg.device)
         t0 = time.perf_counter()
         model = load_base_with_adapter(base, Path(adapter), serve_cfg.dtype, device, revision=revision,
                                        quantization=quantization, adapter_dtype=serve_cfg.adapter_dtype,
                                        allow_pickle_adapter=allow_pickle_adapter)
-        return cls(model, tokenizer, serve_cfg, source=source or f"{base} + {adapter}",
-                   load_s=time.perf_counter() - t0)
+        load_s = time.perf_counter() - t0
+        with PHASES.span("load.engine"):
+            return cls(model, tokenizer, serve_cfg, source=source or f"{base} + {adapter}", load_s=load_s)
 
     @staticmethod
     def _end_ids(model, tokenizer) -> frozenset[int]:

@@ -13,6 +13,7 @@ import torch
 from birbal.config.model import QuantizationConfig
 from birbal.errors import ServeError
 from birbal.models import DTYPES, disable_cpu_4bit_repack, hub_token
+from birbal.serve.startup import PHASES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,14 +47,16 @@ def load_tokenizer_folder(folder: Path):
 
 def load_merged(folder: Path, dtype: str, device: torch.device, attn_implementation: str = "sdpa"):
     """The export's merged model folder, in `dtype`, on `device`."""
-    from transformers import AutoModelForCausalLM
+    with PHASES.span("load.imports"):
+        from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     _require_safetensors(folder, "merged model folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=DTYPES[dtype], device_map={"": str(device)}, use_safetensors=True,
-            trust_remote_code=False, local_files_only=True, attn_implementation=attn_implementation)
+        with PHASES.span("load.weights"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=DTYPES[dtype], device_map={"": str(device)}, use_safetensors=True,
+                trust_remote_code=False, local_files_only=True, attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
         raise ServeError(f"merged model {folder} could not be loaded: {err}") from None
     return model.eval()
@@ -100,8 +103,9 @@ def load_base_with_adapter(base: str, adapter: Path, dtype: str, device: torch.d
     `allow_pickle_adapter`: accept an `adapter_model.bin` (a published adapter of 2023 may hold only that); peft
     reads it with `torch.load(weights_only=True)`, which builds tensors and runs no code.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    with PHASES.span("load.imports"):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     adapter = Path(adapter)
     weights = ADAPTER_WEIGHT_FILES if allow_pickle_adapter else (ADAPTER_WEIGHTS,)
@@ -119,17 +123,27 @@ def load_base_with_adapter(base: str, adapter: Path, dtype: str, device: torch.d
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=DTYPES[quantization.compute_dtype], bnb_4bit_quant_storage=torch.uint8)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.exists() else base, revision=None if local.exists() else revision,
-            token=hub_token(), dtype=DTYPES[dtype], device_map={"": str(device)}, use_safetensors=True,
-            trust_remote_code=False, attn_implementation=attn_implementation, **kwargs)
+        with PHASES.span("load.weights"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if local.exists() else base, revision=None if local.exists() else revision,
+                token=hub_token(), dtype=DTYPES[dtype], device_map={"": str(device)}, use_safetensors=True,
+                trust_remote_code=False, attn_implementation=attn_implementation, **kwargs)
     except (OSError, ValueError) as err:
         raise ServeError(f"base model {base}@{revision} could not be loaded: {err}") from None
     if quantization is not None and device.type == "cpu":
         disable_cpu_4bit_repack(model)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False,
-                                          autocast_adapter_dtype=adapter_dtype == "float32")
+        with PHASES.span("load.adapter"):
+            # low_cpu_mem_usage: the LoRA layers are made on the meta device and take the file's tensors as they
+            # are (then peft moves them to the base layer's device and dtype), instead of being allocated on the
+            # CPU and randomly initialised first, only to be overwritten (335M values at r=128 on the 7B: seconds
+            # at every start). Only where the weights come out the same (tests/test_serve_startup.py compares
+            # every parameter): adapter_dtype `base` on a bf16/fp32 base. With the float32 upcast the ordinary path
+            # rounds the file's values through the base dtype first and this one does not, and on a 4-bit base the
+            # uint8 weight leaves the file's dtype as it is: both keep peft's ordinary path.
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False,
+                                              autocast_adapter_dtype=adapter_dtype == "float32",
+                                              low_cpu_mem_usage=quantization is None and adapter_dtype == "base")
     except (OSError, ValueError, RuntimeError) as err:
         raise ServeError(f"adapter {adapter} does not fit base {base}: {err}") from None
     return model.eval()

@@ -13,15 +13,22 @@ import os
 import signal
 import socket
 import threading
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from birbal.config import Recipe
-from birbal.errors import RunDirError, ServeError
-from birbal.fsutil import sha256_file
-from birbal.rundir import RunDir, published_digest
-from birbal.serve.app import create_app
-from birbal.serve.engine import Engine
+from birbal.errors import ServeError
+from birbal.fsutil import digest_of, sha256_file
+from birbal.rundir import RECORD, RunDir, published_digest
+from birbal.serve.startup import PHASES, BackgroundCheck
+
+if TYPE_CHECKING:
+    from birbal.serve.engine import Engine
+
+# This module imports neither torch nor fastapi at the top: the re-hash of the served files starts before those
+# imports (seconds each), on threads of its own (`BackgroundCheck`), and runs beside them and the model's load.
 
 log = logging.getLogger("birbal.serve")
 
@@ -29,12 +36,34 @@ MERGED_FOLDER = "merged"
 ADAPTER_FOLDER = "adapter"
 
 
+@dataclass
+class EnginePlan:
+    """What the serve stage will load, found and checked against the records without hashing anything yet:
+    `load()` builds the engine, `sources` is what the serve record names (`upstream`: the served model's digest,
+    as the export record gives it), `check()` re-hashes every file that digest covers and raises ServeError
+    naming the first one whose bytes are not the record's."""
+
+    load: Callable[[], Engine]
+    sources: dict[str, Any]
+    check: Callable[[], None]
+
+
 def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path, hub_cache: Path | None = None):
-    """(a function that loads the engine, the inputs it reads) for `recipe.serve`; the random base is materialised
-    under `cache_dir`, hub downloads go to huggingface_hub's cache (`hub_cache`, default HF_HOME's)."""
+    """(a function that loads the engine, the inputs it reads) for `recipe.serve`, after re-hashing what the
+    records say it serves (`plan_engine`, then its check, here and now); the serve stage instead runs the check
+    beside the load and withholds /health's 200 until it has passed."""
+    plan = plan_engine(recipe, run_dir, cache_dir, hub_cache)
+    plan.check()
+    return plan.load, plan.sources
+
+
+def plan_engine(recipe: Recipe, run_dir: RunDir, cache_dir: Path, hub_cache: Path | None = None) -> EnginePlan:
+    """The plan for `recipe.serve`: the random base is materialised under `cache_dir`, hub downloads go to
+    huggingface_hub's cache (`hub_cache`, default HF_HOME's). Everything but the hashing is checked here: a
+    missing export, a record that is not complete or not consistent, a file missing or not in the record."""
     cfg = recipe.serve
     if cfg.published_adapter is not None:
-        return _published_factory(recipe, cache_dir, hub_cache)
+        return _published_plan(recipe, cache_dir, hub_cache)
     if cfg.model == "merged":
         if cfg.quantize != "none":
             raise ServeError("serve.quantize: 4bit needs serve.model: adapter (the merged weights are served as is)")
@@ -42,30 +71,47 @@ def engine_factory(recipe: Recipe, run_dir: RunDir, cache_dir: Path, hub_cache: 
         if not (folder / "config.json").is_file():
             raise ServeError(f"{folder} holds no merged model: run the export stage first "
                              "(or set serve.model=adapter to serve the base plus the trained adapter)")
-        return (lambda: Engine.from_merged(folder, cfg)), {"model": str(folder), "upstream": _digest(run_dir, "merged")}
+        record = _complete_record(run_dir)
+        _check_listing(run_dir, record, folder, MERGED_FOLDER)
 
-    from birbal.models import base_model_location, load_tokenizer
+        def load_merged() -> Engine:
+            from birbal.serve.engine import Engine
+
+            return Engine.from_merged(folder, cfg)
+
+        # every output of the export (the adapter's copy too): the digest /health reports covers them all
+        return EnginePlan(load_merged, {"model": str(folder), "upstream": record.outputs_digest},
+                          lambda: _check_bytes(run_dir, record, None))
 
     # The export's copy of the adapter: checked against the recipe's LoRA and hashed in export/SHA256SUMS.
     adapter = run_dir.stage_dir("export") / ADAPTER_FOLDER
     if not (adapter / "adapter_config.json").is_file():
         raise ServeError(f"{adapter} holds no adapter: run the export stage first (it checks the trained adapter "
                          "against the recipe and copies it there)")
-    _check_against_record(run_dir, "export", adapter, ADAPTER_FOLDER)
+    record = _complete_record(run_dir)
+    _check_listing(run_dir, record, adapter, ADAPTER_FOLDER)
+    upstream = digest_of({k: v for k, v in record.outputs.items() if k.startswith(f"{ADAPTER_FOLDER}/")})
+    from birbal.models import base_model_location  # torch: after the plain checks, so that those fail fast
+
     base, revision = base_model_location(recipe.model, cache_dir)
     quantization = recipe.quantization if cfg.quantize == "4bit" else None
 
     def load() -> Engine:
-        tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir)
+        from birbal.models import load_tokenizer
+        from birbal.serve.engine import Engine
+
+        with PHASES.span("load.tokenizer"):
+            tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir)
         return Engine.from_adapter(base, adapter, tokenizer, cfg, revision=revision, quantization=quantization)
 
-    return load, {"model": f"{base}@{revision}" if revision else base, "adapter": str(adapter),
-                  "upstream": _digest(run_dir, "adapter")}
+    return EnginePlan(load, {"model": f"{base}@{revision}" if revision else base, "adapter": str(adapter),
+                             "upstream": upstream},
+                      lambda: _check_bytes(run_dir, record, f"{ADAPTER_FOLDER}/"))
 
 
-def _published_factory(recipe: Recipe, cache_dir: Path, hub_cache: Path | None):
+def _published_plan(recipe: Recipe, cache_dir: Path, hub_cache: Path | None) -> EnginePlan:
     """The submission: `model.*` (the base, pinned) plus `serve.published_adapter` from the hub, unmerged."""
-    from birbal.models import base_model_location, load_tokenizer
+    from birbal.models import base_model_location
     from birbal.serve.loading import fetch_published_adapter
 
     cfg = recipe.serve
@@ -80,36 +126,67 @@ def _published_factory(recipe: Recipe, cache_dir: Path, hub_cache: Path | None):
     folder = fetch_published_adapter(published.name_or_path, published.revision, hub_cache)
 
     def load() -> Engine:
-        tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir)
+        from birbal.models import load_tokenizer
+        from birbal.serve.engine import Engine
+
+        with PHASES.span("load.tokenizer"):
+            tokenizer = load_tokenizer(recipe.model.tokenizer, cache_dir)
         return Engine.from_adapter(base, folder, tokenizer, cfg, revision=revision, quantization=quantization,
                                    source=f"{base}@{revision} + {where}" if revision else f"{base} + {where}",
                                    allow_pickle_adapter=True)
 
-    return load, {"model": f"{base}@{revision}" if revision else base, "adapter": where,
-                  "adapter_files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()},
-                  "upstream": published_digest(recipe)}
+    # a hub commit is immutable and names what is served; the files' hashes are recorded beside it
+    return EnginePlan(load, {"model": f"{base}@{revision}" if revision else base, "adapter": where,
+                             "adapter_files": {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+                                               if p.is_file()},
+                             "upstream": published_digest(recipe)}, lambda: None)
 
 
-def _check_against_record(run_dir: RunDir, stage: str, folder: Path, prefix: str) -> None:
-    """Every file of `folder` must have the bytes `stage`'s complete record lists under `prefix/` (an adapter is
-    small enough to hash at every start). Without a complete record there is nothing to check against."""
-    record = run_dir.record(stage)
-    if record is None or record.status != "complete":
-        return
-    listed = {name.split("/", 1)[1]: digest for name, digest in record.outputs.items()
-              if name.startswith(f"{prefix}/")}
+def _complete_record(run_dir: RunDir):
+    """The export's complete record, consistent with itself; else the one-line error saying what to run."""
+    record = run_dir.record("export")
+    if record is None or record.status != "complete" or record.outputs_digest is None:
+        raise ServeError(f"the export stage is not complete in {run_dir.path}: run the export stage first")
+    if record.outputs_digest != digest_of(record.outputs):
+        raise ServeError(f"export/{RECORD}: outputs_digest does not match its own outputs list; re-run the export "
+                         "stage")
+    return record
+
+
+def _check_listing(run_dir: RunDir, record, folder: Path, prefix: str) -> None:
+    """Every file of `folder` (the one the server loads) is one the export record lists under `prefix/`, and every
+    file the record lists is present. Cheap (no hashing): done before the server binds, so it fails at once."""
+    export = run_dir.stage_dir("export")
+    listed = {rel[len(prefix) + 1:] for rel in record.outputs if rel.startswith(f"{prefix}/")}
     present = {p.name for p in folder.iterdir() if p.is_file()}
-    for name in sorted(present | set(listed)):
-        if name not in present:
-            reason = "missing"
-        elif name not in listed:
-            reason = "not in the record"
-        elif sha256_file(folder / name) != listed[name]:
-            reason = "sha256 differs"
-        else:
-            continue
-        raise ServeError(f"{folder / name} is not the file the {stage} stage recorded ({reason}); "
-                         f"re-run the {stage} stage")
+    for name in sorted(present - listed):
+        raise ServeError(f"{folder / name} is not the file the export stage recorded (not in the record); "
+                         "re-run the export stage")
+    covered = record.outputs if prefix == MERGED_FOLDER else listed  # the merged digest covers every output
+    for rel in sorted(covered):
+        path = export / rel if prefix == MERGED_FOLDER else folder / rel
+        if not path.is_file():
+            raise ServeError(f"{path} is not the file the export stage recorded (missing); re-run the export stage")
+
+
+def _check_bytes(run_dir: RunDir, record, only: str | None) -> None:
+    """Re-hash the export outputs the served digest covers (those under `only`, or all), shards in parallel
+    threads (`sha256_file` holds no GIL while it hashes); ServeError naming the first whose sha256 differs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    export = run_dir.stage_dir("export")
+    items = sorted((rel, digest) for rel, digest in record.outputs.items() if only is None or rel.startswith(only))
+    workers = max(1, min(8, os.cpu_count() or 1, len(items)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="birbal-verify") as pool:
+        try:
+            actual = list(pool.map(lambda item: sha256_file(export / item[0]), items))
+        except OSError as err:  # removed or unreadable since the listing was checked
+            raise ServeError(f"{err.filename or export} could not be read ({err.strerror}); re-run the export "
+                             "stage") from None
+    for (rel, recorded), digest in zip(items, actual, strict=True):
+        if digest != recorded:
+            raise ServeError(f"{export / rel} is not the file the export stage recorded (sha256 differs); "
+                             "re-run the export stage")
 
 
 def use_compile_cache(cache_dir: Path) -> str:
@@ -121,17 +198,6 @@ def use_compile_cache(cache_dir: Path) -> str:
     generated kernels; Dynamo still traces, which is the smaller part.
     """
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
-
-
-def _digest(run_dir: RunDir, serve_model: str) -> str:
-    """The served model's digest, after re-hashing the files its stage recorded: the server reports it in /health
-    and evaluate checks it. Files not recorded by a complete stage are not served."""
-    try:
-        return run_dir.model_digest(serve_model)[0]
-    except RunDirError as err:
-        stage = "export"
-        raise ServeError(f"{err}" if "not complete" not in str(err) else
-                         f"the {stage} stage is not complete in {run_dir.path}: run the {stage} stage first") from None
 
 
 def _server_class():
@@ -172,21 +238,35 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
                 cache_dir: Path | None = None) -> None:
     """Serve `run_dir`'s exported model on host:port (default `serve.host`/`serve.port`; port 0: any free one).
 
-    Blocks until SIGTERM/SIGINT; then records the stage complete. Raises ServeError when the model cannot load.
-    """
-    import uvicorn
+    Blocks until SIGTERM/SIGINT; then records the stage complete. Raises ServeError when the model cannot load,
+    or when a file it serves does not hash to the export record.
 
+    The order of a start: the records are checked (no hashing) and the re-hash of the served files starts on
+    threads of its own; then the imports, the bind, and the model's load and warm-up on the loading thread,
+    beside the hash. /health answers 200 only once both have ended and the hash matched the record: a file whose
+    bytes differ stops the server (at once if the hash ends first) and fails the stage, and nothing is served
+    from it. `startup.PHASES` times every step; the breakdown goes to the log and to the record.
+    """
+    PHASES.mark("serve_stage")
+    _log_to_stderr()
     cfg = recipe.serve
     host = cfg.host if host is None else host
     port = cfg.port if port is None else port
     cache_dir = cache_dir or run_dir.path / "cache"
-    t0 = time.perf_counter()
-    factory, sources = engine_factory(recipe, run_dir, cache_dir)  # re-hashes what the records say it serves
-    verify_s = round(time.perf_counter() - t0, 2)
+    with PHASES.span("plan"):
+        plan = plan_engine(recipe, run_dir, cache_dir)  # the records, the listing: one-line errors, at once
+    check = BackgroundCheck(plan.check, "verify")
+    sources = plan.sources
     compile_cache = use_compile_cache(cache_dir)
+    with PHASES.span("imports.server"):
+        import uvicorn
+
+        from birbal.serve.app import create_app
+    _start_cuda_early(cfg.device)
     record = run_dir.begin("serve", {"serve": recipe.section_digest("serve"), **sources})
     try:
-        sock = _bind(host, port)
+        with PHASES.span("bind"):
+            sock = _bind(host, port)
     except ServeError as err:  # another server holds the port: say so, and leave the failure on record
         run_dir.fail(record, str(err))
         raise
@@ -194,13 +274,14 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     url = f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{bound_port}"
     identity = {"run_id": run_dir.run_id, "model_digest": sources["upstream"],
                 "model_stage": "published" if cfg.published_adapter is not None else "export"}
-    app = create_app(factory, cfg, identity)
+    app = create_app(plan.load, cfg, identity, gate=check)
+    slot = app.state.slot
+    slot.start_loading()  # now, not when uvicorn's lifespan starts
     # no access line per request (HELM sends thousands): the counts by path and status go to serve/stage.json
     server = _server_class()(uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=30))
     record.details.update({"url": url, "host": host, "port": bound_port, "postprocess": cfg.postprocess,
-                           "compile_cache": compile_cache, "verify_inputs_s": verify_s, **identity})
+                           "compile_cache": compile_cache, **identity})
     run_dir.write_record(record)
-    slot = app.state.slot
 
     def stop_if_load_fails() -> None:
         slot.loaded.wait()
@@ -212,17 +293,20 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
     try:
         server.run(sockets=[sock])
     except BaseException as err:
+        record.details["startup"] = startup_details(check)
         run_dir.fail(record, f"{type(err).__name__}: {err}")
         raise
     finally:
         sock.close()
+    record.details["startup"] = startup_details(check)
     if slot.error is not None:
-        run_dir.fail(record, f"model failed to load: {slot.error}")
-        raise ServeError(f"the model failed to load: {slot.error}")
+        what = "was refused" if slot.refused else "failed to load"
+        run_dir.fail(record, f"the model {what}: {slot.error}")
+        raise ServeError(f"the model {what}: {slot.error}")
     engine = slot.engine
     details = {"requests": dict(sorted(app.state.request_counts.items())), "url": url,
                "cancelled_for_gone_clients": dict(app.state.cancelled),
-               "stopped_by": server.stop_signal}
+               "stopped_by": server.stop_signal, "verify_inputs_s": record.details["startup"]["verify_inputs_s"]}
     if engine is not None:
         details.update({"load_s": engine.load_s, "warmup_s": engine.warmup_s, "decode": engine.decode_mode,
                         "warmup_compiled_graphs": engine.warmup_compiled_graphs,
@@ -231,3 +315,44 @@ def serve_stage(recipe: Recipe, run_dir: RunDir, host: str | None = None, port: 
                         "generated_tokens": engine.stats.generated_tokens,
                         "busy_s": round(engine.stats.busy_s, 3)})
     run_dir.finish(record, outputs={}, details=details, outcome="stopped")
+
+
+def _start_cuda_early(device: str) -> None:
+    """CUDA's start (the driver, the context: a second or more on a large GPU) on a thread of its own, beside the
+    loading thread's imports, instead of on it; timed as `device_init`. Any failure is left to the loading thread,
+    which names it (`serve.device`)."""
+    if device == "cpu":
+        return
+    import torch
+
+    def start() -> None:
+        try:
+            with PHASES.span("device_init"):
+                if torch.cuda.is_available():
+                    torch.zeros(1, device="cuda")  # the allocation makes the context; torch holds no GIL in it
+        except Exception:  # noqa: BLE001 - the loading thread meets the same failure and reports it
+            pass
+
+    threading.Thread(target=start, name="birbal-cuda-init", daemon=True).start()
+
+
+def _log_to_stderr() -> None:
+    """The server's own lines (serving where, loaded in, the start-up breakdown, a refusal) on stderr beside
+    uvicorn's, in its format; unless logging is configured already (an embedding program, pytest)."""
+    root = logging.getLogger()
+    if root.handlers or log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def startup_details(check: BackgroundCheck) -> dict[str, Any]:
+    """The start's breakdown for the record: `PHASES` plus, for continuity with earlier records, `verify_inputs_s`
+    (the re-hash's own duration; it ran beside the load, so it is not a part of the time to ready any more)."""
+    out = PHASES.as_dict()
+    verify = out["phases"].get(check.name, {})
+    out["verify_inputs_s"] = verify.get("s")
+    out["ready_at_s"] = out["phases"].get("ready", {}).get("at_s")
+    return out
