@@ -84,13 +84,18 @@ def _inline(setup, folder):
 
 
 def test_batched_predictions_equal_one_row_at_a_time(setup):
-    """The length-sorted, left-padded batches give what today's one-prompt `generate` gives, on CPU in fp32."""
+    """The length-sorted, left-padded batches of the static engine (the default) give what one-prompt `generate`
+    gives (`engine: generate`, the path before), on CPU in fp32, and so do `generate`'s own batches."""
     recipe, source, tasks, tokenizer, cache = setup
+    assert source.predictions.engine == "static"
     predictor = BaseModelPredictor(recipe, cache, tokenizer, source.predictions)
     prompts = [r["few_shot_prompt"] for r in task_prompts(tasks[TASKS[1]], TASKS[1], source, 0)][:5]
     batched = predictor(prompts)
-    single = [predictor.generate_batch(predictor.encode([p]))[0] for p in prompts]
+    assert predictor._engine is not None and not predictor.engine.graphs  # CPU: the same steps, eagerly
+    single = [predictor.generate_batch_hf(predictor.encode([p]))[0] for p in prompts]
     assert batched == single and len(set(batched)) > 1  # random weights: different prompts, different text
+    generate = BaseModelPredictor(recipe, cache, tokenizer, source.predictions.model_copy(update={"engine": "generate"}))
+    assert generate(prompts) == batched and generate._engine is None
     counted = []
     predictor.on_batch = counted.append
     predictor(prompts)
@@ -121,3 +126,14 @@ def test_a_failed_worker_stops_with_the_unfinished_count(setup, tmp_path):
     recipe, source, _, _, cache = setup
     with pytest.raises(DataError, match=r"NI prediction workers exited with [1-9]\d*; 1 of 1 tasks unfinished"):
         launch_workers(recipe, source, recipe.data.seed, cache, tmp_path / "f", ["task999_not_a_task"], processes=2)
+
+
+def test_a_bad_engine_is_a_one_line_recipe_error():
+    from birbal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"predictions\.engine: Input should be 'static' or 'generate' "
+                                          r"\(got 'vllm_fast'\)") as caught:
+        load_recipe("smoke", ["data.rebuild.sources=[{name: natural_instructions, kind: natural_instructions, "
+                              f"tasks_dir: {NI}/tasks, task_list: {NI}/task_list.txt, "
+                              "predictions: {engine: vllm_fast}}]"])
+    assert "\n" not in str(caught.value)

@@ -214,6 +214,10 @@ class NIPredictions(Section):
     load_in_4bit: bool = Field(False, description="Predict with the NF4 base instead (not upstream).")
     backend: Literal["hf", "vllm"] = Field("hf", description=(
         "hf: batched transformers generate; vllm: vLLM's offline engine (needs vllm installed)."))
+    engine: Literal["static", "generate"] = Field("static", description=(
+        "backend hf: static (batched prefill, then one-token steps over a static KV cache, each replayed as a "
+        "CUDA graph on a GPU; birbal.data.static_engine) or generate (transformers' generate over a growing "
+        "cache, the path before). Same greedy maths; a changed engine is a new prediction cache."))
     batch_size: int = Field(64, gt=0, description="Most sequences per forward (prompts sorted by length).")
     max_batch_tokens: int = Field(131072, gt=0, description=(
         "Most padded tokens (prompt + new) per batch, so long prompts run in smaller batches."))

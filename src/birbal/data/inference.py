@@ -42,15 +42,18 @@ def model_key(recipe: Recipe, settings: NIPredictions | None = None) -> dict[str
             "dtype": settings.dtype if settings is not None else None}
 
 
-def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, max_batch_tokens: int,
+                   cost: Callable[[int, int], int] | None = None) -> list[list[int]]:
     """Indices grouped into batches, longest prompts first (stable on ties), each at most `batch_size` rows and
-    `rows x (longest prompt + max_new_tokens)` padded tokens (a single row always fits)."""
+    `rows x (longest prompt + max_new_tokens)` padded tokens (a single row always fits). `cost(rows, width)`:
+    the tokens a batch takes instead (the static engine's: its bucketed cache shape)."""
+    cost = cost or (lambda rows, width: rows * width)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         width = (lengths[current[0]] if current else lengths[index]) + max_new_tokens
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_batch_tokens):
+        if current and (len(current) >= batch_size or cost(len(current) + 1, width) > max_batch_tokens):
             batches.append(current)
             current = []
         current.append(index)
@@ -81,21 +84,53 @@ class BaseModelPredictor:
         self.tokenizer = tokenizer
         self.settings = settings
         self.on_batch: Callable[[int], Any] | None = None
+        self._engine = None
 
     @classmethod
-    def from_model(cls, model, tokenizer, settings: NIPredictions) -> BaseModelPredictor:
-        """A predictor over a model already built (the benchmark's random-weight Mistral-7B)."""
+    def from_model(cls, model, tokenizer, settings: NIPredictions, graphs: bool | None = None) -> BaseModelPredictor:
+        """A predictor over a model already built (the benchmark's random-weight Mistral-7B). `graphs`: the static
+        engine's CUDA graphs (None: on CUDA for an unquantized model; False: the same steps eagerly)."""
         self = cls.__new__(cls)
         self.model, self.tokenizer, self.settings, self.on_batch = model.eval(), tokenizer, settings, None
         self.device = next(model.parameters()).device
+        self._engine = None
+        self._graphs = graphs
         return self
+
+    @property
+    def engine(self):
+        """The static engine (built on first use, kept: its caches and graphs serve every later batch)."""
+        if self._engine is None:
+            from birbal.data.static_engine import StaticEngine
+
+            graphs = getattr(self, "_graphs", None)
+            if graphs is None:  # a 4-bit base stays eager: bitsandbytes' kernels are not checked under capture
+                graphs = self.device.type == "cuda" and getattr(self.model, "hf_quantizer", None) is None
+            self._engine = StaticEngine(self.model, self.tokenizer.eos_token_id, self.tokenizer.eos_token_id,
+                                        self.settings.max_new_tokens, graphs=graphs)
+        return self._engine
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         limit = self.settings.max_prompt_tokens
         return [ids[-limit:] for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
 
-    @torch.inference_mode()
     def generate_batch(self, encoded: list[list[int]]) -> list[str]:
+        """One batch's continuations through the settings' engine (`static` or `generate`)."""
+        if self.settings.engine == "generate":
+            return self.generate_batch_hf(encoded)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in self.engine.generate(encoded)]
+
+    def batch_cost(self, rows: int, width: int) -> int:
+        """Padded tokens a batch takes: the static engine's bucketed cache, or `generate`'s rows x width."""
+        if self.settings.engine == "generate":
+            return rows * width
+        from birbal.data.static_engine import bucket_length, bucket_rows
+
+        return bucket_rows(rows) * bucket_length(width)
+
+    @torch.inference_mode()
+    def generate_batch_hf(self, encoded: list[list[int]]) -> list[str]:
+        """transformers' `generate` on one left-padded batch (`engine: generate`)."""
         width = max(len(ids) for ids in encoded)
         pad = self.tokenizer.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
@@ -109,7 +144,8 @@ class BaseModelPredictor:
         encoded = self.encode(prompts)
         outputs: list[str | None] = [None] * len(prompts)
         s = self.settings
-        for batch in length_batches([len(e) for e in encoded], s.max_new_tokens, s.batch_size, s.max_batch_tokens):
+        for batch in length_batches([len(e) for e in encoded], s.max_new_tokens, s.batch_size, s.max_batch_tokens,
+                                    self.batch_cost):
             for index, text in zip(batch, self.generate_batch([encoded[i] for i in batch]), strict=True):
                 outputs[index] = text
             if self.on_batch is not None:
