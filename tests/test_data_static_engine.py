@@ -88,14 +88,24 @@ def test_every_row_done_stops_the_batch_and_shapes_are_reused():
     assert list(engine._shapes) == [(1, 640)] and engine.generate(other) == _generate(model, other, eos=999_999)
 
 
+def test_grouped_decode_attention_gives_the_same_tokens():
+    model = _model()
+    encoded = _prompts()
+    expected = StaticEngine(model, PAD, 999_999, NEW).generate(encoded)
+    grouped = StaticEngine(model, PAD, 999_999, NEW, attention="grouped")
+    assert model.config._attn_implementation != "sdpa"  # the serve engine's grouped decode attention, installed
+    assert grouped.generate(encoded) == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_replayed_graphs_equal_eager_static_steps_on_cuda_without_host_syncs():
+@pytest.mark.parametrize("attention", ["sdpa", "grouped"])
+def test_replayed_graphs_equal_eager_static_steps_on_cuda_without_host_syncs(attention):
     model = _model("cuda", torch.bfloat16)
     batches = [_prompts((200, 180, 150), seed=2), _prompts(), _prompts((38, 5, 30, 9, 12, 20), seed=1),
                _prompts((3,), seed=3)]  # the largest shape first, as length-sorted batches come: no arena growth
-    eager = StaticEngine(model, PAD, 999_999, NEW, graphs=False)
-    graph = StaticEngine(model, PAD, 999_999, NEW)
+    eager = StaticEngine(model, PAD, 999_999, NEW, graphs=False, attention=attention)
+    graph = StaticEngine(model, PAD, 999_999, NEW, attention=attention)
     assert graph.graphs and not eager.graphs
     expected = [eager.generate(b) for b in batches]
     assert [graph.generate(b) for b in batches] == expected

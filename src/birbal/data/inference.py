@@ -107,7 +107,9 @@ class BaseModelPredictor:
             if graphs is None:  # a 4-bit base stays eager: bitsandbytes' kernels are not checked under capture
                 graphs = self.device.type == "cuda" and getattr(self.model, "hf_quantizer", None) is None
             self._engine = StaticEngine(self.model, self.tokenizer.eos_token_id, self.tokenizer.eos_token_id,
-                                        self.settings.max_new_tokens, graphs=graphs)
+                                        self.settings.max_new_tokens, graphs=graphs,
+                                        attention=self.settings.decode_attention,
+                                        reserve_slots=self.settings.max_batch_tokens)
         return self._engine
 
     def encode(self, prompts: list[str]) -> list[list[int]]:

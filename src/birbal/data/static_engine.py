@@ -92,7 +92,18 @@ class StaticEngine:
     graph (CUDA only); off, the same steps run eagerly (the CPU path, and the GPU test's reference)."""
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int | None, max_new_tokens: int,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, attention: str = "sdpa", reserve_slots: int = 0):
+        """`attention`: `sdpa` (the model's own) or `grouped`: the serve engine's decode attention
+        (serve/attention.py: the 4 query heads of a KV head as one matrix product, no 4x copy of the cache per
+        step; prompts still run SDPA). It sets the model's attention implementation, for every later forward.
+        `reserve_slots`: the arena's size at first use (the batch token budget, which bucketed batches never
+        pass), so that it is not grown, and the shapes recaptured, as bigger batches come."""
+        if attention == "grouped":
+            from birbal.serve.attention import use_grouped_decode_attention
+
+            use_grouped_decode_attention(model)
+        elif attention != "sdpa":
+            raise ValueError(f"attention must be sdpa or grouped; given {attention!r}")
         self.model = model
         self.device = next(model.parameters()).device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
@@ -112,9 +123,11 @@ class StaticEngine:
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._arena: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._arena_slots = 0
+        self._reserve_slots = reserve_slots
         self._shapes: dict[tuple[int, int], _Shape] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captured = 0  # graphs captured so far (a test and the benchmark read it)
+        self.capture_s = 0.0  # seconds spent capturing them (warm-up steps included)
 
     # --- memory --------------------------------------------------------------------------------------------------
 
@@ -129,6 +142,7 @@ class StaticEngine:
         old one. Zeros: a masked slot is multiplied by 0, and 0 x a stale finite value is 0."""
         if slots <= self._arena_slots:
             return
+        slots = max(slots, self._reserve_slots)
         self._shapes.clear()
         self._arena = []
         if self.device.type == "cuda":
@@ -144,7 +158,7 @@ class StaticEngine:
         if key not in self._shapes:
             self._ensure_arena(key[0] * key[1])
             shape = _Shape(self, *key)
-            if self.graphs:
+            if self.graphs and self.max_new_tokens > 1:  # one new token is the prefill's: no step to replay
                 self._capture(shape)
             self._shapes[key] = shape
         return self._shapes[key]
@@ -172,6 +186,10 @@ class StaticEngine:
     def _capture(self, shape: _Shape) -> None:
         """Warm-up steps on a side stream (allocating workspaces and picking kernels outside the capture), then
         the capture; both on the empty cache, which the batch's prefill rewinds."""
+        import time
+
+        torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -183,6 +201,8 @@ class StaticEngine:
             self._step(shape)
         shape.graph = graph
         self.captured += 1
+        torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - start
 
     # --- a batch -------------------------------------------------------------------------------------------------
 
