@@ -1,9 +1,10 @@
 """The Natural Instructions predictions step at scale: batched greedy generation with the recipe's base model.
 
 - `BaseModelPredictor` (backend `hf`): a task's prompts sorted by length, cut into batches of at most
-  `batch_size` sequences and `max_batch_tokens` padded tokens, each batch left-padded and run through transformers'
-  `generate` (one forward per step for the whole batch, its KV cache grown in place), then put back in the task's
-  order. Sorting keeps padding small; the token budget keeps long prompts from running out of memory. The batches
+  `batch_size` sequences and `max_batch_tokens` padded tokens, each batch left-padded and run through the
+  settings' engine, then put back in the task's order: `static` (default, `birbal.data.static_engine`: prefill
+  into a static KV cache, one-token steps replayed as CUDA graphs on a GPU) or `generate` (transformers'
+  `generate`, one eager forward per step for the whole batch, its KV cache grown in place). Sorting keeps padding small; the token budget keeps long prompts from running out of memory. The batches
   depend only on the task's prompts and the settings, never on how many processes share the work, so the
   predictions of 1 and N processes are the same (tests/test_data_inference.py).
 - `VllmPredictor` (backend `vllm`): vLLM's offline engine (paged KV cache, continuous batching) on the same token
