@@ -113,6 +113,9 @@ def test_one_and_two_processes_write_identical_files_and_resume(setup, tmp_path)
     kept = one / f"{TASKS[2]}.jsonl"
     (two / kept.name).write_bytes(kept.read_bytes())
     before = os.stat(two / kept.name).st_mtime_ns
+    # a worker killed while writing leaves atomic_write's temporary, half the bytes: never taken for the task
+    whole = (one / f"{TASKS[0]}.jsonl").read_bytes()
+    (two / f".{TASKS[0]}.jsonl.k1ll3d.tmp").write_bytes(whole[:len(whole) // 2])
     launch_workers(recipe, source, recipe.data.seed, cache, two, list(TASKS), processes=2)
     assert os.stat(two / kept.name).st_mtime_ns == before
     for name in TASKS:

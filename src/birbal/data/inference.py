@@ -220,6 +220,9 @@ def run_tasks(sizes: dict[str, int], prompts_of: Callable[[str], list[dict]], fo
     if not share:
         return []
     folder.mkdir(parents=True, exist_ok=True)
+    for name in share:  # a killed worker's half-written file (atomic_write's temporary): never read, dropped here
+        for stale in folder.glob(f".{name}.jsonl.*.tmp"):
+            stale.unlink(missing_ok=True)
     predictor = predictor_factory()
     with tqdm(total=sum(pending[n] for n in share), desc=f"NI predictions [{rank + 1}/{world}]", unit="inst",
               position=rank, mininterval=5.0, dynamic_ncols=True) as bar:  # instances/s and the time left
