@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -102,11 +103,14 @@ def test_batched_predictions_equal_one_row_at_a_time(setup):
     assert sum(counted) == 5 and len(counted) == 2  # batch_size 4: two batches, reported to the progress bar
 
 
-def test_one_and_two_processes_write_identical_files_and_resume(setup, tmp_path):
+def test_one_and_two_processes_write_identical_files_and_resume(setup, tmp_path, capsys):
     recipe, source, tasks, _, cache = setup
     one = tmp_path / "one"
     done = _inline(setup, one)
     assert sorted(done) == sorted(TASKS)
+    total = sum(len(t["Instances"]) for t in tasks.values())
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]  # the progress bar's last state
+    assert re.search(rf"NI predictions \[1/1\]: 100%.* {total}/{total} \[[0-9:]+<00:00, +[0-9.]+inst/s\]", bar), bar
     two = tmp_path / "two"
     two.mkdir()
     # resumable: a finished task's file is the unit of work; the workers leave it alone

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -221,7 +222,7 @@ def run_tasks(sizes: dict[str, int], prompts_of: Callable[[str], list[dict]], fo
         return []
     folder.mkdir(parents=True, exist_ok=True)
     for name in share:  # a killed worker's half-written file (atomic_write's temporary): never read, dropped here
-        for stale in folder.glob(f".{name}.jsonl.*.tmp"):
+        for stale in folder.glob(f"{glob.escape('.' + name)}.jsonl.*.tmp"):
             stale.unlink(missing_ok=True)
     predictor = predictor_factory()
     with tqdm(total=sum(pending[n] for n in share), desc=f"NI predictions [{rank + 1}/{world}]", unit="inst",
