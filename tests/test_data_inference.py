@@ -93,10 +93,15 @@ def test_batched_predictions_equal_one_row_at_a_time(setup):
     prompts = [r["few_shot_prompt"] for r in task_prompts(tasks[TASKS[1]], TASKS[1], source, 0)][:5]
     batched = predictor(prompts)
     assert predictor._engine is not None and not predictor.engine.graphs  # CPU: the same steps, eagerly
+    assert predictor.model.config._attn_implementation == "birbal_grouped_sdpa"  # decode_attention: grouped
     single = [predictor.generate_batch_hf(predictor.encode([p]))[0] for p in prompts]
     assert batched == single and len(set(batched)) > 1  # random weights: different prompts, different text
     generate = BaseModelPredictor(recipe, cache, tokenizer, source.predictions.model_copy(update={"engine": "generate"}))
     assert generate(prompts) == batched and generate._engine is None
+    # training's attention choice (birbal-4090: flex_attention) does not reach the predictions: they load SDPA
+    flex = recipe.model_copy(update={"model": recipe.model.model_copy(update={"attn_implementation": "flex_attention"})})
+    sdpa = BaseModelPredictor(flex, cache, tokenizer, source.predictions.model_copy(update={"engine": "generate"}))
+    assert sdpa.model.config._attn_implementation == "sdpa" and sdpa(prompts[:2]) == batched[:2]
     counted = []
     predictor.on_batch = counted.append
     predictor(prompts)

@@ -52,11 +52,12 @@ def test_buckets_are_few_and_hold_the_shape():
     assert len({bucket_length(n) for n in lengths}) <= 4 * 9  # four sizes an octave
 
 
-def test_static_engine_equals_generate_token_for_token_with_an_early_eos():
+@pytest.mark.parametrize("attention", ["grouped", "sdpa"])
+def test_static_engine_equals_generate_token_for_token_with_an_early_eos(attention):
     model = _model()
     encoded = _prompts()
-    free = _generate(model, encoded, eos=999_999)  # an id the model never emits: no row stops
-    engine = StaticEngine(model, PAD, 999_999, NEW)
+    free = _generate(model, encoded, eos=999_999)  # an id the model never emits: no row stops (generate: SDPA)
+    engine = StaticEngine(model, PAD, 999_999, NEW, attention=attention)
     assert engine.generate(encoded) == free
     assert len({tuple(r) for r in free}) == len(free)  # random weights, different prompts: a real comparison
     # an EOS that one row emits at its 3rd new token and no other row emits: that row stops early, the others go on
@@ -65,7 +66,7 @@ def test_static_engine_equals_generate_token_for_token_with_an_early_eos():
     eos = free[row][2]
     expected = _generate(model, encoded, eos=eos)
     assert expected[row] == free[row][:3] + [PAD] * (NEW - 3)  # generate: the EOS, then pads
-    assert StaticEngine(model, PAD, eos, NEW).generate(encoded) == expected
+    assert StaticEngine(model, PAD, eos, NEW, attention=attention).generate(encoded) == expected
     assert [r for i, r in enumerate(expected) if i != row] == [r for i, r in enumerate(free) if i != row]
 
 
@@ -88,13 +89,22 @@ def test_every_row_done_stops_the_batch_and_shapes_are_reused():
     assert list(engine._shapes) == [(1, 640)] and engine.generate(other) == _generate(model, other, eos=999_999)
 
 
-def test_grouped_decode_attention_gives_the_same_tokens():
+def test_grouped_attention_runs_every_decode_step_and_sdpa_only_the_prompt(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
     model = _model()
-    encoded = _prompts()
-    expected = StaticEngine(model, PAD, 999_999, NEW).generate(encoded)
     grouped = StaticEngine(model, PAD, 999_999, NEW, attention="grouped")
-    assert model.config._attn_implementation != "sdpa"  # the serve engine's grouped decode attention, installed
-    assert grouped.generate(encoded) == expected
+    assert model.config._attn_implementation == "birbal_grouped_sdpa"  # serve/attention.py's, installed
+    calls = []
+    real = sdpa.sdpa_attention_forward
+
+    def counted(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", counted)  # the grouped path's fallback for a prompt
+    grouped.generate(_prompts())
+    assert calls == [max(LENGTHS) + 1] * model.config.num_hidden_layers  # the prefill only: no step fell back
 
 
 @pytest.mark.gpu

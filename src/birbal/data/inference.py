@@ -81,7 +81,11 @@ class BaseModelPredictor:
         # bf16 matmuls on a CPU are slow and not what a GPU computes either: CPU runs use float32
         dtype = DTYPES[settings.dtype] if self.device.type == "cuda" else torch.float32
         quantization = recipe.quantization if settings.load_in_4bit else None
-        self.model = load_base_model(recipe.model, cache_dir, self.device, dtype, quantization)
+        # SDPA whatever model.attn_implementation says: that is training's choice (birbal-4090: flex_attention,
+        # for packed documents); these forwards are plain causal ones over padded batches, the same maths, and
+        # the static engine's graphs and grouped decode attention are built and checked on SDPA's path
+        model_cfg = recipe.model.model_copy(update={"attn_implementation": "sdpa"})
+        self.model = load_base_model(model_cfg, cache_dir, self.device, dtype, quantization)
         self.model.eval()
         self.tokenizer = tokenizer
         self.settings = settings
