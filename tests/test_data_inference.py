@@ -108,6 +108,20 @@ def test_batched_predictions_equal_one_row_at_a_time(setup):
     assert sum(counted) == 5 and len(counted) == 2  # batch_size 4: two batches, reported to the progress bar
 
 
+def test_the_static_engine_runs_a_4bit_base_as_generate_does(setup):
+    """`load_in_4bit: true` (NF4 base, not upstream): the static engine's cache takes the hidden states' dtype, not
+    the packed weights', and its eager steps give `generate`'s text."""
+    recipe, source, tasks, tokenizer, cache = setup
+    four_bit = source.predictions.model_copy(update={"load_in_4bit": True})
+    static = BaseModelPredictor(recipe, cache, tokenizer, four_bit)
+    assert getattr(static.model, "hf_quantizer", None) is not None
+    prompts = [r["few_shot_prompt"] for r in task_prompts(tasks[TASKS[2]], TASKS[2], source, 0)][:3]
+    texts = static(prompts)
+    assert static.engine._dtype == torch.float32 and not static.engine.graphs
+    generate = BaseModelPredictor(recipe, cache, tokenizer, four_bit.model_copy(update={"engine": "generate"}))
+    assert generate(prompts) == texts and len(set(texts)) > 1
+
+
 def test_one_and_two_processes_write_identical_files_and_resume(setup, tmp_path, capsys):
     recipe, source, tasks, _, cache = setup
     one = tmp_path / "one"

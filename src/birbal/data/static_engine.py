@@ -118,7 +118,9 @@ class StaticEngine:
         config.sliding_window = None
         config.layer_types = None
         self.cache_config = config
-        self._dtype = next(model.parameters()).dtype
+        # the keys' and values' dtype is the hidden states', the embedding's (a 4-bit base's first parameters
+        # may be packed uint8 weights)
+        self._dtype = model.get_input_embeddings().weight.dtype
         self._kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._arena: list[tuple[torch.Tensor, torch.Tensor]] = []
