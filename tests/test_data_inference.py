@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 
 import pytest
@@ -37,6 +38,21 @@ def test_length_batches_sort_and_respect_both_limits():
     assert tight == [[1, 3], [4, 2, 0, 5]]  # 2 x 60 fits 120; 3 x 60 would not; 4 x 30 does
     assert sorted(i for b in tight for i in b) == list(range(6))
     assert length_batches([500], 10, 4, 100) == [[0]]  # a row longer than the budget still runs, alone
+
+
+def test_static_batches_keep_their_bucketed_cache_within_the_budget():
+    from birbal.data.static_engine import bucket_length, bucket_rows
+
+    rng = random.Random(0)
+    lengths = [int(rng.lognormvariate(6.4, 0.6)) + 20 for _ in range(2000)]
+    cost = lambda rows, width: bucket_rows(rows) * bucket_length(width)  # noqa: E731 (BaseModelPredictor's)
+    batches = length_batches(lengths, 32, 64, 131072, cost)
+    assert sorted(i for b in batches for i in b) == list(range(2000))
+    widths = [max(lengths[i] for i in b) + 32 for b in batches]
+    assert all(len(b) == 1 or cost(len(b), w) <= 131072 for b, w in zip(batches, widths, strict=True))
+    # the rows of all but the last batch are whole buckets (few filler rows), and few shapes come out
+    assert all(bucket_rows(len(b)) == len(b) for b in batches[:-1])
+    assert len({(bucket_rows(len(b)), bucket_length(w)) for b, w in zip(batches, widths, strict=True)}) <= 20
 
 
 def test_assign_is_deterministic_and_balanced():
