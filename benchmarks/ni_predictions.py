@@ -23,9 +23,11 @@ What it does, in one process:
    (c) `generate_sorted`: `engine: generate` with the same batches (the step before this engine);
    (d) `baseline`: batches of 8 in the given order through `generate` (the path before both), on the first
    `--baseline-instances` prompts;
-   (e) `static_24gb`: (a) with a batch budget that fits a 24 GB card (`--budget-24gb` tokens: 14.5 GB of bf16
-   weights leave about 8 GB, 128 KiB of KV cache a token); (f) the prefill share of (e) (`max_new_tokens=1`),
-   for the 4090 projection;
+   (e) `static_24gb`: (a) with a batch budget meant for a 24 GB card (`--budget-24gb` tokens: 14.5 GB of bf16
+   weights leave about 8 GB, 128 KiB of KV cache a token) and the prefill in chunks of `--prefill-24gb` prompt
+   tokens (`max_prefill_tokens`; the seventh session's run without it peaked at 25.5 GiB, over a 4090's 24);
+   its peak memory says whether it fits; (f) the prefill share of (e) (`max_new_tokens=1`), for the 4090
+   projection;
 4. projects the hours for `--total-instances` (462 tasks, on the order of a million; pass the real count when
    known): one H200 (measured rate, graph captures left out), 8 H200s (the tasks split over 8 processes; assumed
    linear: the processes share nothing), one RTX 4090 (not measured: the 24 GB arm's prefill time scaled by the
@@ -122,6 +124,8 @@ def main() -> int:
     parser.add_argument("--total-instances", type=int, default=1_000_000,
                         help="instances over the 462 tasks, for the projection (not measured here)")
     parser.add_argument("--budget-24gb", type=int, default=49152, help="padded tokens a batch on a 24 GB card")
+    parser.add_argument("--prefill-24gb", type=int, default=16384,
+                        help="prompt tokens a prefill forward on a 24 GB card (max_prefill_tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-folder", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ni_bench"))
@@ -179,7 +183,7 @@ def main() -> int:
             out.extend(p.generate_batch(p.encode(subset[start:start + 8])))
         return out
 
-    small = {"max_batch_tokens": args.budget_24gb}
+    small = {"max_batch_tokens": args.budget_24gb, "max_prefill_tokens": args.prefill_24gb}
     arms = [("static", {}, len(prompts)),
             ("static_sdpa", {"decode_attention": "sdpa"}, len(prompts)),
             ("generate_sorted", {"engine": "generate"}, len(prompts)),

@@ -59,6 +59,9 @@ def test_static_engine_equals_generate_token_for_token_with_an_early_eos(attenti
     free = _generate(model, encoded, eos=999_999)  # an id the model never emits: no row stops (generate: SDPA)
     engine = StaticEngine(model, PAD, 999_999, NEW, attention=attention)
     assert engine.generate(encoded) == free
+    # the prefill in chunks of 2 rows (90 tokens at width 41) into their rows of the cache: the same tokens
+    chunked = StaticEngine(model, PAD, 999_999, NEW, attention=attention, prefill_tokens=90)
+    assert chunked.generate(encoded) == free
     assert len({tuple(r) for r in free}) == len(free)  # random weights, different prompts: a real comparison
     # an EOS that one row emits at its 3rd new token and no other row emits: that row stops early, the others go on
     row = next(i for i, r in enumerate(free) if all(r[2] not in o[:NEW] for j, o in enumerate(free) if j != i)
@@ -67,6 +70,7 @@ def test_static_engine_equals_generate_token_for_token_with_an_early_eos(attenti
     expected = _generate(model, encoded, eos=eos)
     assert expected[row] == free[row][:3] + [PAD] * (NEW - 3)  # generate: the EOS, then pads
     assert StaticEngine(model, PAD, eos, NEW, attention=attention).generate(encoded) == expected
+    assert chunked.generate(encoded) == free and list(chunked._shapes) == [(8, 56)]  # rewound to 0, not to 41
     assert [r for i, r in enumerate(expected) if i != row] == [r for i, r in enumerate(free) if i != row]
 
 

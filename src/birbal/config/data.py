@@ -222,6 +222,9 @@ class NIPredictions(Section):
         "engine static: the decode steps' attention, the serve engine's grouped one (the same attention without "
         "SDPA's 4x copy of the KV cache a step: 1.7x the instances/s on an H200; float rounding differs) or SDPA. "
         "Prompts run SDPA either way."))
+    max_prefill_tokens: int | None = Field(None, gt=0, description=(
+        "engine static: most prompt tokens one prefill forward takes (a batch's rows prefilled in chunks into its "
+        "cache; the same maths): caps the prefill's activations on a small card. None: the whole batch at once."))
     batch_size: int = Field(64, gt=0, description="Most sequences per forward (prompts sorted by length).")
     max_batch_tokens: int = Field(131072, gt=0, description=(
         "Most padded tokens (prompt + new) per batch, so long prompts run in smaller batches."))

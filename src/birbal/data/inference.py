@@ -115,7 +115,8 @@ class BaseModelPredictor:
             self._engine = StaticEngine(self.model, self.tokenizer.eos_token_id, self.tokenizer.eos_token_id,
                                         self.settings.max_new_tokens, graphs=graphs,
                                         attention=self.settings.decode_attention,
-                                        reserve_slots=self.settings.max_batch_tokens)
+                                        reserve_slots=self.settings.max_batch_tokens,
+                                        prefill_tokens=self.settings.max_prefill_tokens)
         return self._engine
 
     def encode(self, prompts: list[str]) -> list[list[int]]:

@@ -57,34 +57,47 @@ def bucket_length(slots: int) -> int:
     return -(-slots // step) * step
 
 
+def _cache_over(config, cache_len: int, tensors: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A `StaticCache` whose layers store into the given (keys, values) tensors, each (rows, KV heads, slots,
+    head dim), its write positions at 0."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=config, max_cache_len=cache_len)
+    for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
+        # The layer as its `lazy_initialization` would leave it, but over these tensors (same dtype, device and
+        # layout). Written here, not through `early_initialization`, which would allocate its own buffers first.
+        layer.device, layer.batch_size, layer.num_heads = keys.device, keys.shape[0], keys.shape[1]
+        layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
+        layer.keys, layer.values = keys, values
+        layer.cumulative_length = torch.zeros((), dtype=torch.long, device=keys.device)
+        layer.is_initialized = True
+    return cache
+
+
 class _Shape:
     """One bucketed batch shape: its cache (views into the arena), its step's buffers and, on CUDA, its graph."""
 
     def __init__(self, engine: StaticEngine, rows: int, cache_len: int):
-        from transformers import StaticCache
-
         self.rows, self.cache_len = rows, cache_len
         device = engine.device
-        self.cache = StaticCache(config=engine.cache_config, max_cache_len=cache_len)
-        for index, layer in enumerate(self.cache.layers):
-            # The layer as its `lazy_initialization` would leave it, but over the arena (same dtype, device and
-            # layout: batch, KV heads, slots, head dim). Written here, not through `early_initialization`, which
-            # would allocate a full-size buffer per shape first.
-            keys, values = engine.arena_views(index, rows, cache_len)
-            layer.device, layer.batch_size, layer.num_heads = device, rows, keys.shape[1]
-            layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
-            layer.keys, layer.values = keys, values
-            layer.cumulative_length = torch.zeros((), dtype=torch.long, device=device)
-            layer.is_initialized = True
+        self._config = engine.cache_config
+        self.cache = _cache_over(self._config, cache_len,
+                                 [engine.arena_views(index, rows, cache_len)
+                                  for index in range(self._config.num_hidden_layers)])
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)  # as the model converts it
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def rewind(self) -> None:
+    def rewind(self, length: int = 0) -> None:
         for layer in self.cache.layers:
-            layer.cumulative_length.zero_()  # in place: the graph's captured address stays valid
+            layer.cumulative_length.fill_(length)  # in place: the graph's captured address stays valid
+
+    def rows_cache(self, start: int, stop: int):
+        """A cache over rows [start, stop) of this one (views: what it writes lands here), for a chunk's prefill."""
+        return _cache_over(self._config, self.cache_len,
+                           [(layer.keys[start:stop], layer.values[start:stop]) for layer in self.cache.layers])
 
 
 class StaticEngine:
@@ -92,12 +105,16 @@ class StaticEngine:
     graph (CUDA only); off, the same steps run eagerly (the CPU path, and the GPU test's reference)."""
 
     def __init__(self, model, pad_token_id: int, eos_token_id: int | None, max_new_tokens: int,
-                 graphs: bool | None = None, attention: str = "sdpa", reserve_slots: int = 0):
+                 graphs: bool | None = None, attention: str = "sdpa", reserve_slots: int = 0,
+                 prefill_tokens: int | None = None):
         """`attention`: `sdpa` (the model's own) or `grouped`: the serve engine's decode attention
         (serve/attention.py: the 4 query heads of a KV head as one matrix product, no 4x copy of the cache per
         step; prompts still run SDPA). It sets the model's attention implementation, for every later forward.
         `reserve_slots`: the arena's size at first use (the batch token budget, which bucketed batches never
-        pass), so that it is not grown, and the shapes recaptured, as bigger batches come."""
+        pass), so that it is not grown, and the shapes recaptured, as bigger batches come.
+        `prefill_tokens`: the most prompt tokens (rows x width) one prefill forward takes; a bigger batch's rows
+        are prefilled in chunks into their rows of the cache (rows are independent: the same maths), so the
+        prefill's activations stay that size while the decode still steps every row at once. None: one forward."""
         if attention == "grouped":
             from birbal.serve.attention import use_grouped_decode_attention
 
@@ -126,6 +143,7 @@ class StaticEngine:
         self._arena: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._arena_slots = 0
         self._reserve_slots = reserve_slots
+        self.prefill_tokens = prefill_tokens
         self._shapes: dict[tuple[int, int], _Shape] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captured = 0  # graphs captured so far (a test and the benchmark read it)
@@ -167,9 +185,13 @@ class StaticEngine:
 
     # --- the step ------------------------------------------------------------------------------------------------
 
-    def _forward(self, shape: _Shape, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=shape.mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kw: shape.cache})
+    def _forward(self, shape: _Shape, input_ids: torch.Tensor, positions: torch.Tensor, rows: slice | None = None
+                 ) -> torch.Tensor:
+        """The last position's logits; `rows`: a chunk of the batch's rows only (a prefill chunk)."""
+        mask, cache = (shape.mask, shape.cache) if rows is None else (shape.mask[rows],
+                                                                      shape.rows_cache(rows.start, rows.stop))
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1]
 
     def _choose(self, shape: _Shape, logits: torch.Tensor) -> None:
@@ -226,7 +248,13 @@ class StaticEngine:
         positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1).to(self.device)
         shape.rewind()
         shape.done.zero_()
-        logits = self._forward(shape, input_ids, positions)
+        chunk = shape.rows if self.prefill_tokens is None else max(1, self.prefill_tokens // width)
+        if chunk >= shape.rows:
+            logits = self._forward(shape, input_ids, positions)
+        else:
+            parts = [slice(start, min(start + chunk, shape.rows)) for start in range(0, shape.rows, chunk)]
+            logits = torch.cat([self._forward(shape, input_ids[part], positions[part], part) for part in parts])
+            shape.rewind(width)  # each chunk's cache counted its own writes: the batch's holds `width` now
         shape.positions.copy_(positions[:, -1:] + 1)
         self._choose(shape, logits)
         out = torch.full((shape.rows, self.max_new_tokens), self.pad, dtype=torch.long, device=self.device)
