@@ -1,10 +1,10 @@
 """`ni_predictions.engine: static`: many prompts' greedy continuations the way a serving engine batches them.
 
 One batch (rows of left-padded prompts, from `inference.length_batches`):
-1. Prefill: one forward over all rows, written straight into a static KV cache of `rows x cache_len` slots
-   (the prompt at slots [0, width), left-padded; the new tokens after it), with the 2D padding mask over the whole
-   cache and the position ids `generate` gives left-padded rows (`cumsum(mask) - 1`, pads at 1). Only the last
-   position's logits are computed.
+1. Prefill: one forward over all rows (or chunks of rows, `prefill_tokens`), written straight into a static KV
+   cache of `rows x cache_len` slots (the prompt at slots [0, width), left-padded; the new tokens after it), with
+   the 2D padding mask over the whole cache and the position ids `generate` gives left-padded rows
+   (`cumsum(mask) - 1`, pads at 1). Only the last position's logits are computed.
 2. Decode: `max_new_tokens - 1` one-token steps over that cache. A step's inputs live in fixed device buffers (the
    tokens, the positions, the padding mask, the finished flags), so on CUDA the step is captured once per batch
    shape as a CUDA graph and replayed: a 7B step is about a thousand kernels, launched one by one from Python they
@@ -22,9 +22,14 @@ eager step would, with no host value baked in (serve/decode.py's notes, for one 
 Shapes are bucketed so that few graphs are captured: rows rounded up to 1, 2, 4, 8, then multiples of 8, the cache
 length (prompt width + new tokens) rounded up to four sizes an octave (at most 25% and typically about 10% more
 slots, all masked). Extra rows are copies of the batch's last row, their outputs dropped. Every shape's cache is a
-view into one arena per layer (the largest shape's size, grown when a bigger one comes), so the memory is that of
-the largest batch however many shapes were captured, and the graphs share one memory pool (their outputs are
-copied into buffers outside it, so no graph's output lives in memory another graph may reuse).
+view into one arena per layer (sized at first use to the batch token budget, `reserve_slots`, which bucketed
+batches never pass; grown, dropping the shapes, only for a larger one), so the memory is that of the largest batch
+however many shapes were captured, and the graphs share one memory pool (each step writes its results into
+buffers allocated outside it, so no graph's output lives in memory another graph may reuse).
+
+The decode steps' attention is SDPA or, `attention="grouped"` (the recipe's default), the serve engine's grouped
+decode attention: a masked step over a static cache makes SDPA copy the 8 KV heads out to 32 first, which cost
+11.6 of 28.9 s on an H200 at the Mistral-7B shape (benchmarks/results, seventh session).
 
 The maths is `generate`'s: the same forward, the same masks (extra masked slots contribute exact zeros), the same
 argmax; tests/test_data_static_engine.py checks the tokens equal `generate`'s on CPU in fp32, an early EOS
