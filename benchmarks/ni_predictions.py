@@ -1,5 +1,7 @@
-"""The NI predictions step: instances/s of `birbal.data.inference.BaseModelPredictor` against the path it replaced
-(`generate` on 8 prompts at a time in task order), on the same random-weight model and prompts, one run.
+"""The NI predictions step: instances/s of `birbal.data.inference.BaseModelPredictor`'s static engine (the
+default, `ni_predictions.engine: static`) against `generate` (`engine: generate`, length-sorted batches) and the
+path before both (`generate` on 8 prompts at a time in task order), on the same random-weight model and prompts,
+one run.
 
 Run on a GPU machine, from the repository root, with `src` on PYTHONPATH:
 
@@ -13,16 +15,23 @@ What it does, in one process:
 2. makes `--instances` prompts of random vocabulary pieces whose token counts follow a log-normal around
    `--median-prompt-tokens` (the NI prompt of the README: preamble, Definition, every Positive Example, the
    instance; the real distribution over the 462 tasks is not measured here), each answered with 32 new tokens;
-3. times, after a warm-up, (a) `baseline`: today's path before this change, batches of 8 in the given order,
-   each left-padded through `generate` (the same `generate_batch`), on the first `--baseline-instances` prompts;
-   (b) `ours`: `BaseModelPredictor.__call__` with the recipe defaults (length-sorted, 64 rows, 131,072 padded
-   tokens a batch) on all prompts; (c) `ours_24gb`: the same with a batch budget that fits a 24 GB card
-   (`--budget-24gb` tokens: 14.5 GB of bf16 weights leave about 8 GB, 128 KiB of KV cache a token); (d) the
-   prefill share of (c) (`max_new_tokens=1`), for the 4090 projection;
+3. times, after a warm-up, in this order (a deadline, `--deadline-s`, skips the arms it would not finish):
+   (a) `static`: `BaseModelPredictor.__call__` with the recipe defaults (static engine, CUDA graphs per bucketed
+   shape, grouped decode attention, 64 rows and 131,072 padded tokens a batch) on all prompts; its graph captures
+   are timed inside it and reported (`capture_s`: once per shape per process, so `warm_instances_per_s` leaves
+   them out); (b) `static_sdpa`: the same with `decode_attention: sdpa`;
+   (c) `generate_sorted`: `engine: generate` with the same batches (the step before this engine);
+   (d) `baseline`: batches of 8 in the given order through `generate` (the path before both), on the first
+   `--baseline-instances` prompts;
+   (e) `static_24gb`: (a) with a batch budget meant for a 24 GB card (`--budget-24gb` tokens: 14.5 GB of bf16
+   weights leave about 8 GB, 128 KiB of KV cache a token) and the prefill in chunks of `--prefill-24gb` prompt
+   tokens (`max_prefill_tokens`; the seventh session's run without it peaked at 25.5 GiB, over a 4090's 24);
+   its peak memory says whether it fits; (f) the prefill share of (e) (`max_new_tokens=1`), for the 4090
+   projection;
 4. projects the hours for `--total-instances` (462 tasks, on the order of a million; pass the real count when
-   known): one H200 (measured rate), 8 H200s (the tasks split over 8 processes; assumed linear: the processes share
-   nothing), one RTX 4090 (not measured: the 24 GB arm's prefill time scaled by the dense bf16 tensor throughput
-   ratio, its decode time by the memory bandwidth ratio, spec-sheet numbers in SPECS).
+   known): one H200 (measured rate, graph captures left out), 8 H200s (the tasks split over 8 processes; assumed
+   linear: the processes share nothing), one RTX 4090 (not measured: the 24 GB arm's prefill time scaled by the
+   dense bf16 tensor throughput ratio, its decode time by the memory bandwidth ratio, spec-sheet numbers in SPECS).
 
 Every figure comes from this one run; the projections say what they assume in the JSON.
 """
@@ -88,6 +97,20 @@ def timed(fn, device) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
+def table(res: dict) -> str:
+    """The arms as a Markdown table."""
+    lines = ["| arm | instances | s | instances/s | warm instances/s | graphs (capture s) | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, arm in res["arms"].items():
+        if "seconds" not in arm:
+            lines.append(f"| {name} | {arm.get('skipped', '')} | | | | | |")
+            continue
+        graphs = f"{arm['graphs_captured']} ({arm['capture_s']})" if "graphs_captured" in arm else ""
+        lines.append(f"| {name} | {arm['instances']} | {arm['seconds']} | {arm['instances_per_s']} | "
+                     f"{arm.get('warm_instances_per_s', '')} | {graphs} | {arm.get('peak_memory_gib', '')} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -101,10 +124,16 @@ def main() -> int:
     parser.add_argument("--total-instances", type=int, default=1_000_000,
                         help="instances over the 462 tasks, for the projection (not measured here)")
     parser.add_argument("--budget-24gb", type=int, default=49152, help="padded tokens a batch on a 24 GB card")
+    parser.add_argument("--prefill-24gb", type=int, default=16384,
+                        help="prompt tokens a prefill forward on a 24 GB card (max_prefill_tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-folder", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ni_bench"))
+    parser.add_argument("--deadline-s", type=float, default=240.0,
+                        help="seconds from the start after which no arm starts (each needs --arm-reserve-s)")
+    parser.add_argument("--arm-reserve-s", type=float, default=30.0)
     args = parser.parse_args()
+    started = time.perf_counter()
 
     import torch
     import transformers
@@ -141,67 +170,116 @@ def main() -> int:
                       "tokens_median": sorted(lengths)[len(lengths) // 2], "new_tokens": defaults.max_new_tokens}
     save()
 
-    # warm-up: kernels, allocator, one batch of each width class
-    warm = BaseModelPredictor.from_model(model, tokenizer, defaults)
+    # warm-up: kernels, allocator
+    warm = BaseModelPredictor.from_model(model, tokenizer, defaults.model_copy(update={"engine": "generate"}))
     warm(prompts[:8])
+    del warm
 
     def baseline() -> list[str]:
-        p = BaseModelPredictor.from_model(model, tokenizer, defaults)
+        p = BaseModelPredictor.from_model(model, tokenizer, defaults.model_copy(update={"engine": "generate"}))
         out: list[str] = []
         subset = prompts[:args.baseline_instances]
         for start in range(0, len(subset), 8):
             out.extend(p.generate_batch(p.encode(subset[start:start + 8])))
         return out
 
-    arms = [("baseline", baseline, args.baseline_instances),
-            ("ours", lambda: BaseModelPredictor.from_model(model, tokenizer, defaults)(prompts), len(prompts)),
-            ("ours_24gb", lambda: BaseModelPredictor.from_model(
-                model, tokenizer, defaults.model_copy(update={"max_batch_tokens": args.budget_24gb}))(prompts),
-             len(prompts)),
-            ("ours_24gb_prefill", lambda: BaseModelPredictor.from_model(
-                model, tokenizer, defaults.model_copy(update={"max_batch_tokens": args.budget_24gb,
-                                                              "max_new_tokens": 1}))(prompts), len(prompts))]
+    small = {"max_batch_tokens": args.budget_24gb, "max_prefill_tokens": args.prefill_24gb}
+    arms = [("static", {}, len(prompts)),
+            ("static_sdpa", {"decode_attention": "sdpa"}, len(prompts)),
+            ("generate_sorted", {"engine": "generate"}, len(prompts)),
+            ("baseline", None, args.baseline_instances),
+            ("static_24gb", small, len(prompts)),
+            ("static_24gb_prefill", {**small, "max_new_tokens": 1}, len(prompts))]
     outputs: dict[str, list[str]] = {}
-    for name, fn, count in arms:
+    for name, update, count in arms:
+        elapsed = time.perf_counter() - started
+        if elapsed + args.arm_reserve_s > args.deadline_s:
+            res["arms"][name] = {"skipped": f"deadline: {elapsed:.0f} s of {args.deadline_s} s gone"}
+            save()
+            continue
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        predictor = None
+        if update is None:
+            fn = baseline
+        else:
+            predictor = BaseModelPredictor.from_model(model, tokenizer, defaults.model_copy(update=update))
+            fn = lambda p=predictor: p(prompts)  # noqa: E731
         out, seconds = timed(fn, device)
         outputs[name] = out  # type: ignore[assignment]
-        res["arms"][name] = {"instances": count, "seconds": round(seconds, 3),
-                             "instances_per_s": round(count / seconds, 3)}
+        arm = res["arms"][name] = {"instances": count, "seconds": round(seconds, 3),
+                                   "instances_per_s": round(count / seconds, 3)}
+        engine = predictor._engine if predictor is not None else None
+        if engine is not None:
+            warm_s = seconds - engine.capture_s
+            arm.update({"graphs_captured": engine.captured, "capture_s": round(engine.capture_s, 3),
+                        "warm_seconds": round(warm_s, 3), "warm_instances_per_s": round(count / warm_s, 3),
+                        "shapes": sorted(engine._shapes)})
         if device.type == "cuda":
-            res["arms"][name]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        save()
+            arm["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        model.config._attn_implementation = "sdpa"  # undo the grouped attention's switch for the arms after it
+        del predictor, engine, fn
         gc.collect()
+        save()
 
-    base, ours = res["arms"]["baseline"], res["arms"]["ours"]
-    res["speedup_ours_over_baseline"] = round(ours["instances_per_s"] / base["instances_per_s"], 2)
-    n = args.baseline_instances
-    res["same_text_as_baseline"] = sum(a == b for a, b in zip(outputs["baseline"], outputs["ours"][:n],
-                                                              strict=True))
+    arms_done = {k: v for k, v in res["arms"].items() if "seconds" in v}
+
+    def same(a: str, b: str) -> int | None:
+        if a not in outputs or b not in outputs:
+            return None
+        n = min(len(outputs[a]), len(outputs[b]))
+        return sum(x == y for x, y in zip(outputs[a][:n], outputs[b][:n], strict=True))
+
+    res["same_text"] = {"static_vs_generate_sorted": same("static", "generate_sorted"),
+                        "static_vs_baseline": same("static", "baseline"),
+                        "static_vs_static_sdpa": same("static", "static_sdpa"),
+                        "generate_sorted_vs_baseline": same("generate_sorted", "baseline"),
+                        "note": "bf16 on random weights: near-tied logits, so float rounding (a kernel, a padded "
+                                "width, masked slots) flips tokens; the CPU fp32 tests check equality"}
+
+    def rate(name: str, warm: bool = True) -> float | None:
+        arm = arms_done.get(name)
+        if arm is None:
+            return None
+        return arm["instances"] / (arm.get("warm_seconds", arm["seconds"]) if warm else arm["seconds"])
+
+    res["speedup"] = {f"{a}_over_{b}": round(rate(a) / rate(b), 2)
+                      for a in ("static", "static_sdpa") for b in ("generate_sorted", "baseline")
+                      if rate(a) and rate(b)}
     total = args.total_instances
-    small, prefill = res["arms"]["ours_24gb"], res["arms"]["ours_24gb_prefill"]
-    prefill_s = prefill["seconds"]
-    decode_s = max(small["seconds"] - prefill_s, 0.0)
     h, g = SPECS["h200_sxm"], SPECS["rtx_4090"]
-    per_4090 = prefill_s * h["bf16_tflops"] / g["bf16_tflops"] + decode_s * h["bandwidth_gb_s"] / g["bandwidth_gb_s"]
-    hours = lambda seconds_per_instance: round(total * seconds_per_instance / 3600, 2)  # noqa: E731
+    hours = {}
+    for name in ("baseline", "generate_sorted", "static", "static_sdpa"):
+        if rate(name):
+            hours[f"{name}_1x_h200"] = round(total / rate(name) / 3600, 2)
+            hours[f"{name}_8x_h200"] = round(total / rate(name) / 8 / 3600, 2)
+    if "baseline" in arms_done:
+        base = arms_done["baseline"]
+        hours["baseline_1x_rtx4090_projected"] = round(
+            total * base["seconds"] / base["instances"] * h["bandwidth_gb_s"] / g["bandwidth_gb_s"] / 3600, 2)
+    if "static_24gb" in arms_done and "static_24gb_prefill" in arms_done:
+        small_arm, prefill = arms_done["static_24gb"], arms_done["static_24gb_prefill"]
+        prefill_s = prefill["seconds"]
+        decode_s = max(small_arm["warm_seconds"] - prefill_s, 0.0)
+        per_4090 = (prefill_s * h["bf16_tflops"] / g["bf16_tflops"]
+                    + decode_s * h["bandwidth_gb_s"] / g["bandwidth_gb_s"])
+        hours["static_1x_rtx4090_projected"] = round(total * per_4090 / small_arm["instances"] / 3600, 2)
+    elif "static_24gb" in arms_done:  # no prefill/decode split: the two scalings bound it
+        warm = arms_done["static_24gb"]["warm_seconds"] / arms_done["static_24gb"]["instances"]
+        ratios = sorted((h["bandwidth_gb_s"] / g["bandwidth_gb_s"], h["bf16_tflops"] / g["bf16_tflops"]))
+        hours["static_1x_rtx4090_projected_bounds"] = [round(total * warm * r / 3600, 2) for r in ratios]
     res["projection"] = {
         "total_instances": total,
-        "assumptions": ("prompt lengths as generated here, not measured on the 462 tasks; 8 H200s: the tasks split "
-                        "over 8 processes with linear scaling; RTX 4090: not measured, the 24 GB-budget arm's prefill "
-                        "time x the bf16 TFLOPS ratio plus its decode time x the bandwidth ratio (SPECS)"),
-        "specs": SPECS, "kv_bytes_per_token_7b": KV_BYTES_PER_TOKEN_7B,
-        "hours": {
-            "baseline_batch8_1x_h200": hours(base["seconds"] / base["instances"]),
-            "ours_1x_h200": hours(ours["seconds"] / ours["instances"]),
-            "ours_8x_h200": hours(ours["seconds"] / ours["instances"] / 8),
-            "ours_1x_rtx4090_projected": hours(per_4090 / small["instances"]),
-            "baseline_batch8_1x_rtx4090_projected": hours(
-                base["seconds"] / base["instances"] * h["bandwidth_gb_s"] / g["bandwidth_gb_s"]),
-        }}
+        "assumptions": ("prompt lengths as generated here, not measured on the 462 tasks; static arms at their warm "
+                        "rate (graph captures, once per bucketed shape per process, left out: capture_s says what "
+                        "they cost here); 8 H200s: the tasks split over 8 processes with linear scaling; RTX 4090: "
+                        "not measured, the 24 GB-budget arm's prefill time x the bf16 TFLOPS ratio plus its decode "
+                        "time x the bandwidth ratio (SPECS); the baseline's whole time x the bandwidth ratio"),
+        "specs": SPECS, "kv_bytes_per_token_7b": KV_BYTES_PER_TOKEN_7B, "hours": hours}
     save()
-    print(json.dumps({k: res[k] for k in ("arms", "speedup_ours_over_baseline", "projection")}, indent=2))
+    print(json.dumps({k: res[k] for k in ("arms", "same_text", "speedup", "projection")}, indent=2))
+    print(table(res))
     return 0
 
 

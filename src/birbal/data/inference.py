@@ -1,9 +1,10 @@
 """The Natural Instructions predictions step at scale: batched greedy generation with the recipe's base model.
 
 - `BaseModelPredictor` (backend `hf`): a task's prompts sorted by length, cut into batches of at most
-  `batch_size` sequences and `max_batch_tokens` padded tokens, each batch left-padded and run through transformers'
-  `generate` (one forward per step for the whole batch, its KV cache grown in place), then put back in the task's
-  order. Sorting keeps padding small; the token budget keeps long prompts from running out of memory. The batches
+  `batch_size` sequences and `max_batch_tokens` padded tokens, each batch left-padded and run through the
+  settings' engine, then put back in the task's order: `static` (default, `birbal.data.static_engine`: prefill
+  into a static KV cache, one-token steps replayed as CUDA graphs on a GPU) or `generate` (transformers'
+  `generate`, one eager forward per step for the whole batch, its KV cache grown in place). Sorting keeps padding small; the token budget keeps long prompts from running out of memory. The batches
   depend only on the task's prompts and the settings, never on how many processes share the work, so the
   predictions of 1 and N processes are the same (tests/test_data_inference.py).
 - `VllmPredictor` (backend `vllm`): vLLM's offline engine (paged KV cache, continuous batching) on the same token
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -42,15 +44,18 @@ def model_key(recipe: Recipe, settings: NIPredictions | None = None) -> dict[str
             "dtype": settings.dtype if settings is not None else None}
 
 
-def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+def length_batches(lengths: list[int], max_new_tokens: int, batch_size: int, max_batch_tokens: int,
+                   cost: Callable[[int, int], int] | None = None) -> list[list[int]]:
     """Indices grouped into batches, longest prompts first (stable on ties), each at most `batch_size` rows and
-    `rows x (longest prompt + max_new_tokens)` padded tokens (a single row always fits)."""
+    `rows x (longest prompt + max_new_tokens)` padded tokens (a single row always fits). `cost(rows, width)`:
+    the tokens a batch takes instead (the static engine's: its bucketed cache shape)."""
+    cost = cost or (lambda rows, width: rows * width)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         width = (lengths[current[0]] if current else lengths[index]) + max_new_tokens
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_batch_tokens):
+        if current and (len(current) >= batch_size or cost(len(current) + 1, width) > max_batch_tokens):
             batches.append(current)
             current = []
         current.append(index)
@@ -76,26 +81,65 @@ class BaseModelPredictor:
         # bf16 matmuls on a CPU are slow and not what a GPU computes either: CPU runs use float32
         dtype = DTYPES[settings.dtype] if self.device.type == "cuda" else torch.float32
         quantization = recipe.quantization if settings.load_in_4bit else None
-        self.model = load_base_model(recipe.model, cache_dir, self.device, dtype, quantization)
+        # SDPA whatever model.attn_implementation says: that is training's choice (birbal-4090: flex_attention,
+        # for packed documents); these forwards are plain causal ones over padded batches, the same maths, and
+        # the static engine's graphs and grouped decode attention are built and checked on SDPA's path
+        model_cfg = recipe.model.model_copy(update={"attn_implementation": "sdpa"})
+        self.model = load_base_model(model_cfg, cache_dir, self.device, dtype, quantization)
         self.model.eval()
         self.tokenizer = tokenizer
         self.settings = settings
         self.on_batch: Callable[[int], Any] | None = None
+        self._engine = None
 
     @classmethod
-    def from_model(cls, model, tokenizer, settings: NIPredictions) -> BaseModelPredictor:
-        """A predictor over a model already built (the benchmark's random-weight Mistral-7B)."""
+    def from_model(cls, model, tokenizer, settings: NIPredictions, graphs: bool | None = None) -> BaseModelPredictor:
+        """A predictor over a model already built (the benchmark's random-weight Mistral-7B). `graphs`: the static
+        engine's CUDA graphs (None: on CUDA for an unquantized model; False: the same steps eagerly)."""
         self = cls.__new__(cls)
         self.model, self.tokenizer, self.settings, self.on_batch = model.eval(), tokenizer, settings, None
         self.device = next(model.parameters()).device
+        self._engine = None
+        self._graphs = graphs
         return self
+
+    @property
+    def engine(self):
+        """The static engine (built on first use, kept: its caches and graphs serve every later batch)."""
+        if self._engine is None:
+            from birbal.data.static_engine import StaticEngine
+
+            graphs = getattr(self, "_graphs", None)
+            if graphs is None:  # a 4-bit base stays eager: bitsandbytes' kernels are not checked under capture
+                graphs = self.device.type == "cuda" and getattr(self.model, "hf_quantizer", None) is None
+            self._engine = StaticEngine(self.model, self.tokenizer.eos_token_id, self.tokenizer.eos_token_id,
+                                        self.settings.max_new_tokens, graphs=graphs,
+                                        attention=self.settings.decode_attention,
+                                        reserve_slots=self.settings.max_batch_tokens,
+                                        prefill_tokens=self.settings.max_prefill_tokens)
+        return self._engine
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         limit = self.settings.max_prompt_tokens
         return [ids[-limit:] for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
 
-    @torch.inference_mode()
     def generate_batch(self, encoded: list[list[int]]) -> list[str]:
+        """One batch's continuations through the settings' engine (`static` or `generate`)."""
+        if self.settings.engine == "generate":
+            return self.generate_batch_hf(encoded)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in self.engine.generate(encoded)]
+
+    def batch_cost(self, rows: int, width: int) -> int:
+        """Padded tokens a batch takes: the static engine's bucketed cache, or `generate`'s rows x width."""
+        if self.settings.engine == "generate":
+            return rows * width
+        from birbal.data.static_engine import bucket_length, bucket_rows
+
+        return bucket_rows(rows) * bucket_length(width)
+
+    @torch.inference_mode()
+    def generate_batch_hf(self, encoded: list[list[int]]) -> list[str]:
+        """transformers' `generate` on one left-padded batch (`engine: generate`)."""
         width = max(len(ids) for ids in encoded)
         pad = self.tokenizer.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
@@ -109,7 +153,8 @@ class BaseModelPredictor:
         encoded = self.encode(prompts)
         outputs: list[str | None] = [None] * len(prompts)
         s = self.settings
-        for batch in length_batches([len(e) for e in encoded], s.max_new_tokens, s.batch_size, s.max_batch_tokens):
+        for batch in length_batches([len(e) for e in encoded], s.max_new_tokens, s.batch_size, s.max_batch_tokens,
+                                    self.batch_cost):
             for index, text in zip(batch, self.generate_batch([encoded[i] for i in batch]), strict=True):
                 outputs[index] = text
             if self.on_batch is not None:
@@ -181,6 +226,9 @@ def run_tasks(sizes: dict[str, int], prompts_of: Callable[[str], list[dict]], fo
     if not share:
         return []
     folder.mkdir(parents=True, exist_ok=True)
+    for name in share:  # a killed worker's half-written file (atomic_write's temporary): never read, dropped here
+        for stale in folder.glob(f"{glob.escape('.' + name)}.jsonl.*.tmp"):
+            stale.unlink(missing_ok=True)
     predictor = predictor_factory()
     with tqdm(total=sum(pending[n] for n in share), desc=f"NI predictions [{rank + 1}/{world}]", unit="inst",
               position=rank, mininterval=5.0, dynamic_ncols=True) as bar:  # instances/s and the time left
