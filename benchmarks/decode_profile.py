@@ -48,11 +48,17 @@ from serve_latency import TINY, build_folders, copy_bandwidth, load_tokenizer, s
 from shapes import MISTRAL_7B
 
 PROFILES = {"unmerged": "birbal-4090", "merged": "birbal-4090-plus"}
-# "+name" after a mode: a serve setting (the key a variant's name carries in the JSON)
+# "+name" after a mode: a serve setting (the key a variant's name carries in the JSON); what a variant does not
+# set is the profile's own (birbal-4090 for unmerged, birbal-4090-plus for merged)
 VARIANTS = {"grouped": ("decode_attention", "grouped"), "sdpa": ("decode_attention", "sdpa"),
-            "each": ("decode_compile_lengths", "each"), "one": ("decode_compile_lengths", "one")}
-DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa,unmerged:compiled_layers+grouped,"
-                    "merged:compiled_layers+sdpa,merged:compiled_layers+grouped")
+            "each": ("decode_compile_lengths", "each"), "one": ("decode_compile_lengths", "one"),
+            "fused": ("decode_fuse", "projections"), "unfused": ("decode_fuse", "none"),
+            "lora": ("decode_fuse", "lora")}
+# today's birbal-4090 (sdpa, unfused) and plus (merged, grouped, unfused) first, then what serve.decode_fuse adds
+DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa+unfused,unmerged:compiled_layers+sdpa+lora,"
+                    "merged:compiled_layers+grouped+unfused,merged:compiled_layers+grouped+fused,"
+                    "unmerged:compiled_layers+grouped+lora,unmerged:compiled_layers+sdpa+fused,"
+                    "unmerged:compiled_layers+grouped+unfused")
 CLASSES = ("base_gemv", "lm_head", "lora_a_gemv", "lora_b_gemv", "attention", "copies", "norm_rotary_elementwise",
            "other")
 MM_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
@@ -170,8 +176,9 @@ def mm_shape(dims) -> tuple[int, int] | None:
 
 
 def classify(kernel: dict, lora_r: int, vocab: int, itemsize: int = 2) -> tuple[str, int]:
-    """(class, weight bytes read) of one kernel. A product is LoRA's when its weight has the adapter's rank on one
-    side (at the 7B shape no base projection does; the tiny shape's k/v projections do, and count as LoRA there)."""
+    """(class, weight bytes read) of one kernel. A product is LoRA's when its weight has the adapter's rank (or 2 or
+    3 times it) on one side (at the 7B shape no base projection does; the tiny shape's k/v projections do, and
+    count as LoRA there). Under decode_fuse: lora the base products hold the B matrices: they count as base."""
     op, name = kernel["op"], kernel["name"].lower()
     if op.startswith(ATTENTION_OPS) or any(s in name for s in ATTENTION_KERNELS):
         return "attention", 0
@@ -180,7 +187,10 @@ def classify(kernel: dict, lora_r: int, vocab: int, itemsize: int = 2) -> tuple[
         if shape is None:
             return "base_gemv", 0
         k, n = shape
-        cls = "lm_head" if n == vocab else "lora_a_gemv" if n == lora_r else "lora_b_gemv" if k == lora_r else "base_gemv"
+        # LoRA's A products give r outputs (3r, 2r when a group's are fused), B's read r inputs; at the 7B shape
+        # every base projection has 1,024 outputs (8r) or more
+        cls = ("lm_head" if n == vocab else "lora_a_gemv" if n <= 3 * lora_r and n % lora_r == 0
+               else "lora_b_gemv" if k == lora_r else "base_gemv")
         return cls, k * n * itemsize
     if op.startswith(COPY_OPS) or any(s in name for s in COPY_KERNELS):
         return "copies", 0

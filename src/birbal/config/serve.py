@@ -63,6 +63,13 @@ class ServeConfig(Section):
         "GEMMs, each key and value read once (the same maths up to float rounding; birbal.serve.attention). "
         "Prompts always run SDPA.",
     )
+    decode_fuse: Literal["none", "projections", "lora"] = Field(
+        "none", description="projections: the projections of one input (q/k/v, gate/up) computed as one product, "
+        "their weights rows of one matrix, the LoRA A matrices likewise (each output the same dot product: the same "
+        "maths up to float rounding; birbal.serve.fused); lora: that, and each LoRA B product summed in its base's "
+        "product (base and LoRA terms in one accumulator, not each rounded first: float rounding); none: one "
+        "product per projection.",
+    )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")
     startup_timeout_s: float = Field(600.0, gt=0.0, description="How long callers wait for /health.")

@@ -119,9 +119,14 @@ class Engine:
         self.device = next(model.parameters()).device
         self.vocab_size = len(tokenizer)
         self.stats = EngineStats()
+        self.fused: dict | None = None  # serve.decode_fuse's report: groups fused, and those left and why
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
+        if serve_cfg.decode_fuse != "none":
+            from birbal.serve.fused import fuse_projections
+
+            self.fused = fuse_projections(model, serve_cfg.decode_fuse)
         if serve_cfg.decode_attention == "grouped":
             from birbal.serve.attention import use_grouped_decode_attention
 
