@@ -53,7 +53,8 @@ PROFILES = {"unmerged": "birbal-4090", "merged": "birbal-4090-plus"}
 VARIANTS = {"grouped": ("decode_attention", "grouped"), "sdpa": ("decode_attention", "sdpa"),
             "each": ("decode_compile_lengths", "each"), "one": ("decode_compile_lengths", "one"),
             "fused": ("decode_fuse", "projections"), "unfused": ("decode_fuse", "none"),
-            "lora": ("decode_fuse", "lora")}
+            "lora": ("decode_fuse", "lora"),
+            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs")}
 # today's birbal-4090 (sdpa, unfused) and plus (merged, grouped, unfused) first, then what serve.decode_fuse adds
 DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa+unfused,unmerged:compiled_layers+sdpa+lora,"
                     "merged:compiled_layers+grouped+unfused,merged:compiled_layers+grouped+fused,"

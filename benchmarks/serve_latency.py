@@ -76,7 +76,8 @@ DECODE_MODES = ("auto", *MODES)  # serve.decode
 # and/or "+fused" / "+unfused" (serve.decode_fuse: projections / none, birbal.serve.fused)
 VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each"),
             "one": ("decode_compile_lengths", "one"), "fused": ("decode_fuse", "projections"),
-            "unfused": ("decode_fuse", "none"), "lora": ("decode_fuse", "lora")}
+            "unfused": ("decode_fuse", "none"), "lora": ("decode_fuse", "lora"),
+            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs")}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

@@ -204,3 +204,21 @@ def _products_per_step_graphless(eng: Engine) -> int:
         with counter:
             eng.prefill_only.step(5)
     return counter.count
+
+
+def test_decode_compile_mode_reaches_the_compiled_layers():
+    """serve.decode_compile_mode goes to the decoder and picks the layers' compiled form; an unknown mode is a
+    one-line error (no compile runs here: the forms are built lazily)."""
+    from birbal.errors import ServeError
+    from birbal.serve.decode import make_decoder
+    from birbal.serve.regional import RegionalLayers
+
+    eng = _engine("merged", "none")
+    decoder = StaticDecoder(eng.model, 64, (16,), compile_step="layers", compile_mode="max-autotune-no-cudagraphs")
+    assert decoder.compile_mode == "max-autotune-no-cudagraphs"
+    regional = RegionalLayers.install(eng.model)
+    assert regional.compiled_for("each", "max-autotune-no-cudagraphs") is regional.compiled_for(
+        "each", "max-autotune-no-cudagraphs") is not regional.compiled_for("each")
+    with pytest.raises(ServeError, match="decode_compile_mode"):
+        make_decoder("compiled_layers", eng.model, 64, compile_mode="fastest")
+    assert serve_cfg(decode_compile_mode="max-autotune-no-cudagraphs").decode_compile_mode != "default"

@@ -57,6 +57,11 @@ class ServeConfig(Section):
         "form measured and GPU-tested at the Mistral-7B shape, benchmarks/results), or one compiled graph for every "
         "length (the slot dimension dynamic: one compile at start-up; CPU-tested, not yet run on a GPU).",
     )
+    decode_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="Inductor's mode for the compiled decode modes: max-autotune-no-cudagraphs times "
+        "Triton's GEMM templates against cuBLAS for each product's shape at compile time and keeps the fastest "
+        "(a longer warm-up; the same products: float rounding only). Inductor's own CUDA graphs stay off.",
+    )
     decode_attention: Literal["sdpa", "grouped"] = Field(
         "sdpa", description="A decode step's attention over the static cache. sdpa: transformers' SDPA (the KV "
         "heads expanded to the query heads first); grouped: the query heads of each KV head as rows of two batched "
