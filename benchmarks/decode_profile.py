@@ -54,14 +54,16 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "sdpa": ("decode_attenti
             "each": ("decode_compile_lengths", "each"), "one": ("decode_compile_lengths", "one"),
             "fused": ("decode_fuse", "projections"), "unfused": ("decode_fuse", "none"),
             "lora": ("decode_fuse", "lora"),
-            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs")}
-# today's birbal-4090 (sdpa, unfused) and plus (merged, grouped, unfused) first, then what serve.decode_fuse adds
-DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa+unfused,unmerged:compiled_layers+sdpa+lora,"
+            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
+            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all")}
+# today's birbal-4090 (sdpa, unfused) and plus (merged, grouped, unfused), each followed by what this branch serves
+# (birbal-4090: grouped attention and decode_fuse lora; plus: decode_fuse), then the decode_gemv variants
+DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa+unfused,unmerged:compiled_layers+grouped+lora,"
                     "merged:compiled_layers+grouped+unfused,merged:compiled_layers+grouped+fused,"
-                    "unmerged:compiled_layers+grouped+lora,unmerged:compiled_layers+sdpa+fused,"
-                    "unmerged:compiled_layers+grouped+unfused")
-CLASSES = ("base_gemv", "lm_head", "lora_a_gemv", "lora_b_gemv", "attention", "copies", "norm_rotary_elementwise",
-           "other")
+                    "unmerged:compiled_layers+grouped+lora+gemva,merged:compiled_layers+grouped+fused+gemvall,"
+                    "unmerged:compiled_layers+grouped+lora+gemvall")
+CLASSES = ("base_gemv", "lm_head", "lora_a_gemv", "lora_b_gemv", "gemv_triton", "attention", "copies",
+           "norm_rotary_elementwise", "other")
 MM_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
 ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::scaled_dot_product",
                  "aten::_efficient_attention", "aten::_flash_attention", "aten::_softmax", "aten::softmax")
@@ -172,7 +174,10 @@ def mm_shape(dims) -> tuple[int, int] | None:
     mats = [d for d in dims if isinstance(d, list) and len(d) == 2]
     if len(mats) < 2:
         return None
-    (_, k), (k2, n) = mats[-2], mats[-1]
+    if len(dims) >= 3 and isinstance(dims[0], list) and len(dims[0]) <= 2 and dims[0] and len(mats) >= 3 \
+            and mats[0] == dims[0] and mats[1][-1] == mats[2][0]:
+        mats = mats[1:]  # addmm(bias, x, w): the bias first
+    (_, k), (k2, n) = mats[0], mats[1]  # mm(x, w[, out]): Inductor passes out= as a third input
     return (int(k), int(n)) if k == k2 else (int(k), int(k2))  # linear: w is (N, K)
 
 
@@ -181,6 +186,8 @@ def classify(kernel: dict, lora_r: int, vocab: int, itemsize: int = 2) -> tuple[
     3 times it) on one side (at the 7B shape no base projection does; the tiny shape's k/v projections do, and
     count as LoRA there). Under decode_fuse: lora the base products hold the B matrices: they count as base."""
     op, name = kernel["op"], kernel["name"].lower()
+    if name.startswith(("triton_red", "triton_per")) and "_sum" in name and "softmax" not in name:
+        return "gemv_triton", 0  # serve.decode_gemv: a product written as multiply-and-sum, one Triton reduction
     if op.startswith(ATTENTION_OPS) or any(s in name for s in ATTENTION_KERNELS):
         return "attention", 0
     if op.startswith(MM_OPS) or "gemv" in name or "gemm" in name or "_tem_" in name:

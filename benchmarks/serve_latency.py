@@ -77,7 +77,8 @@ DECODE_MODES = ("auto", *MODES)  # serve.decode
 VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each"),
             "one": ("decode_compile_lengths", "one"), "fused": ("decode_fuse", "projections"),
             "unfused": ("decode_fuse", "none"), "lora": ("decode_fuse", "lora"),
-            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs")}
+            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
+            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all")}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

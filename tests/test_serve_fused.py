@@ -59,20 +59,23 @@ def _products_per_step(eng: Engine) -> int:
     return counter.count
 
 
-@pytest.mark.parametrize(("kind", "mode", "unfused", "fused", "groups"),
-                         [("merged", "projections", 7, 4, 2), ("adapter", "projections", 21, 15, 2),
-                          ("merged", "lora", 7, 4, 2), ("adapter", "lora", 21, 8, 4)])
-def test_fused_projections_give_the_same_answers_with_fewer_products(kind, mode, unfused, fused, groups):
+@pytest.mark.parametrize(("kind", "mode", "gemv", "unfused", "fused", "groups"),
+                         [("merged", "projections", "cublas", 7, 4, 2), ("adapter", "projections", "lora_a", 21, 15, 2),
+                          ("merged", "lora", "all", 7, 4, 4), ("adapter", "lora", "cublas", 21, 8, 4),
+                          ("adapter", "lora", "all", 21, 8, 4)])
+def test_fused_projections_give_the_same_answers_with_fewer_products(kind, mode, gemv, unfused, fused, groups):
     """The same tokens and logprobs as the unfused model, eager steps and compiled layers (one graph for all the
     layers), with q/k/v and gate/up one product each (the adapter: their base weights and their LoRA A matrices;
     each B its own; `lora`: each B in its base's product, o_proj's and down_proj's too), the state dict
-    unchanged and the weights no larger (views of the fused matrix; `lora` adds the zero blocks beside each B)."""
+    unchanged and the weights no larger (views of the fused matrix; `lora` adds the zero blocks beside each B).
+    serve.decode_gemv writes the compiled step's products (LoRA A's, or all) as fp32 multiply-and-sum: the
+    compiled answers stay the eager ones (eager steps, outside a compile, keep F.linear)."""
     from birbal.serve.regional import compiled_graph_count
 
-    plain, fast = _engine(kind, "none"), _engine(kind, mode)
+    plain, fast = _engine(kind, "none"), _engine(kind, mode, decode_gemv=gemv)
     layers = len(fast.model.get_base_model().model.layers if kind == "adapter" else fast.model.model.layers)
     assert layers >= 2 and plain.fused is None
-    assert fast.fused == {"mode": mode, "fused": groups * layers, "skipped": {}}
+    assert fast.fused == {"mode": mode, "gemv": gemv, "fused": groups * layers, "skipped": {}}
     assert _products_per_step(plain) == unfused * layers + 1  # + lm_head
     assert _products_per_step(fast) == fused * layers + 1
     plain_state, fast_state = plain.model.state_dict(), fast.model.state_dict()
@@ -176,7 +179,8 @@ def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype):
     1e-3; in bf16 (the served dtype) each token's logprob within bf16 rounding of the eager model's over the same
     tokens, no further off than today's unfused compiled_layers path is (twice its worst error, or 0.02), and the
     eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it."""
-    changes = dict(device="cuda", dtype=dtype, decode_cache_lengths=[16, 64], decode_attention="grouped")
+    # one cache length (max_context): one compile per engine, so that the four cases fit a short GPU call
+    changes = dict(device="cuda", dtype=dtype, decode_cache_lengths=[], decode_attention="grouped")
     fast = _engine(kind, mode, decode="compiled_layers", **changes)
     today = _engine(kind, "none", decode="compiled_layers", **changes)
     plain = _engine(kind, "none", decode="eager", **changes)
@@ -204,6 +208,13 @@ def _products_per_step_graphless(eng: Engine) -> int:
         with counter:
             eng.prefill_only.step(5)
     return counter.count
+
+
+def test_decode_gemv_needs_fused_projections():
+    from birbal.errors import ServeError
+
+    with pytest.raises(ServeError, match="decode_fuse"):
+        _engine("merged", "none", decode_gemv="all")
 
 
 def test_decode_compile_mode_reaches_the_compiled_layers():

@@ -126,7 +126,10 @@ class Engine:
         if serve_cfg.decode_fuse != "none":
             from birbal.serve.fused import fuse_projections
 
-            self.fused = fuse_projections(model, serve_cfg.decode_fuse)
+            self.fused = fuse_projections(model, serve_cfg.decode_fuse, serve_cfg.decode_gemv)
+        elif serve_cfg.decode_gemv != "cublas":
+            raise ServeError(f"serve.decode_gemv={serve_cfg.decode_gemv} writes the products of the fused "
+                             "projections: it needs serve.decode_fuse projections or lora")
         if serve_cfg.decode_attention == "grouped":
             from birbal.serve.attention import use_grouped_decode_attention
 

@@ -79,16 +79,33 @@ def _plain_lora_call(member, x, args, kwargs) -> bool:
     return not dropout.training and x.dtype == member._birbal_lora_a.weight.dtype
 
 
+def _product(self, x, weight, lora_a: bool = False):
+    """`F.linear(x, weight)`; inside a compiled decode step (one row) under serve.decode_gemv "lora_a" (LoRA A
+    products only) or "all", written as the fp32 products' sum, `(x * w).float().sum(-1)`, so that Inductor makes
+    it one Triton reduction kernel (cuBLAS runs a small product as a split-K kernel plus a reduce kernel). The same
+    dot products accumulated in fp32, in another order (float rounding only)."""
+    how = self._birbal_gemv
+    if (how == "all" or (how == "lora_a" and lora_a)) and torch.compiler.is_compiling() \
+            and x.numel() == x.shape[-1]:
+        return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
+    return F.linear(x, weight)
+
+
 # ---- the forwards (bound to each member module; their state lives on the modules, so that one compiled graph
 # ---- serves every layer: nothing per layer but module attributes and buffers) -----------------------------------
 def _first_linear(self, x):
-    out = F.linear(x, getattr(self, FUSED))
+    out = _product(self, x, getattr(self, FUSED))
     start = 0
     for size, later in zip(self._birbal_sizes, (self, *self._birbal_later), strict=True):
         if later is not self:
             setattr(later, HANDED, (x, out[..., start:start + size]))
         start += size
     return out[..., :self._birbal_sizes[0]]
+
+
+def _single_linear(self, x):
+    """A projection fused with nothing (merged o_proj, down_proj) whose product serve.decode_gemv "all" writes."""
+    return _product(self, x, self.weight)
 
 
 def _later_linear(self, x):
@@ -102,8 +119,8 @@ def _later_linear(self, x):
 def _first_lora(self, x, *args, **kwargs):
     if not _plain_lora_call(self, x, args, kwargs):
         return self._birbal_peft_forward(x, *args, **kwargs)
-    base = F.linear(x, getattr(self, FUSED))
-    down = F.linear(x, getattr(self, FUSED_A))
+    base = _product(self, x, getattr(self, FUSED))
+    down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
     start, start_a = 0, 0
     for size, rank, later in zip(self._birbal_sizes, self._birbal_ranks, (self, *self._birbal_later), strict=True):
         if later is not self:
@@ -127,8 +144,8 @@ def _first_lora_in_base(self, x, *args, **kwargs):
     over [x, scaling * down]: the B matrices are columns of the base's matrix (zeros where another member's)."""
     if not _plain_lora_call(self, x, args, kwargs):
         return self._birbal_peft_forward(x, *args, **kwargs)
-    down = F.linear(x, getattr(self, FUSED_A))
-    out = F.linear(torch.cat([x, down * self.scaling[self._birbal_adapter]], dim=-1), getattr(self, FUSED))
+    down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
+    out = _product(self, torch.cat([x, down * self.scaling[self._birbal_adapter]], dim=-1), getattr(self, FUSED))
     start = 0
     for size, later in zip(self._birbal_sizes, (self, *self._birbal_later), strict=True):
         if later is not self:
@@ -157,7 +174,10 @@ def _add_lora(self, result, down):
 SINGLES = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))  # `lora`: B into the base, one projection each
 
 
-def fuse_projections(model, mode: str = "projections") -> dict:
+GEMVS = ("cublas", "lora_a", "all")  # serve.decode_gemv
+
+
+def fuse_projections(model, mode: str = "projections", gemv: str = "cublas") -> dict:
     """Fuse every decoder layer's shared-input projections of `model` (plain bf16/fp32 `nn.Linear`s, merged, or
     peft LoRA `Linear`s over them) in place. A group it cannot fuse exactly is left as it is, with the reason:
     a quantized base (bitsandbytes' packed weights), a group that mixes LoRA and plain layers, a bias, several
@@ -168,24 +188,28 @@ def fuse_projections(model, mode: str = "projections") -> dict:
     Idempotent for one mode."""
     if mode not in ("projections", "lora"):
         raise ServeError(f"serve.decode_fuse must be none, projections or lora; given {mode!r}")
+    if gemv not in GEMVS:
+        raise ServeError(f"serve.decode_gemv must be one of {', '.join(GEMVS)}; given {gemv!r}")
     core = unwrap_peft(model)
     if getattr(core, _ATTR, None) is not None:
         done = getattr(core, _ATTR)
-        if done["mode"] != mode:
-            raise ServeError(f"the model's projections are already fused as {done['mode']!r}, not {mode!r}")
+        if (done["mode"], done["gemv"]) != (mode, gemv):
+            raise ServeError(f"the model's projections are already fused as {done['mode']!r} with gemv "
+                             f"{done['gemv']!r}, not {mode!r} with {gemv!r}")
         return done
     layers = getattr(getattr(core, "model", None), "layers", None)
     if not layers:
         raise ServeError(f"serve.decode_fuse=projections needs decoder layers at .model.layers; "
                          f"{type(core).__name__} has none")
-    report: dict = {"mode": mode, "fused": 0, "skipped": {}}
-    groups = GROUPS + (SINGLES if mode == "lora" and isinstance(model, _peft_model_types()) else ())
+    report: dict = {"mode": mode, "gemv": gemv, "fused": 0, "skipped": {}}
+    peft = isinstance(model, _peft_model_types())
+    groups = GROUPS + (SINGLES if (mode == "lora" and peft) or (gemv == "all" and not peft) else ())
     for layer in layers:
         for parent_name, names in groups:
             parent = getattr(layer, parent_name, None)
             members = [getattr(parent, n, None) for n in names]
             reason = ("missing" if parent is None or any(m is None for m in members)
-                      else _fuse_group(members, lora_in_base=mode == "lora"))
+                      else _fuse_group(members, lora_in_base=mode == "lora", gemv=gemv))
             if reason is None:
                 report["fused"] += 1
             else:
@@ -208,10 +232,15 @@ def _peft_model_types() -> tuple:
     return (PeftModel,)
 
 
-def _fuse_group(members: list, lora_in_base: bool = False) -> str | None:
+def _fuse_group(members: list, lora_in_base: bool = False, gemv: str = "cublas") -> str | None:
     """Fuse one group in place; None when done, else why not (nothing changed)."""
+    for m in members:
+        object.__setattr__(m, "_birbal_gemv", gemv)
     lora = [_lora_parts(m) for m in members]
     if not any(lora) and len(members) == 1:
+        if gemv == "all" and _plain(members[0]):
+            members[0].forward = types.MethodType(_single_linear, members[0])
+            return None
         return "one plain projection: nothing to fuse"
     if not any(lora):
         if not all(_plain(m) for m in members):
