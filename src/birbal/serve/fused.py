@@ -216,6 +216,10 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas") -> 
                 key = f"{parent_name}: {reason}"
                 report["skipped"][key] = report["skipped"].get(key, 0) + 1
     object.__setattr__(core, _ATTR, report)
+    if report["fused"] and torch.cuda.is_available():
+        # the replaced weights' blocks back to the device (the fused copies were made one group at a time; on a
+        # 24 GB card the caching allocator should not hold the old ones beside the model)
+        torch.cuda.empty_cache()
     return report
 
 
