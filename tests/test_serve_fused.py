@@ -32,7 +32,8 @@ class _Products(TorchDispatchMode):
 
 
 def _engine(kind: str, fuse: str, **changes) -> Engine:
-    cfg = serve_cfg(postprocess="none", request_policy="kit", decode="static", decode_fuse=fuse, **changes)
+    cfg = serve_cfg(**{"postprocess": "none", "request_policy": "kit", "decode": "static", "decode_fuse": fuse,
+                       **changes})
     if kind == "merged":
         return Engine.from_merged(merged_folder(), cfg)
     return Engine.from_adapter(str(merged_folder()), adapter_folder(), engine().tokenizer, cfg)
@@ -168,25 +169,21 @@ def _errors_against(reference_engine: Engine, eng: Engine, prompt: str, n: int) 
     return errors, wrong
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("kind", "mode", "dtype"), [("merged", "projections", "bfloat16"),
-                                                     ("adapter", "projections", "bfloat16"),
-                                                     ("adapter", "lora", "bfloat16"), ("adapter", "lora", "float32")])
-def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype):
-    """The served path on a GPU (compiled_layers in a CUDA graph, grouped attention) with the projections fused,
-    against the unfused eager model: in fp32 the same tokens and logprobs within the compiled-vs-eager tests'
-    1e-3; in bf16 (the served dtype) each token's logprob within bf16 rounding of the eager model's over the same
-    tokens, no further off than today's unfused compiled_layers path is (twice its worst error, or 0.02), and the
-    eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it."""
-    # one cache length (max_context): one compile per engine, so that the four cases fit a short GPU call
-    changes = dict(device="cuda", dtype=dtype, decode_cache_lengths=[], decode_attention="grouped")
-    fast = _engine(kind, mode, decode="compiled_layers", **changes)
-    today = _engine(kind, "none", decode="compiled_layers", **changes)
-    plain = _engine(kind, "none", decode="eager", **changes)
+def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str) -> None:
+    """The fused engine (`decode`: compiled_layers in a CUDA graph on a GPU; on CPU static decode with the layers
+    compiled, the same compiled forward without the graph) against the unfused eager model, with today's unfused
+    path of the same decode as the yardstick: see the GPU test's docstring."""
+    # one cache length (max_context): one compile per engine, so that the four GPU cases fit a short GPU call
+    changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
+    fast = _engine(kind, mode, **changes)
+    today = _engine(kind, "none", **changes)
+    plain = _engine(kind, "none", **{**changes, "decode": "eager"})
     for eng in (fast, today):
+        if decode == "static":  # CPU: the compiled layers without the graph
+            eng.decoder = StaticDecoder(eng.model, eng.cfg.max_context, (), compile_step="layers",
+                                        compile_lengths="each")
         eng.warm_up()
-        assert eng.decode_mode == "compiled_layers"
+    assert fast.decode_mode == today.decode_mode == decode
     assert _products_per_step_graphless(fast) < _products_per_step_graphless(today)
     worst, wrong = {"fast": 0.0, "today": 0.0}, {"fast": 0, "today": 0}
     for prompt, n in PROMPTS + PROMPTS[::-1]:
@@ -198,6 +195,26 @@ def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype):
             wrong[name] += clear_but_other
     assert worst["fast"] <= max(2 * worst["today"], 0.02), worst
     assert wrong["fast"] <= wrong["today"], wrong
+
+
+@pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("merged", "projections",
+                                                                                     "float32")])
+def test_fused_compiled_layers_equal_eager_on_cpu(kind, mode, dtype):
+    """The GPU test's checks on CPU (the compiled layers without the CUDA graph): what runs before the graph does."""
+    _check_fused_against_eager(kind, mode, dtype, "cpu", "static")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("merged", "projections", "bfloat16"),
+                                                     ("adapter", "lora", "float32")])
+def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype):
+    """The served path on a GPU (compiled_layers in a CUDA graph, grouped attention) with the projections fused,
+    against the unfused eager model: in fp32 the same tokens and logprobs within the compiled-vs-eager tests'
+    1e-3; in bf16 (the served dtype) each token's logprob within bf16 rounding of the eager model's over the same
+    tokens, no further off than today's unfused compiled_layers path is (twice its worst error, or 0.02), and the
+    eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it."""
+    _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers")
 
 
 def _products_per_step_graphless(eng: Engine) -> int:
