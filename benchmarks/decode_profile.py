@@ -147,7 +147,7 @@ def device_kernels(events: list[dict], cuda: bool) -> list[dict]:
         for k in sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"]):
             args = k.get("args") or {}
             op = by_external.get(args.get("External id"))
-            out.append({"name": k["name"], "ts": k["ts"], "dur": float(k.get("dur", 0.0)),
+            out.append({"name": k["name"], "ts": k["ts"], "dur": float(k.get("dur", 0.0)), "ext": args.get("External id"),
                         "op": op["name"] if op else "", "dims": (op.get("args") or {}).get("Input Dims") if op else None})
         return out
     trivial = ("aten::empty", "aten::view", "aten::as_strided", "aten::reshape", "aten::t", "aten::transpose",
@@ -228,14 +228,17 @@ def summarise_kernels(kernels: list[dict], steps: int, classes: list[tuple[str, 
     per = defaultdict(lambda: {"us": 0.0, "count": 0, "bytes": 0})
     shapes = defaultdict(lambda: {"us": 0.0, "count": 0, "kernels": set()})
     for i, k in enumerate(kernels):
-        cls, nbytes = classes[i % len(classes)] if classes else ("unclassified", 0)
+        # (class, the weight bytes its op reads, counted on the op's first kernel only: a split-K product is two
+        # kernels, the product and cuBLAS's reduce)
+        cls, nbytes, first = classes[i % len(classes)] if classes else ("unclassified", 0, True)
         per[cls]["us"] += k["dur"]
         per[cls]["count"] += 1
         per[cls]["bytes"] += nbytes
-        if nbytes:
-            key = f"{cls} K={mm_shape(k['dims'])[0]} N={mm_shape(k['dims'])[1]}" if k["dims"] else cls
+        shape = mm_shape(k["dims"]) if cls in ("base_gemv", "lm_head", "lora_a_gemv", "lora_b_gemv") else None
+        if shape:
+            key = f"{cls} K={shape[0]} N={shape[1]}"
             shapes[key]["us"] += k["dur"]
-            shapes[key]["count"] += 1
+            shapes[key]["count"] += first
             shapes[key]["kernels"].add(k["name"][:80])
     busy = sum(k["dur"] for k in kernels) / steps
     out = {"kernels_per_step": round(len(kernels) / steps, 1), "kernel_busy_us_per_step": round(busy, 1),
@@ -248,8 +251,9 @@ def summarise_kernels(kernels: list[dict], steps: int, classes: list[tuple[str, 
         out["base_weight_gemv_gb_s"] = round(sum(v["bytes"] for v in base) / (sum(v["us"] for v in base) * 1e-6) / 1e9,
                                              1)
     if shapes:
-        out["gemv_by_shape"] = {s: {"us_each": round(v["us"] / v["count"], 2), "per_step": round(v["count"] / steps, 1),
-                                    "kernels": sorted(v["kernels"])} for s, v in sorted(shapes.items())}
+        out["gemv_by_shape"] = {s: {"us_each": round(v["us"] / max(v["count"], 1), 2),
+                                    "per_step": round(v["count"] / steps, 1), "kernels": sorted(v["kernels"])}
+                                for s, v in sorted(shapes.items())}
         for s, v in out["gemv_by_shape"].items():
             k, n = (int(x.split("=")[1]) for x in s.split()[1:3]) if " K=" in s else (0, 0)
             if k and v["us_each"]:
@@ -367,7 +371,12 @@ def profile_variant(work: Path, variant: str, device, tokenizer, args) -> dict:
         decoder._length = min(decoder._length, decoder._cache_len - 1)
         eager_kernels = profile_steps(lambda: StaticDecoder._decode_step(decoder), 2, cuda, shapes=True)
         per_step = len(eager_kernels) // 2
-        classes = [classify(k, args.lora_r, args.vocab, 2 if cuda else 4) for k in eager_kernels[:per_step]]
+        classes, seen = [], set()
+        for k in eager_kernels[:per_step]:
+            cls, nbytes = classify(k, args.lora_r, args.vocab, 2 if cuda else 4)
+            first = k.get("ext") is None or k["ext"] not in seen
+            seen.add(k.get("ext"))
+            classes.append((cls, nbytes if first else 0, first))
         out["launched_op_by_op"] = summarise_kernels(eager_kernels, 2, classes, 2 if cuda else 4)
         out["launched_op_by_op"]["top_kernels"] = top_kernels(eager_kernels, 2)
         if graph_mode and cuda:
