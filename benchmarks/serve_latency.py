@@ -79,8 +79,12 @@ HEAVY = ("gsm8k", "cnndm")  # the decode-heavy rows (128 new tokens)
 DECODE_MODES = ("auto", *MODES)  # serve.decode
 # a mode may end in "+grouped" (serve.decode_attention=grouped: birbal.serve.attention) and/or "+each" / "+one"
 # (serve.decode_compile_lengths: compiled_layers compiles one graph per cache length, the default, or one for all)
+# and/or "+fused" / "+unfused" (serve.decode_fuse: projections / none, birbal.serve.fused)
 VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile_lengths", "each"),
-            "one": ("decode_compile_lengths", "one")}
+            "one": ("decode_compile_lengths", "one"), "fused": ("decode_fuse", "projections"),
+            "unfused": ("decode_fuse", "none"), "lora": ("decode_fuse", "lora"),
+            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
+            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all")}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

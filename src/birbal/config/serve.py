@@ -57,11 +57,29 @@ class ServeConfig(Section):
         "form measured and GPU-tested at the Mistral-7B shape, benchmarks/results), or one compiled graph for every "
         "length (the slot dimension dynamic: one compile at start-up; CPU-tested, not yet run on a GPU).",
     )
+    decode_gemv: Literal["cublas", "lora_a", "all"] = Field(
+        "cublas", description="With decode_fuse, inside a compiled decode step: cublas: every product F.linear "
+        "(cuBLAS); lora_a: the LoRA A products (small: cuBLAS runs each as a split-K kernel and a reduce kernel) as "
+        "fp32 multiply-and-sum, one Triton reduction kernel each from Inductor; all: every product of the fused "
+        "projections so (merged o_proj and down_proj too). The same dot products in fp32, summed in another order.",
+    )
+    decode_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="Inductor's mode for the compiled decode modes: max-autotune-no-cudagraphs times "
+        "Triton's GEMM templates against cuBLAS for each product's shape at compile time and keeps the fastest "
+        "(a longer warm-up; the same products: float rounding only). Inductor's own CUDA graphs stay off.",
+    )
     decode_attention: Literal["sdpa", "grouped"] = Field(
         "sdpa", description="A decode step's attention over the static cache. sdpa: transformers' SDPA (the KV "
         "heads expanded to the query heads first); grouped: the query heads of each KV head as rows of two batched "
         "GEMMs, each key and value read once (the same maths up to float rounding; birbal.serve.attention). "
         "Prompts always run SDPA.",
+    )
+    decode_fuse: Literal["none", "projections", "lora"] = Field(
+        "none", description="projections: the projections of one input (q/k/v, gate/up) computed as one product, "
+        "their weights rows of one matrix, the LoRA A matrices likewise (each output the same dot product: the same "
+        "maths up to float rounding; birbal.serve.fused); lora: that, and each LoRA B product summed in its base's "
+        "product (base and LoRA terms in one accumulator, not each rounded first: float rounding); none: one "
+        "product per projection.",
     )
     max_new_tokens_limit: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted.")

@@ -65,16 +65,19 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
     return requested
 
 
-def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = (), compile_lengths: str = "one"):
+def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = (), compile_lengths: str = "one",
+                 compile_mode: str = "default"):
     """`cache_lengths`: the static decoders' smaller caches (serve.decode_cache_lengths); eager ignores them.
     `compile_lengths` (serve.decode_compile_lengths, compiled_layers only): one graph for every cache length
-    ("one") or one per length ("each")."""
+    ("one") or one per length ("each"). `compile_mode` (serve.decode_compile_mode, the compiled modes): Inductor's
+    mode, "default" or "max-autotune-no-cudagraphs"."""
     if mode == "eager":
         return EagerDecoder(model, max_len)
     if mode == "compiled_graph":
-        return GraphDecoder(model, max_len, cache_lengths, compile_step="model")
+        return GraphDecoder(model, max_len, cache_lengths, compile_step="model", compile_mode=compile_mode)
     if mode == "compiled_layers":
-        return GraphDecoder(model, max_len, cache_lengths, compile_step="layers", compile_lengths=compile_lengths)
+        return GraphDecoder(model, max_len, cache_lengths, compile_step="layers", compile_lengths=compile_lengths,
+                            compile_mode=compile_mode)
     return {"static": StaticDecoder, "cuda_graph": GraphDecoder}[mode](model, max_len, cache_lengths)
 
 
@@ -122,10 +125,11 @@ class StaticDecoder(EagerDecoder):
     mode = "static"
 
     def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
-                 compile_lengths: str = "one"):
+                 compile_lengths: str = "one", compile_mode: str = "default"):
         """`compile_step`: False (eager steps), "model" (`compiled_graph`: torch.compile of the whole 1-token
         step) or "layers" (`compiled_layers`: each decoder layer's forward compiled, one graph shared by all;
-        `birbal.serve.regional`)."""
+        `birbal.serve.regional`). `compile_mode`: Inductor's mode for either ("default" or
+        "max-autotune-no-cudagraphs": never Inductor's own CUDA graphs, the GraphDecoder captures its own)."""
         super().__init__(model, max_len)
         if compile_step is True:
             compile_step = "model"
@@ -133,13 +137,21 @@ class StaticDecoder(EagerDecoder):
             raise ServeError(f"compile_step must be False, 'model' or 'layers'; given {compile_step!r}")
         self.compile_step = compile_step
         self.compile_lengths = compile_lengths
+        from birbal.serve.regional import COMPILE_MODES
+
+        if compile_mode not in COMPILE_MODES:
+            raise ServeError(f"serve.decode_compile_mode must be one of {', '.join(COMPILE_MODES)}; "
+                             f"given {compile_mode!r}")
+        self.compile_mode = compile_mode
         self.cache_lengths = tuple(sorted({n for n in cache_lengths if 0 < n < max_len} | {max_len}))
         self._caches: dict[int, object] = {}  # length -> StaticCache, each built on first use
         self._cache_len = max_len  # the length of the cache `_cache` is, for this request
         # dynamic=False: the step's shapes change only with the cache's length, so one specialised graph per
         # length (a new length is a recompile, well inside Dynamo's limit of 8); Inductor's own CUDA graphs stay
         # off (the GraphDecoder captures its own, around this).
-        self._step_fn = torch.compile(self._one_token, dynamic=False) if compile_step == "model" else self._one_token
+        self._step_fn = (torch.compile(self._one_token, dynamic=False,
+                                       **({} if compile_mode == "default" else {"mode": compile_mode}))
+                         if compile_step == "model" else self._one_token)
         self._regional = None
         if compile_step == "layers":
             from birbal.serve.regional import RegionalLayers
@@ -219,7 +231,7 @@ class StaticDecoder(EagerDecoder):
 
     def _decode_step(self) -> torch.Tensor:
         if self._regional is not None:
-            with self._regional.active(self._cache, self.compile_lengths):
+            with self._regional.active(self._cache, self.compile_lengths, self.compile_mode):
                 return self._step_fn(self._token)
         return self._step_fn(self._token)
 
@@ -228,8 +240,9 @@ class GraphDecoder(StaticDecoder):
     mode = "cuda_graph"
 
     def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
-                 compile_lengths: str = "one"):
-        super().__init__(model, max_len, cache_lengths, compile_step=compile_step, compile_lengths=compile_lengths)
+                 compile_lengths: str = "one", compile_mode: str = "default"):
+        super().__init__(model, max_len, cache_lengths, compile_step=compile_step, compile_lengths=compile_lengths,
+                         compile_mode=compile_mode)
         if self.compile_step:
             self.mode = "compiled_layers" if self.compile_step == "layers" else "compiled_graph"
         if self.device.type != "cuda":

@@ -119,16 +119,24 @@ class Engine:
         self.device = next(model.parameters()).device
         self.vocab_size = len(tokenizer)
         self.stats = EngineStats()
+        self.fused: dict | None = None  # serve.decode_fuse's report: groups fused, and those left and why
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
+        if serve_cfg.decode_fuse != "none":
+            from birbal.serve.fused import fuse_projections
+
+            self.fused = fuse_projections(model, serve_cfg.decode_fuse, serve_cfg.decode_gemv)
+        elif serve_cfg.decode_gemv != "cublas":
+            raise ServeError(f"serve.decode_gemv={serve_cfg.decode_gemv} writes the products of the fused "
+                             "projections: it needs serve.decode_fuse projections or lora")
         if serve_cfg.decode_attention == "grouped":
             from birbal.serve.attention import use_grouped_decode_attention
 
             use_grouped_decode_attention(model)
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
                                     serve_cfg.max_context, tuple(serve_cfg.decode_cache_lengths),
-                                    serve_cfg.decode_compile_lengths)
+                                    serve_cfg.decode_compile_lengths, serve_cfg.decode_compile_mode)
         self.decode_mode = self.decoder.mode
         self.warmup_s: float | None = None
         self.warmup_compiled_graphs: int | None = None  # graphs torch.compile made in the warm-up (Dynamo's count)

@@ -37,7 +37,8 @@ from birbal.errors import ServeError
 from birbal.models import unwrap_peft
 
 _ATTR = "_birbal_regional_layers"  # on the core model: installed once, shared by every decoder on that model
-CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5.24 and 5.17 names of the layer's cache argument
+CACHE_KWARGS = ("cache", "past_key_values")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # serve.decode_compile_mode  # transformers 5.24 and 5.17 names of the layer's cache argument
 
 
 class _LayerCache:
@@ -74,8 +75,13 @@ class RegionalLayers:
         # "each" (dynamic=False): one graph per cache length; "one": the cache's slot dimension (keys, values and
         # the mask's last dimension) marked dynamic, so one graph serves every cache length (one trace and one
         # compile at start-up instead of one per length; the attention is an extern SDPA call either way).
+        # Each form also per Inductor mode (serve.decode_compile_mode: "default", or "max-autotune-no-cudagraphs",
+        # which times Triton's GEMM templates against cuBLAS for every product shape at compile time; Inductor's
+        # own CUDA graphs stay off either way: the decoder captures its own around the step).
+        self._forward = forward
         self.compiled = {"each": torch.compile(forward, dynamic=False, fullgraph=True),
                          "one": torch.compile(forward, dynamic=None, fullgraph=True)}
+        self._compiled_modes: dict[tuple[str, str], object] = {}
         # One graph per cache length and model kind is expected (3 lengths for the merged model and 3 for the
         # adapter, in a process that serves both, as the benchmark does): past Dynamo's default limit of 8 a frame
         # silently runs eagerly, which would serve at cuda_graph's speed under this mode's name.
@@ -86,6 +92,7 @@ class RegionalLayers:
         self.layers = len(layers)
         self._cache = None
         self._lengths = "one"
+        self._compiled_fn = self.compiled["one"]
         for index, layer in enumerate(layers):
             layer.forward = self._routed(layer, getattr(getattr(layer, "self_attn", None), "layer_idx", index))
 
@@ -114,12 +121,24 @@ class RegionalLayers:
                     torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
                 for tensor in (cache_layer.keys, cache_layer.values):
                     torch._dynamo.maybe_mark_dynamic(tensor, 2)
-            return self.compiled[self._lengths](layer, *args, **kwargs)
+            return self._compiled_fn(layer, *args, **kwargs)
 
         return forward
 
+    def compiled_for(self, lengths: str, mode: str = "default"):
+        if lengths not in self.compiled:
+            raise ServeError(f"serve.decode_compile_lengths must be one or each; given {lengths!r}")
+        if mode == "default":
+            return self.compiled[lengths]
+        if mode not in COMPILE_MODES:
+            raise ServeError(f"serve.decode_compile_mode must be one of {', '.join(COMPILE_MODES)}; given {mode!r}")
+        if (lengths, mode) not in self._compiled_modes:
+            self._compiled_modes[lengths, mode] = torch.compile(
+                self._forward, dynamic=False if lengths == "each" else None, fullgraph=True, mode=mode)
+        return self._compiled_modes[lengths, mode]
+
     @contextlib.contextmanager
-    def active(self, cache, lengths: str = "one"):
+    def active(self, cache, lengths: str = "one", mode: str = "default"):
         """Route the layers' forwards through the compiled one for steps over `cache` (a StaticCache whose layers
         are allocated; a step that allocates them runs eagerly, so that no graph is traced for an empty cache)."""
         if not all(getattr(layer, "is_initialized", True) for layer in cache.layers):
@@ -132,9 +151,7 @@ class RegionalLayers:
                     # the same tensors every step (a graph input whose address stays), not guarded by identity:
                     # 32 layers' caches are 32 tensors, which must not mean 32 graphs
                     torch._dynamo.mark_static_address(tensor, guard=False)
-        if lengths not in self.compiled:
-            raise ServeError(f"serve.decode_compile_lengths must be one or each; given {lengths!r}")
-        self._cache, self._lengths = cache, lengths
+        self._cache, self._lengths, self._compiled_fn = cache, lengths, self.compiled_for(lengths, mode)
         try:
             yield
         finally:

@@ -1,0 +1,252 @@
+"""serve.decode_fuse=projections (birbal.serve.fused): q/k/v and gate/up as one product each, the LoRA A matrices
+likewise, against the unfused model, merged and unmerged, on the tiny random Mistral (fp32 and bf16 on CPU; the
+CUDA graphs in bf16 and fp32 with `pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from serve_model import engine, merged_folder, serve_cfg
+from test_serve_upstream import adapter_folder
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from birbal.serve.decode import StaticDecoder
+from birbal.serve.engine import Engine
+from birbal.serve.schemas import ProcessRequest
+
+PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten.linear.default)
+PROMPTS = [("The capital of France is", 10), ("one two three four five six seven eight " * 4, 14), ("Hi", 3)]
+
+
+class _Products(TorchDispatchMode):
+    """Counts the matrix products a forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+def _engine(kind: str, fuse: str, **changes) -> Engine:
+    cfg = serve_cfg(**{"postprocess": "none", "request_policy": "kit", "decode": "static", "decode_fuse": fuse,
+                       **changes})
+    if kind == "merged":
+        return Engine.from_merged(merged_folder(), cfg)
+    return Engine.from_adapter(str(merged_folder()), adapter_folder(), engine().tokenizer, cfg)
+
+
+def _request(prompt: str, n: int) -> ProcessRequest:
+    return ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=n, top_k_per_token=3)
+
+
+def _assert_same(a, b, tol: float) -> None:
+    assert a.text == b.text
+    assert [t.logprob for t in a.tokens] == pytest.approx([t.logprob for t in b.tokens], abs=tol)
+    for x, y in zip(a.tokens, b.tokens, strict=True):
+        assert x.top_logprob.keys() == y.top_logprob.keys()
+        assert list(x.top_logprob.values()) == pytest.approx(list(y.top_logprob.values()), abs=tol)
+
+
+def _products_per_step(eng: Engine) -> int:
+    counter = _Products()
+    with torch.inference_mode():
+        eng.decoder.prefill(eng.encode("Hi there"), all_positions=False, reserve=8)
+        with counter:
+            eng.decoder.step(5)
+    return counter.count
+
+
+@pytest.mark.parametrize(("kind", "mode", "gemv", "unfused", "fused", "groups"),
+                         [("merged", "projections", "cublas", 7, 4, 2), ("adapter", "projections", "lora_a", 21, 15, 2),
+                          ("merged", "lora", "all", 7, 4, 4), ("adapter", "lora", "cublas", 21, 8, 4),
+                          ("adapter", "lora", "all", 21, 8, 4)])
+def test_fused_projections_give_the_same_answers_with_fewer_products(kind, mode, gemv, unfused, fused, groups):
+    """The same tokens and logprobs as the unfused model, eager steps and compiled layers (one graph for all the
+    layers), with q/k/v and gate/up one product each (the adapter: their base weights and their LoRA A matrices;
+    each B its own; `lora`: each B in its base's product, o_proj's and down_proj's too), the state dict
+    unchanged and the weights no larger (views of the fused matrix; `lora` adds the zero blocks beside each B).
+    serve.decode_gemv writes the compiled step's products (LoRA A's, or all) as fp32 multiply-and-sum: the
+    compiled answers stay the eager ones (eager steps, outside a compile, keep F.linear)."""
+    from birbal.serve.regional import compiled_graph_count
+
+    plain, fast = _engine(kind, "none"), _engine(kind, mode, decode_gemv=gemv)
+    layers = len(fast.model.get_base_model().model.layers if kind == "adapter" else fast.model.model.layers)
+    assert layers >= 2 and plain.fused is None
+    assert fast.fused == {"mode": mode, "gemv": gemv, "fused": groups * layers, "skipped": {}}
+    assert _products_per_step(plain) == unfused * layers + 1  # + lm_head
+    assert _products_per_step(fast) == fused * layers + 1
+    plain_state, fast_state = plain.model.state_dict(), fast.model.state_dict()
+    assert plain_state.keys() == fast_state.keys()
+    assert all(torch.equal(plain_state[k], fast_state[k]) for k in plain_state)
+
+    def storage_bytes(model):
+        return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in
+                    [*model.parameters(), *model.buffers()]}.values())
+
+    extra = 0
+    if mode == "lora" and kind == "adapter":  # q/k/v: each B beside the base, zeros beside the others' (gate/up too)
+        cfg = plain.model.get_base_model().config
+        r = plain.model.peft_config["default"].r
+        kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+        extra = layers * 4 * r * ((cfg.hidden_size + 2 * kv) * 2 + 2 * cfg.intermediate_size)  # fp32
+    assert storage_bytes(fast.model) == storage_bytes(plain.model) + extra
+    compiled = Engine(fast.model, fast.tokenizer, fast.cfg)
+    compiled.decoder = StaticDecoder(fast.model, fast.cfg.max_context, (64,), compile_step="layers")
+    torch._dynamo.reset()
+    before = compiled_graph_count()
+    for prompt, n in PROMPTS:
+        expected = plain.process(_request(prompt, n))
+        _assert_same(expected, fast.process(_request(prompt, n)), tol=1e-5)
+        _assert_same(expected, compiled.process(_request(prompt, n)), tol=1e-4)
+    assert compiled_graph_count() - before == 1  # one graph for all the layers and cache lengths (lengths "one")
+
+
+@pytest.mark.parametrize("kind", ["merged", "adapter"])
+def test_fused_projections_in_bf16_stay_within_rounding(kind):
+    """bf16: the fused model's logits over a prompt are the unfused model's up to bf16 rounding."""
+    plain, fast = _engine(kind, "none", dtype="bfloat16"), _engine(kind, "projections", dtype="bfloat16")
+    ids = torch.tensor([plain.encode(PROMPTS[1][0])])
+    with torch.inference_mode():
+        a, b = (e.model(input_ids=ids).logits.float() for e in (plain, fast))
+    assert not torch.equal(a, torch.zeros_like(a))
+    assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_a_lora_member_outside_its_group_runs_peft_forward():
+    """k_proj called on its own (not after q_proj on the same input), or in training mode: peft's own forward
+    over the same weights."""
+    fast = _engine("adapter", "projections")
+    attn = fast.model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(1, 3, attn.q_proj.in_features)
+    with torch.inference_mode():
+        lone = attn.k_proj(x)
+        k = attn.k_proj
+        expected = k.base_layer(x) + k.lora_B["default"](k.lora_A["default"](x)) * k.scaling["default"]
+        assert torch.allclose(lone, expected, atol=1e-6)
+        q_first, k_after = attn.q_proj(x), attn.k_proj(x)  # the group's way: one product, the slice handed over
+        assert torch.allclose(k_after, expected, atol=1e-5)
+        assert q_first.shape[-1] == attn.q_proj.out_features
+        assert attn.v_proj(torch.randn_like(x)).shape[-1] == attn.v_proj.out_features  # another input: its own
+    fast.model.train()
+    torch.manual_seed(0)
+    trained = attn.k_proj(x)
+    torch.manual_seed(0)
+    peft_own = attn.k_proj._birbal_peft_forward(x)
+    assert torch.equal(trained, peft_own)  # dropout active: peft's path, the same random mask
+
+
+def test_groups_that_cannot_fuse_exactly_are_left_as_they_are():
+    """An fp32 adapter on a bf16 base (serve.adapter_dtype: float32) cannot share the base's product: every group
+    is left unfused, with the reason, and the answers are the unfused model's."""
+    plain = _engine("adapter", "none", dtype="bfloat16", adapter_dtype="float32")
+    fast = _engine("adapter", "projections", dtype="bfloat16", adapter_dtype="float32")
+    layers = len(fast.model.get_base_model().model.layers)
+    assert fast.fused["fused"] == 0 and sum(fast.fused["skipped"].values()) == 2 * layers
+    assert all("dtype" in reason for reason in fast.fused["skipped"])
+    _assert_same(plain.process(_request(*PROMPTS[0])), fast.process(_request(*PROMPTS[0])), tol=0.0)
+
+
+def _errors_against(reference_engine: Engine, eng: Engine, prompt: str, n: int) -> tuple[list[float], int]:
+    """|logprob - the reference's| per generated token, with the reference teacher-forced over the same tokens; and
+    how many clear choices (top-2 margin over 0.05) differ from the reference's argmax."""
+    ids = eng.encode(prompt)
+    tokens, generated = eng._run(ids, _request(prompt, n), stops=[])
+    assert generated, "nothing generated: the check would be empty"
+    with torch.inference_mode():
+        logits = reference_engine.model(input_ids=torch.tensor([ids + generated], device=eng.device)).logits[0]
+    reference = torch.log_softmax(logits.float(), dim=-1)
+    errors, wrong = [], 0
+    for step, (token, token_id) in enumerate(zip(tokens, generated, strict=True)):
+        row = reference[len(ids) - 1 + step]
+        top2 = torch.topk(row, 2).values
+        wrong += (top2[0] - top2[1]).item() > 0.05 and token_id != int(torch.argmax(row))
+        errors.append(abs(token.logprob - row[token_id].item()))
+    return errors, wrong
+
+
+def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str) -> None:
+    """The fused engine (`decode`: compiled_layers in a CUDA graph on a GPU; on CPU static decode with the layers
+    compiled, the same compiled forward without the graph) against the unfused eager model, with today's unfused
+    path of the same decode as the yardstick: see the GPU test's docstring."""
+    # one cache length (max_context): one compile per engine, so that the four GPU cases fit a short GPU call
+    changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
+    fast = _engine(kind, mode, **changes)
+    today = _engine(kind, "none", **changes)
+    plain = _engine(kind, "none", **{**changes, "decode": "eager"})
+    for eng in (fast, today):
+        if decode == "static":  # CPU: the compiled layers without the graph
+            eng.decoder = StaticDecoder(eng.model, eng.cfg.max_context, (), compile_step="layers",
+                                        compile_lengths="each")
+        eng.warm_up()
+    assert fast.decode_mode == today.decode_mode == decode
+    assert _products_per_step_graphless(fast) < _products_per_step_graphless(today)
+    worst, wrong = {"fast": 0.0, "today": 0.0}, {"fast": 0, "today": 0}
+    for prompt, n in PROMPTS + PROMPTS[::-1]:
+        if dtype == "float32":
+            _assert_same(plain.process(_request(prompt, n)), fast.process(_request(prompt, n)), tol=1e-3)
+        for name, eng in (("fast", fast), ("today", today)):
+            errors, clear_but_other = _errors_against(plain, eng, prompt, n)
+            worst[name] = max(worst[name], *errors)
+            wrong[name] += clear_but_other
+    assert worst["fast"] <= max(2 * worst["today"], 0.02), worst
+    assert wrong["fast"] <= wrong["today"], wrong
+
+
+@pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("merged", "projections",
+                                                                                     "float32")])
+def test_fused_compiled_layers_equal_eager_on_cpu(kind, mode, dtype):
+    """The GPU test's checks on CPU (the compiled layers without the CUDA graph): what runs before the graph does."""
+    _check_fused_against_eager(kind, mode, dtype, "cpu", "static")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("merged", "projections", "bfloat16"),
+                                                     ("adapter", "lora", "float32")])
+def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype):
+    """The served path on a GPU (compiled_layers in a CUDA graph, grouped attention) with the projections fused,
+    against the unfused eager model: in fp32 the same tokens and logprobs within the compiled-vs-eager tests'
+    1e-3; in bf16 (the served dtype) each token's logprob within bf16 rounding of the eager model's over the same
+    tokens, no further off than today's unfused compiled_layers path is (twice its worst error, or 0.02), and the
+    eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it."""
+    _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers")
+
+
+def _products_per_step_graphless(eng: Engine) -> int:
+    """The products of one step over the model (the eager decoder of the same engine's model)."""
+    counter = _Products()
+    with torch.inference_mode():
+        eng.prefill_only.prefill(eng.encode("Hi there"), all_positions=False)
+        with counter:
+            eng.prefill_only.step(5)
+    return counter.count
+
+
+def test_decode_gemv_needs_fused_projections():
+    from birbal.errors import ServeError
+
+    with pytest.raises(ServeError, match="decode_fuse"):
+        _engine("merged", "none", decode_gemv="all")
+
+
+def test_decode_compile_mode_reaches_the_compiled_layers():
+    """serve.decode_compile_mode goes to the decoder and picks the layers' compiled form; an unknown mode is a
+    one-line error (no compile runs here: the forms are built lazily)."""
+    from birbal.errors import ServeError
+    from birbal.serve.decode import make_decoder
+    from birbal.serve.regional import RegionalLayers
+
+    eng = _engine("merged", "none")
+    decoder = StaticDecoder(eng.model, 64, (16,), compile_step="layers", compile_mode="max-autotune-no-cudagraphs")
+    assert decoder.compile_mode == "max-autotune-no-cudagraphs"
+    regional = RegionalLayers.install(eng.model)
+    assert regional.compiled_for("each", "max-autotune-no-cudagraphs") is regional.compiled_for(
+        "each", "max-autotune-no-cudagraphs") is not regional.compiled_for("each")
+    with pytest.raises(ServeError, match="decode_compile_mode"):
+        make_decoder("compiled_layers", eng.model, 64, compile_mode="fastest")
+    assert serve_cfg(decode_compile_mode="max-autotune-no-cudagraphs").decode_compile_mode != "default"
