@@ -278,21 +278,32 @@ def _fuse_group(members: list, lora_in_base: bool = False, gemv: str = "cublas")
         base, a, b, _dropout, _scaling, name = parts
         _set_weight(base, view)
         _set_weight(a, view_a)
-        object.__setattr__(m, "_birbal_adapter", name)
-        object.__setattr__(m, "_birbal_lora_a", a)
-        object.__setattr__(m, "_birbal_lora_b", b)
-        object.__setattr__(m, "_birbal_peft_forward", m.forward)  # peft's own, bound
+        _adopt(m, name, a, b)
+    object.__setattr__(members[0], "_birbal_ranks", tuple(parts[1].weight.shape[0] for parts in lora))
+    _install(members, lora, fused, fused_a, _first_lora, _later_lora)
+    return None
+
+
+def _adopt(member, name: str, lora_a, lora_b) -> None:
+    """What a fused forward reads on its LoRA member: the adapter's name, its A and B, and peft's own forward."""
+    object.__setattr__(member, "_birbal_adapter", name)
+    object.__setattr__(member, "_birbal_lora_a", lora_a)
+    object.__setattr__(member, "_birbal_lora_b", lora_b)
+    object.__setattr__(member, "_birbal_peft_forward", member.forward)  # peft's own, bound
+
+
+def _install(members: list, lora: list, fused: torch.Tensor, fused_a: torch.Tensor, first_forward,
+             later_forward) -> None:
+    """The group's fused matrices on its first member, and the first and later members' forwards bound."""
     first = members[0]
     first.register_buffer(FUSED, fused, persistent=False)
     first.register_buffer(FUSED_A, fused_a, persistent=False)
     object.__setattr__(first, "_birbal_sizes", tuple(parts[0].weight.shape[0] for parts in lora))
-    object.__setattr__(first, "_birbal_ranks", tuple(parts[1].weight.shape[0] for parts in lora))
     object.__setattr__(first, "_birbal_later", tuple(members[1:]))
-    first.forward = types.MethodType(_first_lora, first)
+    first.forward = types.MethodType(first_forward, first)
     for m in members[1:]:
         setattr(m, HANDED, None)
-        m.forward = types.MethodType(_later_lora, m)
-    return None
+        m.forward = types.MethodType(later_forward, m)
 
 
 def _fuse_lora_in_base(members: list, lora: list) -> None:
@@ -314,18 +325,7 @@ def _fuse_lora_in_base(members: list, lora: list) -> None:
         _set_weight(base, fused[row:row + n, :k])
         _set_weight(b, fused[row:row + n, col:col + rank])
         _set_weight(a, view_a)
-        object.__setattr__(m, "_birbal_adapter", name)
-        object.__setattr__(m, "_birbal_lora_a", a)
-        object.__setattr__(m, "_birbal_lora_b", b)
-        object.__setattr__(m, "_birbal_peft_forward", m.forward)
+        _adopt(m, name, a, b)
         row, col = row + n, col + rank
-    first = members[0]
-    first.register_buffer(FUSED, fused, persistent=False)
-    first.register_buffer(FUSED_A, fused_a, persistent=False)
-    object.__setattr__(first, "_birbal_sizes", tuple(parts[0].weight.shape[0] for parts in lora))
-    object.__setattr__(first, "_birbal_later", tuple(members[1:]))
-    first.forward = types.MethodType(_first_lora_in_base, first)
-    for m in members[1:]:
-        setattr(m, HANDED, None)
-        m.forward = types.MethodType(_later_lora_in_base, m)
+    _install(members, lora, fused, fused_a, _first_lora_in_base, _later_lora_in_base)
     return None
