@@ -93,14 +93,19 @@ def _product(self, x, weight, lora_a: bool = False):
 
 # ---- the forwards (bound to each member module; their state lives on the modules, so that one compiled graph
 # ---- serves every layer: nothing per layer but module attributes and buffers) -----------------------------------
-def _first_linear(self, x):
-    out = _product(self, x, getattr(self, FUSED))
+def _hand_out(self, x, out):
+    """Each later member's slice of the group's product `out` (with the input it was computed from); the first
+    member's own slice returned."""
     start = 0
     for size, later in zip(self._birbal_sizes, (self, *self._birbal_later), strict=True):
         if later is not self:
             setattr(later, HANDED, (x, out[..., start:start + size]))
         start += size
     return out[..., :self._birbal_sizes[0]]
+
+
+def _first_linear(self, x):
+    return _hand_out(self, x, _product(self, x, getattr(self, FUSED)))
 
 
 def _single_linear(self, x):
@@ -146,12 +151,7 @@ def _first_lora_in_base(self, x, *args, **kwargs):
         return self._birbal_peft_forward(x, *args, **kwargs)
     down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
     out = _product(self, torch.cat([x, down * self.scaling[self._birbal_adapter]], dim=-1), getattr(self, FUSED))
-    start = 0
-    for size, later in zip(self._birbal_sizes, (self, *self._birbal_later), strict=True):
-        if later is not self:
-            setattr(later, HANDED, (x, out[..., start:start + size]))
-        start += size
-    return out[..., :self._birbal_sizes[0]]
+    return _hand_out(self, x, out)
 
 
 def _later_lora_in_base(self, x, *args, **kwargs):
