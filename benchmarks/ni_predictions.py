@@ -132,6 +132,8 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=240.0,
                         help="seconds from the start after which no arm starts (each needs --arm-reserve-s)")
     parser.add_argument("--arm-reserve-s", type=float, default=30.0)
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arms to run (default: all); the batch-8 baseline always runs")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -190,6 +192,12 @@ def main() -> int:
             ("baseline", None, args.baseline_instances),
             ("static_24gb", small, len(prompts)),
             ("static_24gb_prefill", {**small, "max_new_tokens": 1}, len(prompts))]
+    if args.arms:
+        wanted = set(args.arms.split(",")) | {"baseline"}
+        unknown = wanted - {name for name, _, _ in arms}
+        if unknown:
+            parser.error(f"--arms: unknown {sorted(unknown)}; known: {[name for name, _, _ in arms]}")
+        arms = [arm for arm in arms if arm[0] in wanted]
     outputs: dict[str, list[str]] = {}
     for name, update, count in arms:
         elapsed = time.perf_counter() - started
