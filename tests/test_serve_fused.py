@@ -169,13 +169,16 @@ def _errors_against(reference_engine: Engine, eng: Engine, prompt: str, n: int) 
     return errors, wrong
 
 
-def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str) -> None:
+def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str,
+                               gemv: str = "cublas") -> None:
     """The fused engine (`decode`: compiled_layers in a CUDA graph on a GPU; on CPU static decode with the layers
-    compiled, the same compiled forward without the graph) against the unfused eager model, with today's unfused
-    path of the same decode as the yardstick: see the GPU test's docstring."""
+    compiled, the same compiled forward without the graph; its products as `serve.decode_gemv` says) against the
+    unfused eager model, with today's unfused path of the same decode as the yardstick: see the GPU test's
+    docstring."""
     # one cache length (max_context): one compile per engine, so that the four GPU cases fit a short GPU call
     changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
-    fast = _engine(kind, mode, **changes)
+    fast = _engine(kind, mode, decode_gemv=gemv, **changes)
+    assert fast.fused["gemv"] == gemv
     today = _engine(kind, "none", **changes)
     plain = _engine(kind, "none", **{**changes, "decode": "eager"})
     for eng in (fast, today):
@@ -197,24 +200,27 @@ def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, de
     assert wrong["fast"] <= wrong["today"], wrong
 
 
-@pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("merged", "projections",
-                                                                                     "float32")])
-def test_fused_compiled_layers_equal_eager_on_cpu(kind, mode, dtype):
+@pytest.mark.parametrize(("kind", "mode", "dtype", "gemv"), [("adapter", "lora", "bfloat16", "lora_a"),
+                                                             ("merged", "projections", "float32", "cublas")])
+def test_fused_compiled_layers_equal_eager_on_cpu(kind, mode, dtype, gemv):
     """The GPU test's checks on CPU (the compiled layers without the CUDA graph): what runs before the graph does."""
-    _check_fused_against_eager(kind, mode, dtype, "cpu", "static")
+    _check_fused_against_eager(kind, mode, dtype, "cpu", "static", gemv)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("merged", "projections", "bfloat16"),
-                                                     ("adapter", "lora", "float32")])
-def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype):
+@pytest.mark.parametrize(("kind", "mode", "dtype", "gemv"), [
+    ("adapter", "lora", "bfloat16", "cublas"), ("merged", "projections", "bfloat16", "cublas"),
+    ("adapter", "lora", "float32", "cublas"),
+    ("adapter", "lora", "bfloat16", "lora_a"), ("adapter", "lora", "float32", "lora_a")])  # birbal-4090's serve
+def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype, gemv):
     """The served path on a GPU (compiled_layers in a CUDA graph, grouped attention) with the projections fused,
     against the unfused eager model: in fp32 the same tokens and logprobs within the compiled-vs-eager tests'
     1e-3; in bf16 (the served dtype) each token's logprob within bf16 rounding of the eager model's over the same
     tokens, no further off than today's unfused compiled_layers path is (twice its worst error, or 0.02), and the
-    eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it."""
-    _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers")
+    eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it. `gemv`
+    lora_a: the LoRA A products as Inductor's Triton reductions (serve.decode_gemv), birbal-4090's served path."""
+    _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", gemv)
 
 
 def _products_per_step_graphless(eng: Engine) -> int:
