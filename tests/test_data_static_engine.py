@@ -142,3 +142,22 @@ def test_replayed_graphs_equal_eager_static_steps_on_cuda_without_host_syncs(att
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_a_cache_too_big_for_the_gpu_is_a_one_line_error_naming_the_setting(monkeypatch):
+    """On a GPU the arena is checked against the free memory before it is allocated: a budget a 24 GB card cannot
+    hold is a DataError naming max_batch_tokens and the sizes, not an out-of-memory error inside a batch. (CPU:
+    the engine's device and the free-memory query are the GPU's as torch reports them, set here.)"""
+    from birbal.errors import DataError
+
+    engine = StaticEngine(_model(), PAD, 999_999, NEW, reserve_slots=131072)
+    # the tiny model's arena for 131,072 slots: 2 layers x keys and values x 131,072 x 2 KV heads x 16 dims x 4 B
+    need = 2 * 2 * 131072 * 2 * 16 * 4
+    monkeypatch.setattr(engine, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 24 * 2**30))
+    with pytest.raises(DataError, match=r"131,072 tokens \(max_batch_tokens\) needs 0\.1 GiB.*max_prefill_tokens"):
+        engine.shape_for(5, 40)
+    assert engine._arena == [] and engine._arena_slots == 0  # nothing allocated, nothing half-set
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 24 * 2**30))
+    engine._check_room(need, 131072)  # exactly room enough: no error

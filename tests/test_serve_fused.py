@@ -32,8 +32,10 @@ class _Products(TorchDispatchMode):
 
 
 def _engine(kind: str, fuse: str, **changes) -> Engine:
+    """The tiny model served with `decode_fuse` `fuse`; its products through cuBLAS (`decode_gemv` cublas, not the
+    profile's lora_a) unless `changes` says otherwise."""
     cfg = serve_cfg(**{"postprocess": "none", "request_policy": "kit", "decode": "static", "decode_fuse": fuse,
-                       **changes})
+                       "decode_gemv": "cublas", **changes})
     if kind == "merged":
         return Engine.from_merged(merged_folder(), cfg)
     return Engine.from_adapter(str(merged_folder()), adapter_folder(), engine().tokenizer, cfg)

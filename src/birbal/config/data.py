@@ -227,7 +227,10 @@ class NIPredictions(Section):
         "cache; the same maths): caps the prefill's activations on a small card. None: the whole batch at once."))
     batch_size: int = Field(64, gt=0, description="Most sequences per forward (prompts sorted by length).")
     max_batch_tokens: int = Field(131072, gt=0, description=(
-        "Most padded tokens (prompt + new) per batch, so long prompts run in smaller batches."))
+        "Most padded tokens (prompt + new) per batch, so long prompts run in smaller batches; engine static: "
+        "also the KV cache's size, 128 KiB a token at the Mistral-7B shape (the default peaked at 41 GiB on an "
+        "H200; a 24 GB card needs 49152 with max_prefill_tokens 16384: 22.0 GiB, benchmarks/results). A cache "
+        "bigger than the GPU's free memory is refused before it is allocated."))
     processes: int | None = Field(None, gt=0, description=(
         "Worker processes (accelerate launch, one per GPU); None: one per visible GPU, 1 without CUDA."))
 

@@ -174,9 +174,24 @@ class StaticEngine:
             torch.cuda.empty_cache()
         size = slots * self._kv_heads * self._head_dim
         layers = self.cache_config.num_hidden_layers
+        if self.device.type == "cuda":
+            self._check_room(2 * layers * size * torch.finfo(self._dtype).bits // 8, slots)
         self._arena = [(torch.zeros(size, dtype=self._dtype, device=self.device),
                         torch.zeros(size, dtype=self._dtype, device=self.device)) for _ in range(layers)]
         self._arena_slots = slots
+
+    def _check_room(self, arena_bytes: int, slots: int) -> None:
+        """A one-line error, before the allocation, when the cache arena cannot fit the GPU's free memory (a CUDA
+        out-of-memory error later would name neither the setting nor its size)."""
+        from birbal.errors import DataError
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        if arena_bytes > free:
+            raise DataError(
+                f"natural_instructions.predictions: the static KV cache for {slots:,} tokens (max_batch_tokens) "
+                f"needs {arena_bytes / 2**30:.1f} GiB, and the GPU has {free / 2**30:.1f} GiB free of "
+                f"{total / 2**30:.1f}; lower max_batch_tokens (and set max_prefill_tokens): on a 24 GB card 49152 "
+                f"and 16384 peaked at 22.0 GiB at the Mistral-7B shape (benchmarks/results)")
 
     def shape_for(self, rows: int, width: int) -> _Shape:
         key = (bucket_rows(rows), bucket_length(width + self.max_new_tokens))
