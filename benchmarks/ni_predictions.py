@@ -17,20 +17,20 @@ What it does, in one process:
    instance; the real distribution over the 462 tasks is not measured here), each answered with 32 new tokens;
 3. times, after a warm-up, in this order (a deadline, `--deadline-s`, skips the arms it would not finish):
    (a) `static`: `BaseModelPredictor.__call__` with the recipe defaults (static engine, CUDA graphs per bucketed
-   shape, grouped decode attention, 64 rows and 131,072 padded tokens a batch) on all prompts; its graph captures
+   shape, grouped decode attention, 64 rows and 49,152 padded tokens a batch, prefilled in chunks of 16,384
+   prompt tokens: a 24 GB card's budget, 14.5 GB of bf16 weights leaving about 8 GB, 128 KiB of KV cache a token;
+   its peak memory says whether it fits) on all prompts; its graph captures
    are timed inside it and reported (`capture_s`: once per shape per process, so `warm_instances_per_s` leaves
    them out); (b) `static_sdpa`: the same with `decode_attention: sdpa`;
    (c) `generate_sorted`: `engine: generate` with the same batches (the step before this engine);
    (d) `baseline`: batches of 8 in the given order through `generate` (the path before both), on the first
    `--baseline-instances` prompts;
-   (e) `static_24gb`: (a) with a batch budget meant for a 24 GB card (`--budget-24gb` tokens: 14.5 GB of bf16
-   weights leave about 8 GB, 128 KiB of KV cache a token) and the prefill in chunks of `--prefill-24gb` prompt
-   tokens (`max_prefill_tokens`; the seventh session's run without it peaked at 25.5 GiB, over a 4090's 24);
-   its peak memory says whether it fits; (f) the prefill share of (e) (`max_new_tokens=1`), for the 4090
-   projection;
+   (e) `static_prefill`: the prefill share of (a) (`max_new_tokens=1`), for the 4090 projection; (f)
+   `static_large`: (a) with `--large-budget` padded tokens a batch in one prefill forward (the defaults until the
+   eighth session: 41 GiB on an H200, no faster there than (a));
 4. projects the hours for `--total-instances` (462 tasks, on the order of a million; pass the real count when
    known): one H200 (measured rate, graph captures left out), 8 H200s (the tasks split over 8 processes; assumed
-   linear: the processes share nothing), one RTX 4090 (not measured: the 24 GB arm's prefill time scaled by the
+   linear: the processes share nothing), one RTX 4090 (not measured: (a)'s prefill time, (e), scaled by the
    dense bf16 tensor throughput ratio, its decode time by the memory bandwidth ratio, spec-sheet numbers in SPECS).
 
 Every figure comes from this one run; the projections say what they assume in the JSON.
@@ -123,9 +123,8 @@ def main() -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
     parser.add_argument("--total-instances", type=int, default=1_000_000,
                         help="instances over the 462 tasks, for the projection (not measured here)")
-    parser.add_argument("--budget-24gb", type=int, default=49152, help="padded tokens a batch on a 24 GB card")
-    parser.add_argument("--prefill-24gb", type=int, default=16384,
-                        help="prompt tokens a prefill forward on a 24 GB card (max_prefill_tokens)")
+    parser.add_argument("--large-budget", type=int, default=131072,
+                        help="padded tokens a batch, one prefill forward, for the static_large arm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-folder", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ni_bench"))
@@ -185,13 +184,12 @@ def main() -> int:
             out.extend(p.generate_batch(p.encode(subset[start:start + 8])))
         return out
 
-    small = {"max_batch_tokens": args.budget_24gb, "max_prefill_tokens": args.prefill_24gb}
     arms = [("static", {}, len(prompts)),
             ("static_sdpa", {"decode_attention": "sdpa"}, len(prompts)),
             ("generate_sorted", {"engine": "generate"}, len(prompts)),
             ("baseline", None, args.baseline_instances),
-            ("static_24gb", small, len(prompts)),
-            ("static_24gb_prefill", {**small, "max_new_tokens": 1}, len(prompts))]
+            ("static_prefill", {"max_new_tokens": 1}, len(prompts)),
+            ("static_large", {"max_batch_tokens": args.large_budget, "max_prefill_tokens": None}, len(prompts))]
     if args.arms:
         wanted = set(args.arms.split(",")) | {"baseline"}
         unknown = wanted - {name for name, _, _ in arms}
@@ -266,15 +264,15 @@ def main() -> int:
         base = arms_done["baseline"]
         hours["baseline_1x_rtx4090_projected"] = round(
             total * base["seconds"] / base["instances"] * h["bandwidth_gb_s"] / g["bandwidth_gb_s"] / 3600, 2)
-    if "static_24gb" in arms_done and "static_24gb_prefill" in arms_done:
-        small_arm, prefill = arms_done["static_24gb"], arms_done["static_24gb_prefill"]
+    if "static" in arms_done and "static_prefill" in arms_done:
+        small_arm, prefill = arms_done["static"], arms_done["static_prefill"]
         prefill_s = prefill["seconds"]
         decode_s = max(small_arm["warm_seconds"] - prefill_s, 0.0)
         per_4090 = (prefill_s * h["bf16_tflops"] / g["bf16_tflops"]
                     + decode_s * h["bandwidth_gb_s"] / g["bandwidth_gb_s"])
         hours["static_1x_rtx4090_projected"] = round(total * per_4090 / small_arm["instances"] / 3600, 2)
-    elif "static_24gb" in arms_done:  # no prefill/decode split: the two scalings bound it
-        warm = arms_done["static_24gb"]["warm_seconds"] / arms_done["static_24gb"]["instances"]
+    elif "static" in arms_done:  # no prefill/decode split: the two scalings bound it
+        warm = arms_done["static"]["warm_seconds"] / arms_done["static"]["instances"]
         ratios = sorted((h["bandwidth_gb_s"] / g["bandwidth_gb_s"], h["bf16_tflops"] / g["bf16_tflops"]))
         hours["static_1x_rtx4090_projected_bounds"] = [round(total * warm * r / 3600, 2) for r in ratios]
     res["projection"] = {
@@ -282,8 +280,9 @@ def main() -> int:
         "assumptions": ("prompt lengths as generated here, not measured on the 462 tasks; static arms at their warm "
                         "rate (graph captures, once per bucketed shape per process, left out: capture_s says what "
                         "they cost here); 8 H200s: the tasks split over 8 processes with linear scaling; RTX 4090: "
-                        "not measured, the 24 GB-budget arm's prefill time x the bf16 TFLOPS ratio plus its decode "
-                        "time x the bandwidth ratio (SPECS); the baseline's whole time x the bandwidth ratio"),
+                        "not measured, the static arm's prefill time (static_prefill; the defaults are a 24 GB "
+                        "card's budget) x the bf16 TFLOPS ratio plus its decode time x the bandwidth ratio (SPECS); "
+                        "the baseline's whole time x the bandwidth ratio"),
         "specs": SPECS, "kv_bytes_per_token_7b": KV_BYTES_PER_TOKEN_7B, "hours": hours}
     save()
     print(json.dumps({k: res[k] for k in ("arms", "same_text", "speedup", "projection")}, indent=2))

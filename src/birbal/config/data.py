@@ -222,15 +222,16 @@ class NIPredictions(Section):
         "engine static: the decode steps' attention, the serve engine's grouped one (the same attention without "
         "SDPA's 4x copy of the KV cache a step: 1.7x the instances/s on an H200; float rounding differs) or SDPA. "
         "Prompts run SDPA either way."))
-    max_prefill_tokens: int | None = Field(None, gt=0, description=(
+    max_prefill_tokens: int | None = Field(16384, gt=0, description=(
         "engine static: most prompt tokens one prefill forward takes (a batch's rows prefilled in chunks into its "
         "cache; the same maths): caps the prefill's activations on a small card. None: the whole batch at once."))
     batch_size: int = Field(64, gt=0, description="Most sequences per forward (prompts sorted by length).")
-    max_batch_tokens: int = Field(131072, gt=0, description=(
+    max_batch_tokens: int = Field(49152, gt=0, description=(
         "Most padded tokens (prompt + new) per batch, so long prompts run in smaller batches; engine static: "
-        "also the KV cache's size, 128 KiB a token at the Mistral-7B shape (the default peaked at 41 GiB on an "
-        "H200; a 24 GB card needs 49152 with max_prefill_tokens 16384: 22.0 GiB, benchmarks/results). A cache "
-        "bigger than the GPU's free memory is refused before it is allocated."))
+        "also the KV cache's size, 128 KiB a token at the Mistral-7B shape. The defaults (49152, prefill chunks "
+        "of 16384) are a 24 GB card's budget: 22.0 GiB allocated at the 7B shape, and on an H200 as fast as "
+        "131072 in one prefill, which took 41 GiB (benchmarks/results, eighth session). A cache bigger than "
+        "the GPU's free memory is refused before it is allocated."))
     processes: int | None = Field(None, gt=0, description=(
         "Worker processes (accelerate launch, one per GPU); None: one per visible GPU, 1 without CUDA."))
 

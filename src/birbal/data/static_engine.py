@@ -190,8 +190,8 @@ class StaticEngine:
             raise DataError(
                 f"natural_instructions.predictions: the static KV cache for {slots:,} tokens (max_batch_tokens) "
                 f"needs {arena_bytes / 2**30:.1f} GiB, and the GPU has {free / 2**30:.1f} GiB free of "
-                f"{total / 2**30:.1f}; lower max_batch_tokens (and set max_prefill_tokens): on a 24 GB card 49152 "
-                f"and 16384 peaked at 22.0 GiB at the Mistral-7B shape (benchmarks/results)")
+                f"{total / 2**30:.1f}; lower max_batch_tokens (the defaults, 49152 with max_prefill_tokens 16384, "
+                f"peaked at 22.0 GiB at the Mistral-7B shape: a 24 GB card's budget, benchmarks/results)")
 
     def shape_for(self, rows: int, width: int) -> _Shape:
         key = (bucket_rows(rows), bucket_length(width + self.max_new_tokens))
