@@ -17,10 +17,11 @@ says which). `BIRBAL_E2E_SET` adds `--set` overrides (';'-separated), e.g. `serv
 to compile one cache fewer when time is short; the boundaries follow whatever the resolved recipe says.
 
 Time: every stage's timeout is the smaller of its cap and what is left of BUDGET_S, so the test fails (naming the
-stage, with its log's tail) before the 10-minute command is killed. Expected on an H200 (not yet measured as a
-whole): checkpoint ~40 s, prepare ~10 s, train ~150-200 s (4-bit load, layer compiles, 1 step, eval, checkpoint),
-export ~80 s, server cold start ~70 s per compiled cache length (benchmarks/results: 214 s warm-up for the
-profile's 3 on the merged model), burst ~10 s.
+stage, with its log's tail) before the 10-minute command is killed. Measured on an H200 (2026-12-01, eighth
+session, benchmarks/results): checkpoint 24 s, prepare 15 s, train 288 s with an empty compile cache (4-bit load,
+the layer's three compiled graphs, 1 step, eval, checkpoint) and 56 s on a warm one, export 85 s, server cold
+start 42 s (its 3 cache lengths compiled), burst 3 s: about 460 s of the 500 on a cold machine. Run it alone in a
+command, with nothing else's timeout shorter than BUDGET_S.
 
 With OUT set, $OUT/gpu_e2e.json (rewritten after every stage, so a run cut short still reports where the time
 went) holds each stage's duration from its stage.json, the wall time of each subprocess, the cold start, every
