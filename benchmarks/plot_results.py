@@ -1,0 +1,181 @@
+"""Plots of the committed GPU results (benchmarks/results/*.json), for reading at a glance what the tables say.
+
+Reads only the JSON files named below, as the benchmarks wrote them, and writes three PNGs to `--out-dir`
+(default benchmarks/results/plots):
+- decode.png: where a decode step's time goes at the Mistral-7B shape on the H200 (`decode_profile.py`'s graph
+  replay, kernel time by class plus the gaps between kernels), birbal-4090 and birbal-4090-plus before and after
+  each switch, against the bandwidth bound and issue 17's 4.2 ms;
+- training.png: useful tokens/s at birbal-4090's own shape (one 16,384-token bin) under the 24 GiB cap, with
+  offload, and with no recompute (no cap), against issue 17's 12,500; and the RTX 4090 offload projection
+  (`rtx4090_offload_projection`) with the error the same model makes on the H200's own offload steps;
+- ni_predictions.png: the NI predictions step's instances/s by arm, each run's baseline beside it.
+
+Run: python benchmarks/plot_results.py [--results benchmarks/results] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# (file, variant key, label) in the order plotted; each the same method (decode_profile.py, graph replay)
+DECODE = [
+    ("decode_profile_h200_2026-12-01_final.json", "unmerged:compiled_layers+sdpa+unfused",
+     "birbal-4090\nsdpa, unfused"),
+    ("decode_profile_h200_2026-12-01_gemv.json", "unmerged:compiled_layers+grouped+lora",
+     "birbal-4090\ngrouped, fuse lora"),
+    ("decode_profile_h200_2026-12-01_gemv.json", "unmerged:compiled_layers+grouped+lora+gemva",
+     "birbal-4090 now\n+ gemv lora_a"),
+    ("decode_profile_h200_2026-12-01_final.json", "merged:compiled_layers+grouped+unfused",
+     "plus (merged)\ngrouped, unfused"),
+    ("decode_profile_h200_2026-12-01_gemv.json", "merged:compiled_layers+grouped+fused",
+     "plus now\nfused projections"),
+]
+CLASSES = [("products (base weights, lm_head)", ("base_gemv", "lm_head"), "#4c72b0"),
+           ("LoRA products", ("lora_a_gemv", "lora_b_gemv", "gemv_triton"), "#dd8452"),
+           ("attention", ("attention",), "#55a868"),
+           ("small kernels (copies, norms, rotary)", ("copies", "norm_rotary_elementwise", "other"), "#8172b3")]
+DECODE_TARGET_MS = 4.2
+TRAIN_CAPPED = "train_throughput_h200_2026-12-01_bin16k_phases.json"
+TRAIN_FREE = "train_throughput_h200_2026-12-01_norecompute.json"
+TRAIN_TARGET = 12500
+TOKENS_FOR_3_EPOCHS_IN_24H = 220e6 / 86400  # issue 17: 220M tokens inside 24 h
+# (file, session, {arm: label}): the arms' names changed between runs (the seventh session's `static` ran SDPA);
+# prefill-only arms are a phase of another arm (the 4090 projection's), not a way to run the step, so not plotted
+NI = [("ni_predictions_h200_2026-12-01_static.json", "7th", {
+          "baseline": "baseline:\ngenerate, batch 8", "generate_sorted": "generate,\nsorted batches",
+          "static": "static, SDPA\n131k tokens", "static_grouped": "static, grouped\n131k tokens",
+          "static_24gb": "static, SDPA\n49k tokens"}),
+      ("ni_predictions_h200_2026-12-01_24gb.json", "8th", {
+          "baseline": "baseline:\ngenerate, batch 8", "static": "static, grouped\n131k tokens",
+          "static_24gb": "static, grouped\n49k tokens, 16k\nprefill chunks\n(the defaults now)"})]
+
+
+def load(results: Path, name: str) -> dict:
+    path = results / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        sys.exit(f"plot_results: {path} is missing (the plots read the committed results)")
+
+
+def plot_decode(results: Path, plt):
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    labels, bounds = [], []
+    for i, (name, key, label) in enumerate(DECODE):
+        variant = load(results, name)[key]
+        replay = variant["graph_replay"]
+        by_class = replay["by_class"]
+        bottom = 0.0
+        for cls_label, keys, colour in CLASSES:
+            ms = sum(by_class.get(k, {}).get("us_per_step", 0.0) for k in keys) / 1000
+            ax.bar(i, ms, bottom=bottom, color=colour, label=cls_label if i == 0 else None)
+            bottom += ms
+        gaps = max(replay.get("gap_us_per_step", 0.0), 0.0) / 1000
+        ax.bar(i, gaps, bottom=bottom, color="#c8c8c8", label="gaps between kernels" if i == 0 else None)
+        ax.text(i, variant["graph_ms_per_step"] + 0.08, f"{variant['graph_ms_per_step']:.2f} ms", ha="center")
+        labels.append(label)
+        bounds.append(variant["bound_ms"])
+    for i, bound in enumerate(bounds):
+        ax.hlines(bound, i - 0.4, i + 0.4, colors="black", linestyles="dotted",
+                  label="bandwidth bound (the step's bytes at the copy rate)" if i == 0 else None)
+    ax.axhline(DECODE_TARGET_MS, color="#c44e52", linestyle="--", label=f"issue 17: {DECODE_TARGET_MS} ms")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("ms per decode step (batch 1, 1,000-token context)")
+    ax.set_title("Decode at the Mistral-7B shape, H200 (benchmarks/decode_profile.py, CUDA graph replay)")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training(results: Path, plt):
+    capped = load(results, TRAIN_CAPPED)
+    free = load(results, TRAIN_FREE)
+    rows = [(r, f"{r['offload_layers']} layers offloaded" if r["offload_layers"] else "recompute, no offload")
+            for r in capped["results"] if r.get("status") == "ok"]
+    rows += [(r, "no recompute\n(111 GiB, no cap)") for r in free["results"] if r.get("status") == "ok"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    for i, (r, _label) in enumerate(rows):
+        colour = "#4c72b0" if r.get("cap_gib") else "#8c8c8c"
+        left.bar(i, r["useful_tokens_per_s"], color=colour)
+        left.text(i, r["useful_tokens_per_s"] + 150, f"{r['useful_tokens_per_s']:,.0f}\n{r['mfu_vs_790']:.1%} MFU",
+                  ha="center", fontsize=8)
+    left.axhline(TRAIN_TARGET, color="#c44e52", linestyle="--", label=f"issue 17: {TRAIN_TARGET:,} tokens/s")
+    left.set_xticks(range(len(rows)), [label for _, label in rows], fontsize=8)
+    left.set_ylabel("useful tokens/s")
+    left.set_ylim(0, 1.15 * max(r["useful_tokens_per_s"] for r, _ in rows))
+    left.set_title("H200, birbal-4090's shape (16,384-token bin); blue: under the 24 GiB cap", fontsize=10)
+    left.legend(fontsize=8, loc="lower right")
+    projection = free.get("rtx4090_offload_projection")
+    if projection:
+        k = [row["offload_layers"] for row in projection["rows"]]
+        rate = [row["rtx4090_tokens_per_s"] for row in projection["rows"]]
+        errors = [c["measured_over_model"] for c in projection.get("h200_check", {}).get("rows", [])]
+        low, high = (min(errors), max(errors)) if errors else (1.0, 1.0)
+        right.plot(k, rate, marker="o", color="#4c72b0", label="projected (H200 steps x 165/790; 25 GB/s link)")
+        # no band at 0 layers: the offload model's error applies only to what is offloaded
+        right.fill_between(k, [x / high if n else x for x, n in zip(rate, k, strict=True)],
+                           [x / low if n else x for x, n in zip(rate, k, strict=True)], color="#4c72b0", alpha=0.15,
+                           label=f"the model's error on the H200's own offload steps ({low:.2f}-{high:.2f}x)")
+        right.axhline(TOKENS_FOR_3_EPOCHS_IN_24H, color="#c44e52", linestyle="--",
+                      label=f"220M tokens in 24 h ({TOKENS_FOR_3_EPOCHS_IN_24H:,.0f} tokens/s)")
+        right.set_xlabel("layers whose activations are offloaded to host memory (of 30 recomputed)")
+        right.set_ylabel("RTX 4090 useful tokens/s (projected, not measured)")
+        right.set_title("RTX 4090 projection from the H200 figures", fontsize=10)
+        right.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_ni(results: Path, plt):
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    x, positions, labels = 0.0, [], []
+    for name, session, arms in NI:
+        run = load(results, name)
+        for arm, label in arms.items():
+            values = run["arms"].get(arm, {})
+            if "seconds" not in values:
+                continue
+            rate = values.get("warm_instances_per_s", values["instances_per_s"])
+            ax.bar(x, rate, color="#8c8c8c" if arm == "baseline" else "#4c72b0")
+            peak = values.get("peak_memory_gib")
+            ax.text(x, rate + 0.4, f"{rate:.1f}" + (f"\n{peak:.0f} GiB" if peak else ""), ha="center", fontsize=7)
+            positions.append(x)
+            labels.append(f"{label}\n({session} session)")
+            x += 1
+        x += 0.6  # a gap between runs: compare bars within one run
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xticks(positions, labels, fontsize=7)
+    ax.set_ylim(0, 1.15 * ax.get_ylim()[1])
+    ax.set_ylabel("instances/s (warm: graph captures left out)")
+    ax.set_title("NI predictions step, 512 prompts x 32 new tokens, Mistral-7B shape, H200; each run with its "
+                 "batch-8 baseline (grey); peak GiB allocated", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    here = Path(__file__).resolve().parent
+    parser.add_argument("--results", type=Path, default=here / "results")
+    parser.add_argument("--out-dir", type=Path, default=here / "results" / "plots")
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, make in (("decode.png", plot_decode), ("training.png", plot_training),
+                       ("ni_predictions.png", plot_ni)):
+        fig = make(args.results, plt)
+        fig.savefig(args.out_dir / name, dpi=110)
+        plt.close(fig)
+        print(args.out_dir / name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
