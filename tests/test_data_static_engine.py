@@ -161,3 +161,13 @@ def test_a_cache_too_big_for_the_gpu_is_a_one_line_error_naming_the_setting(monk
     assert engine._arena == [] and engine._arena_slots == 0  # nothing allocated, nothing half-set
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 24 * 2**30))
     engine._check_room(need, 131072)  # exactly room enough: no error
+    # an engine whose arena grew before: a refused bigger one leaves no stale size behind (a later, smaller shape
+    # allocates afresh instead of reading an arena that is gone)
+    monkeypatch.setattr(engine, "device", torch.device("cpu"))
+    engine.shape_for(5, 40)
+    assert engine._arena_slots == 131072 and len(engine._arena) == 2
+    monkeypatch.setattr(engine, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 24 * 2**30))
+    with pytest.raises(DataError, match="max_batch_tokens"):
+        engine._ensure_arena(131073)
+    assert engine._arena == [] and engine._arena_slots == 0 and engine._shapes == {}

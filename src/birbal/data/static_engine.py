@@ -169,7 +169,7 @@ class StaticEngine:
             return
         slots = max(slots, self._reserve_slots)
         self._shapes.clear()
-        self._arena = []
+        self._arena, self._arena_slots = [], 0  # the old arena freed first (so the check below counts its room)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         size = slots * self._kv_heads * self._head_dim
