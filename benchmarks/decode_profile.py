@@ -55,15 +55,16 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "sdpa": ("decode_attenti
             "fused": ("decode_fuse", "projections"), "unfused": ("decode_fuse", "none"),
             "lora": ("decode_fuse", "lora"),
             "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
-            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all")}
+            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
+            "gemvtriton": ("decode_gemv", "triton")}
 # today's birbal-4090 (sdpa, unfused) and plus (merged, grouped, unfused), each followed by what this branch serves
 # (birbal-4090: grouped attention and decode_fuse lora; plus: decode_fuse), then the decode_gemv variants
 DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa+unfused,unmerged:compiled_layers+grouped+lora,"
                     "merged:compiled_layers+grouped+unfused,merged:compiled_layers+grouped+fused,"
                     "unmerged:compiled_layers+grouped+lora+gemva,merged:compiled_layers+grouped+fused+gemvall,"
                     "unmerged:compiled_layers+grouped+lora+gemvall")
-CLASSES = ("base_gemv", "lm_head", "lora_a_gemv", "lora_b_gemv", "gemv_triton", "attention", "copies",
-           "norm_rotary_elementwise", "other")
+CLASSES = ("base_gemv", "lm_head", "lora_a_gemv", "lora_b_gemv", "gemv_triton", "gemv_birbal", "attention",
+           "copies", "norm_rotary_elementwise", "other")
 MM_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
 ATTENTION_OPS = ("aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::scaled_dot_product",
                  "aten::_efficient_attention", "aten::_flash_attention", "aten::_softmax", "aten::softmax")
@@ -188,6 +189,8 @@ def classify(kernel: dict, lora_r: int, vocab: int, itemsize: int = 2) -> tuple[
     op, name = kernel["op"], kernel["name"].lower()
     if name.startswith(("triton_red", "triton_per")) and "_sum" in name and "softmax" not in name:
         return "gemv_triton", 0  # serve.decode_gemv: a product written as multiply-and-sum, one Triton reduction
+    if "_gemv_kernel" in name:
+        return "gemv_birbal", 0  # serve.decode_gemv: triton, birbal.serve.gemv's kernel (base products, lm_head)
     if op.startswith(ATTENTION_OPS) or any(s in name for s in ATTENTION_KERNELS):
         return "attention", 0
     if op.startswith(MM_OPS) or "gemv" in name or "gemm" in name or "_tem_" in name:
@@ -327,7 +330,9 @@ def profile_variant(work: Path, variant: str, device, tokenizer, args) -> dict:
     sync(device)
     out["load_s"] = round(time.perf_counter() - t0, 2)
     out["serve"] = {k: getattr(cfg, k) for k in ("model", "adapter_dtype", "decode", "decode_attention",
-                                                 "decode_compile_lengths", "decode_cache_lengths")}
+                                                 "decode_compile_lengths", "decode_cache_lengths", "decode_fuse",
+                                                 "decode_gemv", "decode_compile_mode")}
+    out["fused"] = engine.fused  # what decode_fuse did (and decode_gemv's kernel), as the engine reports it
     out["decoder"] = engine.decoder.mode
     out.update(step_bytes(engine.model, served))
     decoder = engine.decoder

@@ -33,7 +33,7 @@ DECODE = [
     ("decode_profile_h200_2026-12-01_gemv.json", "merged:compiled_layers+grouped+fused",
      "plus now\nfused projections"),
 ]
-CLASSES = [("products (base weights, lm_head)", ("base_gemv", "lm_head"), "#4c72b0"),
+CLASSES = [("products (base weights, lm_head)", ("base_gemv", "lm_head", "gemv_birbal"), "#4c72b0"),
            ("LoRA products", ("lora_a_gemv", "lora_b_gemv", "gemv_triton"), "#dd8452"),
            ("attention", ("attention",), "#55a868"),
            ("small kernels (copies, norms, rotary)", ("copies", "norm_rotary_elementwise", "other"), "#8172b3")]

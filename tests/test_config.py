@@ -38,7 +38,7 @@ def test_4090_profile_is_the_winning_recipe():
     # a replayed CUDA graph per step, its layers compiled one region for all (the whole-step compile was too slow at 7B)
     assert s.decode == "compiled_layers" and s.decode_compile_lengths == "each" and s.decode_attention == "grouped"
     assert s.decode_fuse == "lora"  # one product per shared-input group, each LoRA B inside its base's product
-    assert s.decode_gemv == "lora_a"  # the LoRA A products as Triton reductions, not split-K cuBLAS
+    assert s.decode_gemv == "triton"  # LoRA A as Triton reductions, the other products birbal.serve.gemv's kernel
 
 
 def test_plus_profile_switches_the_serving_improvements_on():

@@ -181,6 +181,8 @@ def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, de
     changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
     fast = _engine(kind, mode, decode_gemv=gemv, **changes)
     assert fast.fused["gemv"] == gemv
+    if gemv == "triton" and device == "cuda":  # the hand-written kernel, lm_head's product included
+        assert fast.fused["gemv_kernel"] == fast.fused["lm_head"] == "birbal::gemv (Triton)"
     today = _engine(kind, "none", **changes)
     plain = _engine(kind, "none", **{**changes, "decode": "eager"})
     for eng in (fast, today):
@@ -214,14 +216,17 @@ def test_fused_compiled_layers_equal_eager_on_cpu(kind, mode, dtype, gemv):
 @pytest.mark.parametrize(("kind", "mode", "dtype", "gemv"), [
     ("adapter", "lora", "bfloat16", "cublas"), ("merged", "projections", "bfloat16", "cublas"),
     ("adapter", "lora", "float32", "cublas"),
-    ("adapter", "lora", "bfloat16", "lora_a"), ("adapter", "lora", "float32", "lora_a")])  # birbal-4090's serve
+    ("adapter", "lora", "bfloat16", "lora_a"), ("adapter", "lora", "float32", "lora_a"),
+    ("adapter", "lora", "bfloat16", "triton"), ("adapter", "lora", "float32", "triton"),  # birbal-4090's serve
+    ("merged", "projections", "bfloat16", "triton")])  # birbal-4090-plus's
 def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype, gemv):
     """The served path on a GPU (compiled_layers in a CUDA graph, grouped attention) with the projections fused,
     against the unfused eager model: in fp32 the same tokens and logprobs within the compiled-vs-eager tests'
     1e-3; in bf16 (the served dtype) each token's logprob within bf16 rounding of the eager model's over the same
     tokens, no further off than today's unfused compiled_layers path is (twice its worst error, or 0.02), and the
     eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it. `gemv`
-    lora_a: the LoRA A products as Inductor's Triton reductions (serve.decode_gemv), birbal-4090's served path."""
+    lora_a: the LoRA A products as Inductor's Triton reductions (serve.decode_gemv); triton: those, and every other
+    one-row product through birbal.serve.gemv's kernel, birbal-4090's and plus's served path."""
     _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", gemv)
 
 

@@ -101,7 +101,12 @@ def test_compiled_kernels_are_kept_with_the_run(live, monkeypatch):
     run_dir = live["run_dir"]
     assert run_dir.latest("serve").details["compile_cache"] == str(run_dir.path / "cache" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     assert use_compile_cache(run_dir.path / "cache") == "/somewhere/chosen"
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/chosen/triton"  # Triton's own kernels beside Inductor's
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    use_compile_cache(run_dir.path / "cache")
+    assert os.environ["TRITON_CACHE_DIR"] == "/mine"
 
 
 def test_bad_input_does_not_hurt_the_live_server(live):

@@ -57,11 +57,14 @@ class ServeConfig(Section):
         "form measured and GPU-tested at the Mistral-7B shape, benchmarks/results), or one compiled graph for every "
         "length (the slot dimension dynamic: one compile at start-up; CPU-tested, not yet run on a GPU).",
     )
-    decode_gemv: Literal["cublas", "lora_a", "all"] = Field(
+    decode_gemv: Literal["cublas", "lora_a", "triton", "all"] = Field(
         "cublas", description="With decode_fuse, inside a compiled decode step: cublas: every product F.linear "
         "(cuBLAS); lora_a: the LoRA A products (small: cuBLAS runs each as a split-K kernel and a reduce kernel) as "
-        "fp32 multiply-and-sum, one Triton reduction kernel each from Inductor; all: every product of the fused "
-        "projections so (merged o_proj and down_proj too). The same dot products in fp32, summed in another order.",
+        "fp32 multiply-and-sum, one Triton reduction kernel each from Inductor; triton: that, and every other "
+        "one-row product on CUDA (the fused projections, o_proj, down_proj, lm_head; compiled or not) through "
+        "birbal.serve.gemv's hand-written Triton GEMV (F.linear where there is no CUDA device); all: every product "
+        "of the fused projections as Inductor's reductions (merged o_proj and down_proj too). The same dot "
+        "products in fp32, summed in another order.",
     )
     decode_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="Inductor's mode for the compiled decode modes: max-autotune-no-cudagraphs times "

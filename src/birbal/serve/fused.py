@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from birbal.errors import ServeError
 from birbal.models import unwrap_peft
+from birbal.serve import gemv as gemv_kernel
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 FUSED = "_birbal_fused_weight"  # the first member's buffer: the group's weights, one above the other
@@ -80,14 +81,19 @@ def _plain_lora_call(member, x, args, kwargs) -> bool:
 
 
 def _product(self, x, weight, lora_a: bool = False):
-    """`F.linear(x, weight)`; inside a compiled decode step (one row) under serve.decode_gemv "lora_a" (LoRA A
-    products only) or "all", written as the fp32 products' sum, `(x * w).float().sum(-1)`, so that Inductor makes
-    it one Triton reduction kernel (cuBLAS runs a small product as a split-K kernel plus a reduce kernel). The same
-    dot products accumulated in fp32, in another order (float rounding only)."""
+    """`F.linear(x, weight)`; inside a compiled decode step (one row) under serve.decode_gemv "lora_a" or "triton"
+    (LoRA A products) or "all" (every product), written as the fp32 products' sum, `(x * w).float().sum(-1)`, so
+    that Inductor makes it one Triton reduction kernel (cuBLAS runs a small product as a split-K kernel plus a
+    reduce kernel); under "triton" every other one-row product on CUDA, compiled or eager, through
+    birbal.serve.gemv's kernel. The same dot products accumulated in fp32, in another order (float rounding
+    only)."""
     how = self._birbal_gemv
-    if (how == "all" or (how == "lora_a" and lora_a)) and torch.compiler.is_compiling() \
-            and x.numel() == x.shape[-1]:
-        return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
+    one_row = x.numel() == x.shape[-1]
+    if how == "all" or (lora_a and how in ("lora_a", "triton")):
+        if torch.compiler.is_compiling() and one_row:
+            return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
+    elif how == "triton" and gemv_kernel.applies(x, weight):
+        return gemv_kernel.gemv(x, weight)
     return F.linear(x, weight)
 
 
@@ -109,7 +115,8 @@ def _first_linear(self, x):
 
 
 def _single_linear(self, x):
-    """A projection fused with nothing (merged o_proj, down_proj) whose product serve.decode_gemv "all" writes."""
+    """A projection fused with nothing (merged o_proj, down_proj; lm_head under "triton") whose product
+    serve.decode_gemv "all" or "triton" writes."""
     return _product(self, x, self.weight)
 
 
@@ -174,7 +181,7 @@ def _add_lora(self, result, down):
 SINGLES = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))  # `lora`: B into the base, one projection each
 
 
-GEMVS = ("cublas", "lora_a", "all")  # serve.decode_gemv
+GEMVS = ("cublas", "lora_a", "triton", "all")  # serve.decode_gemv
 
 
 def fuse_projections(model, mode: str = "projections", gemv: str = "cublas") -> dict:
@@ -202,19 +209,32 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas") -> 
         raise ServeError(f"serve.decode_fuse=projections needs decoder layers at .model.layers; "
                          f"{type(core).__name__} has none")
     report: dict = {"mode": mode, "gemv": gemv, "fused": 0, "skipped": {}}
+    kernel = gemv
+    if gemv == "triton":
+        # the kernel runs on CUDA only; elsewhere (the smoke profile's CPU server) the products stay F.linear and
+        # the report says so: the LoRA A reductions of "lora_a" still apply inside a compiled step
+        on_cuda = next(core.parameters()).is_cuda
+        why_not = gemv_kernel.available() if on_cuda else "the model is not on a CUDA device"
+        report["gemv_kernel"] = f"{gemv_kernel.OP} (Triton)" if why_not is None else f"F.linear: {why_not}"
+        kernel = "triton" if why_not is None else "lora_a"
     peft = isinstance(model, _peft_model_types())
-    groups = GROUPS + (SINGLES if (mode == "lora" and peft) or (gemv == "all" and not peft) else ())
+    groups = GROUPS + (SINGLES if (mode == "lora" and peft) or (kernel in ("all", "triton") and not peft) else ())
     for layer in layers:
         for parent_name, names in groups:
             parent = getattr(layer, parent_name, None)
             members = [getattr(parent, n, None) for n in names]
             reason = ("missing" if parent is None or any(m is None for m in members)
-                      else _fuse_group(members, lora_in_base=mode == "lora", gemv=gemv))
+                      else _fuse_group(members, lora_in_base=mode == "lora", gemv=kernel))
             if reason is None:
                 report["fused"] += 1
             else:
                 key = f"{parent_name}: {reason}"
                 report["skipped"][key] = report["skipped"].get(key, 0) + 1
+    head = getattr(core, "lm_head", None)
+    if kernel == "triton" and head is not None and _plain(head):
+        object.__setattr__(head, "_birbal_gemv", kernel)
+        head.forward = types.MethodType(_single_linear, head)
+        report["lm_head"] = report["gemv_kernel"]
     object.__setattr__(core, _ATTR, report)
     if report["fused"] and torch.cuda.is_available():
         # the replaced weights' blocks back to the device (the fused copies were made one group at a time; on a
@@ -242,7 +262,7 @@ def _fuse_group(members: list, lora_in_base: bool = False, gemv: str = "cublas")
         object.__setattr__(m, "_birbal_gemv", gemv)
     lora = [_lora_parts(m) for m in members]
     if not any(lora) and len(members) == 1:
-        if gemv == "all" and _plain(members[0]):
+        if gemv in ("all", "triton") and _plain(members[0]):
             members[0].forward = types.MethodType(_single_linear, members[0])
             return None
         return "one plain projection: nothing to fuse"

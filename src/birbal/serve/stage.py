@@ -195,9 +195,14 @@ def use_compile_cache(cache_dir: Path) -> str:
 
     Inductor's default is under /tmp, which a container loses when it exits, so every start of the server would
     compile each cache length's step again (minutes on a 7B model). Kept with the run, a restart reuses the
-    generated kernels; Dynamo still traces, which is the smaller part.
+    generated kernels; Dynamo still traces, which is the smaller part. Triton's own cache (`TRITON_CACHE_DIR`,
+    unless set: the images point TRITON_HOME at /tmp) goes beside it, at Inductor's own place for it
+    (`<inductor>/triton`): the kernels launched outside a compiled graph (serve.decode_gemv: triton's eager
+    products, lm_head's) are kept too.
     """
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    inductor = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(inductor) / "triton"))
+    return inductor
 
 
 def _server_class():

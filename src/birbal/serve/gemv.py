@@ -1,0 +1,107 @@
+"""`serve.decode_gemv: triton`: a decode step's matrix-vector products (one row of input) as one Triton kernel each.
+
+At batch 1 every product of a decode step is a GEMV: it streams its weight once and does two FLOPs a weight, so
+its time is its weight's bytes over memory bandwidth. cuBLAS picks GEMM tiles for these (nvjet 128x8 or 64x8 tiles
+along N), and for the 4,096-row outputs (o_proj, down_proj) a split-K kernel plus a reduce kernel; measured on an
+H200 at the Mistral-7B shapes it reads 2.5-4.2 TB/s, against this kernel's 3.0-4.3 (`benchmarks/gemv_kernels.py`,
+`benchmarks/results/gemv_kernels_h200_2026-12-01.json`: a step's base products 4,239 -> 3,760 us unmerged, 3,830
+-> 3,611 merged). Inductor's own reduction for them (`decode_gemv: all`) reads 2.5-3.3 TB/s, and cuBLAS offers
+no block shapes to choose through `F.linear`: hence this kernel, written by hand.
+
+The kernel: a program owns BLOCK_N output rows and walks K in BLOCK_K steps, each step one coalesced load of a
+BLOCK_N x BLOCK_K tile of the weight and BLOCK_K of the input, multiplied in fp32 into a BLOCK_N x BLOCK_K fp32
+accumulator that is summed across K once at the end; the output rounded to the input's dtype. The same dot products
+as `F.linear`, accumulated in fp32 in another order: float rounding only (tests/test_serve_gemv.py against fp64;
+tests/test_serve_fused.py the served step against the eager model, on CUDA).
+
+Block shapes: the fastest of `benchmarks/gemv_kernels.py --quick`'s sweep on the H200 for each shape the 7B step
+runs (BLOCK_SHAPES); any other shape gets the one shape within 7% of the best on all of them. They are not tuned
+for an RTX 4090: `python3 benchmarks/gemv_kernels.py --out gemv.json` there says whether they should be.
+
+Registered as a torch custom op (`torch.library.triton_op`), so that torch.compile traces it as one kernel of the
+compiled graph and a CUDA graph captures it like any other. Triton is imported only on a CUDA machine (the serving
+image pins it beside torch); elsewhere `available()` says why not and the products stay `F.linear`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+OP = "birbal::gemv"
+# (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages): the H200 sweep's fastest for the Mistral-7B step's products
+# (gemv_kernels_h200_2026-12-01.json; "+B": decode_fuse lora's [W, B] matrices, K = 4096 + the ranks)
+BLOCK_SHAPES = {
+    (6144, 4480): (16, 512, 8, 3), (4096, 4224): (4, 512, 4, 1), (28672, 4352): (16, 256, 4, 1),
+    (4096, 14464): (8, 512, 8, 3), (32000, 4096): (4, 1024, 8, 3),
+    (6144, 4096): (8, 512, 4, 3), (4096, 4096): (4, 512, 4, 3), (28672, 4096): (16, 256, 4, 1),
+    (4096, 14336): (4, 512, 8, 1),
+}
+DEFAULT_BLOCK_SHAPE = (16, 512, 8, 3)  # within 1.07x of each shape's best above
+
+
+def block_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    return BLOCK_SHAPES.get((n, k), DEFAULT_BLOCK_SHAPE)
+
+
+@functools.cache
+def available() -> str | None:
+    """None when the kernel can run here (CUDA and Triton; the op registered), else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    _register()
+    return None
+
+
+def _register() -> None:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                xv = tl.load(x_ptr + k * BLOCK_K + cols)
+                wv = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                k_ok = k * BLOCK_K + cols < K
+                xv = tl.load(x_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
+                wv = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton_op(OP, mutates_args={})
+    def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight)` for an `x` of one row (any leading dims of size 1), both contiguous."""
+        n, k = weight.shape
+        out = x.new_empty((*x.shape[:-1], n))
+        bn, bk, warps, stages = block_shape(n, k)
+        wrap_triton(_gemv_kernel)[(triton.cdiv(n, bn),)](x, weight, out, n, k, weight.stride(0), BLOCK_N=bn,
+                                                          BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
+                                                          num_stages=stages)
+        return out
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv(x, weight)` computes `F.linear(x, weight)` here: one CUDA row, a dense row-major weight of
+    the same dtype on the same device."""
+    return (x.is_cuda and x.numel() == x.shape[-1] and x.dtype == weight.dtype and x.device == weight.device
+            and weight.dim() == 2 and weight.stride(1) == 1 and weight.is_floating_point())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's product; call only where `available()` is None and `applies(x, weight)`."""
+    return torch.ops.birbal.gemv(x.contiguous(), weight)

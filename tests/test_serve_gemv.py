@@ -1,0 +1,129 @@
+"""`serve.decode_gemv: triton` (birbal.serve.gemv): the hand-written GEMV against an fp64 product on CUDA (eager,
+compiled and in a CUDA graph), its block-shape table against the shapes birbal-4090's step runs, and its fallback
+where there is no CUDA device (the products stay F.linear, and the report says so)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from serve_model import engine, merged_folder, serve_cfg
+from test_serve_upstream import adapter_folder
+
+from birbal.config import load_recipe
+from birbal.serve import gemv
+from birbal.serve.engine import Engine
+from birbal.serve.schemas import ProcessRequest
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _step_shapes(arch: dict, rank: int) -> set[tuple[int, int]]:
+    """(N, K) of every one-row product a decode step runs outside LoRA A: unmerged under decode_fuse lora (each
+    base matrix with its B columns: K grows by the ranks of the group) and merged under projections."""
+    d, ffn, vocab = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
+    kv = d // arch["num_attention_heads"] * arch["num_key_value_heads"]
+    merged = {(d + 2 * kv, d), (d, d), (2 * ffn, d), (d, ffn)}
+    lora = {(d + 2 * kv, d + 3 * rank), (d, d + rank), (2 * ffn, d + 2 * rank), (d, ffn + rank)}
+    return merged | lora | {(vocab, d)}
+
+
+def test_block_shapes_cover_every_product_of_birbal_4090s_step():
+    """The measured block shapes are keyed by the products the 7B step really runs (its config.json shape and
+    birbal-4090's rank): a change of rank or fusion that moved them would leave the step on the default shape."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from shapes import MISTRAL_7B
+
+    wanted = _step_shapes(MISTRAL_7B, load_recipe("birbal-4090").lora.r)
+    assert wanted == set(gemv.BLOCK_SHAPES), wanted ^ set(gemv.BLOCK_SHAPES)
+    for bn, bk, warps, stages in [*gemv.BLOCK_SHAPES.values(), gemv.DEFAULT_BLOCK_SHAPE]:
+        assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0 and bk >= 32 * warps and stages >= 1
+
+
+def test_applies_only_to_one_cuda_row_against_a_dense_weight():
+    w = torch.randn(8, 16)
+    assert not gemv.applies(torch.randn(1, 16), w)  # not CUDA
+    if torch.cuda.is_available():
+        wc = w.cuda()
+        assert gemv.applies(torch.randn(1, 1, 16, device="cuda"), wc)
+        assert not gemv.applies(torch.randn(2, 16, device="cuda"), wc)  # two rows: a GEMM
+        assert not gemv.applies(torch.randn(1, 16, device="cuda", dtype=torch.bfloat16), wc)  # dtypes differ
+        assert not gemv.applies(torch.randn(1, 16, device="cuda"), torch.randn(16, 8, device="cuda").t())  # strided
+
+
+def _request(prompt: str, n: int) -> ProcessRequest:
+    return ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=n, top_k_per_token=3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_without_cuda_the_products_stay_f_linear_and_the_report_says_so(kind):
+    """On a CPU (the smoke profile's server inherits birbal-4090's decode_gemv) the kernel is not used: the
+    engine's report names the fallback, lm_head keeps its own forward, and the answers are lora_a's exactly."""
+    def make(decode_gemv):
+        cfg = serve_cfg(postprocess="none", request_policy="kit", decode="static", decode_fuse="lora"
+                        if kind == "adapter" else "projections", decode_gemv=decode_gemv)
+        if kind == "merged":
+            return Engine.from_merged(merged_folder(), cfg)
+        return Engine.from_adapter(str(merged_folder()), adapter_folder(), engine().tokenizer, cfg)
+
+    fast, ref = make("triton"), make("lora_a")
+    assert fast.fused["gemv"] == "triton"
+    assert fast.fused["gemv_kernel"] == "F.linear: the model is not on a CUDA device"
+    assert "lm_head" not in fast.fused
+    from birbal.models import unwrap_peft
+
+    assert "forward" not in vars(unwrap_peft(fast.model).lm_head)
+    for prompt, n in [("The capital of France is", 6), ("one two three " * 5, 4)]:
+        a, b = fast.process(_request(prompt, n)), ref.process(_request(prompt, n))
+        assert a.text == b.text and [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
+
+
+def _rel_error(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    ref = w.double() @ x.double().reshape(-1)
+    return float((out.double().reshape(-1) - ref).norm() / ref.norm())
+
+
+# (N, K): the 7B step's awkward ones (K not a multiple of the block, 4,096-row outputs), a lm_head, and small odd
+# ones that leave rows and columns of the last block empty
+SHAPES = [(4096, 4224), (6144, 4480), (32000, 4096), (7, 17), (129, 1000), (1, 4096), (300, 64)]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_equals_the_fp64_product_on_cuda_eager_compiled_and_in_a_graph(dtype):
+    """Every output element written (the output poisoned with NaN first: an unwritten row fails), within the
+    dtype's rounding of the fp64 product on fresh random data, eagerly, compiled (fullgraph: the op traced as one
+    kernel) and replayed in a CUDA graph; and no further off than F.linear itself."""
+    assert gemv.available() is None
+    for n, k in SHAPES:
+        torch._dynamo.reset()  # a compile per shape: 21 shapes and dtypes are past Dynamo's recompile limit
+        compiled = torch.compile(lambda x, w: torch.ops.birbal.gemv(x, w), fullgraph=True, dynamic=False)
+        torch.manual_seed(n * 31 + k)
+        w = (torch.randn(n, k, device="cuda") / math.sqrt(k)).to(dtype)
+        x = torch.randn(1, 1, k, device="cuda").to(dtype)
+        base = _rel_error(torch.nn.functional.linear(x, w), x, w)
+        eager = gemv.gemv(x, w)
+        assert eager.shape == (1, 1, n) and eager.dtype == dtype
+        assert _rel_error(eager, x, w) <= max(TOL[dtype], 2 * base), (n, k, _rel_error(eager, x, w), base)
+        assert torch.equal(compiled(x, w), eager)  # the same kernel, the same block shape: the same bits
+        out = torch.full((1, 1, n), float("nan"), device="cuda", dtype=dtype)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out.copy_(gemv.gemv(x, w))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out.copy_(gemv.gemv(x, w))
+        x.copy_(torch.randn_like(x))  # a new input: the replay must read it
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+        assert _rel_error(out, x, w) <= max(TOL[dtype], 2 * _rel_error(torch.nn.functional.linear(x, w), x, w))
