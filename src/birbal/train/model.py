@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import types
 from pathlib import Path
 
 import torch
@@ -80,18 +82,62 @@ def compile_decoder_layers(model) -> int:
     """torch.compile each decoder layer in place; returns how many.
 
     Per layer, as torchtune compiles its models, not the whole model: the 32 layers share one compiled graph
-    (Dynamo treats their parameters as inputs), so compile time is one layer's; gradient checkpointing
-    (transformers wraps each layer's call) still discards and recomputes the layer's activations; and the
-    embedding with its NEFTune hook, the block mask construction and the chunked loss stay eager. In place
-    (`nn.Module.compile`), so parameter names, the adapter's state dict and checkpoints are unchanged.
-    What it buys: the element-wise work around the GEMMs (RMSNorm, rotary, SiLU x up, each LoRA's dropout,
-    scale and add) runs as a few fused kernels instead of dozens, in the forward, the recompute and the backward.
+    (Dynamo treats their parameters as inputs), so compile time is one layer's; gradient checkpointing still
+    discards and recomputes the layer's activations, around the compiled forward (below); and the embedding with
+    its NEFTune hook, the block mask construction and the chunked loss stay eager. In place, so parameter names,
+    the adapter's state dict and checkpoints are unchanged. What it buys: the element-wise work around the GEMMs
+    (RMSNorm, rotary, SiLU x up, each LoRA's dropout, scale and add) runs as a few fused kernels instead of
+    dozens, in the forward, the recompute and the backward.
+
+    Where the checkpoint sits matters. transformers 5.17 checkpoints around the layer's `__call__`, so
+    `nn.Module.compile` (which compiles `_call_impl`) puts the compiled forward inside the checkpoint: the layer
+    keeps only its inputs for the backward. transformers 5.24 (the training image's pin) checkpoints around
+    `forward` instead (`GradientCheckpointingLayer.__init_subclass__`, modeling_layers.py), so the same call
+    would trace the checkpoint into the compiled graph, and AOTAutograd's partitioner then saves whatever it
+    judges cheaper to keep than recompute: on the smoke model 2.3x the bytes eager checkpointing keeps, and at
+    the Mistral-7B shape an out-of-memory error under the 24 GiB cap (tests/test_gpu_train.py, H200,
+    2026-12-01). Under 5.24 each layer's forward is therefore that wrapper's own logic around the compiled
+    original forward: the checkpoint outside the graph, as in 5.17 (tests/test_train_model.py checks that a
+    compiled layer saves what an eager checkpointed one saves).
     """
     core = unwrap_peft(model)
     layers = core.model.layers
     for layer in layers:
-        layer.compile()
+        inner = _unwrapped_forward(type(layer))
+        if inner is None:  # transformers 5.17: the checkpoint is around __call__, outside _call_impl
+            layer.compile()
+        else:
+            layer.forward = types.MethodType(_checkpoint_outside(_compiled(inner)), layer)
     return len(layers)
+
+
+def _unwrapped_forward(cls):
+    """The layer class's own forward under transformers 5.24's checkpointing wrapper, or None when its forward
+    is not so wrapped."""
+    forward = cls.forward
+    code = getattr(forward, "__code__", None)
+    if code is not None and code.co_name == "forward_with_checkpointing" and hasattr(forward, "__wrapped__"):
+        return forward.__wrapped__
+    return None
+
+
+@functools.cache
+def _compiled(forward):
+    """One compiled function per layer class's forward: every layer runs (and shares the graphs of) this one."""
+    return torch.compile(forward)
+
+
+def _checkpoint_outside(compiled):
+    """transformers 5.24's `forward_with_checkpointing` (modeling_layers.py) with the compiled forward inside:
+    checkpointed when the layer's own flag says so in training with gradients (the flag read at call time, so
+    train.unchecked_layers and the offloaded layers still switch it per layer), `use_cache` off there."""
+    def forward(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
+        return compiled(self, *args, **kwargs)
+    return forward
 
 
 def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
