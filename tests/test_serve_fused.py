@@ -33,7 +33,7 @@ class _Products(TorchDispatchMode):
 
 def _engine(kind: str, fuse: str, **changes) -> Engine:
     """The tiny model served with `decode_fuse` `fuse`; its products through cuBLAS (`decode_gemv` cublas, not the
-    profile's lora_a) unless `changes` says otherwise."""
+    profile's triton) unless `changes` says otherwise."""
     cfg = serve_cfg(**{"postprocess": "none", "request_policy": "kit", "decode": "static", "decode_fuse": fuse,
                        "decode_gemv": "cublas", **changes})
     if kind == "merged":
