@@ -52,8 +52,9 @@ def available() -> str | None:
         return "no CUDA device"
     try:
         import triton  # noqa: F401
+        from torch.library import triton_op  # noqa: F401  (torch >= 2.6)
     except ImportError as exc:
-        return f"triton is not importable ({exc})"
+        return f"triton or torch.library.triton_op is not importable ({exc})"
     _register()
     return None
 
