@@ -2,7 +2,7 @@
 Inductor's fp32 reduction (`serve.decode_gemv`'s form) and a hand-written Triton GEMV over a sweep of its block
 shapes, at every shape birbal-4090's (unmerged, `decode_fuse: lora`) and birbal-4090-plus's (merged) step runs.
 
-Run on a GPU machine, from the repository root:
+Run on a GPU machine, from the repository root, with `src` on PYTHONPATH:
 
     python3 benchmarks/gemv_kernels.py --out gemv_kernels.json
 
@@ -52,35 +52,10 @@ def configs(quick: bool):
 
 
 def triton_gemv():
-    import triton
-    import triton.language as tl
+    """birbal.serve.gemv's kernel (the one the server launches), at a block shape of the sweep's choosing."""
+    from birbal.serve import gemv
 
-    @triton.jit
-    def kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        cols = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                xv = tl.load(x_ptr + k * BLOCK_K + cols)
-                wv = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
-            else:
-                k_ok = k * BLOCK_K + cols < K
-                xv = tl.load(x_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
-                wv = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
-            w_ptrs += BLOCK_K
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
-
-    def run(x, w, y, cfg):
-        bn, bk, warps, stages = cfg
-        n, k = w.shape
-        kernel[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
-                                      num_warps=warps, num_stages=stages)
-    return run
+    return lambda x, w, y, cfg: gemv.launch(x, w, y, cfg)
 
 
 def time_graph(call, weights, replays: int) -> float:

@@ -59,10 +59,11 @@ def available() -> str | None:
     return None
 
 
-def _register() -> None:
+@functools.cache
+def kernel():
+    """The Triton kernel (compiled per block shape and dtype at its first launch)."""
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -84,15 +85,31 @@ def _register() -> None:
             w_ptrs += BLOCK_K
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
+    return _gemv_kernel
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, shape: tuple[int, int, int, int],
+           wrap=None) -> None:
+    """`out` = the product of one contiguous row `x` and `weight` (N, K) at block shape `shape`; `wrap`:
+    torch.library.wrap_triton inside the custom op (benchmarks/gemv_kernels.py launches it bare, per shape)."""
+    import triton
+
+    bn, bk, warps, stages = shape
+    n, k = weight.shape
+    run = kernel() if wrap is None else wrap(kernel())
+    run[(triton.cdiv(n, bn),)](x, weight, out, n, k, weight.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
+                               num_warps=warps, num_stages=stages)
+
+
+def _register() -> None:
+    from torch.library import triton_op, wrap_triton
+
     @triton_op(OP, mutates_args={})
     def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight)` for an `x` of one row (any leading dims of size 1), both contiguous."""
         n, k = weight.shape
         out = x.new_empty((*x.shape[:-1], n))
-        bn, bk, warps, stages = block_shape(n, k)
-        wrap_triton(_gemv_kernel)[(triton.cdiv(n, bn),)](x, weight, out, n, k, weight.stride(0), BLOCK_N=bn,
-                                                          BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps,
-                                                          num_stages=stages)
+        launch(x, weight, out, block_shape(n, k), wrap=wrap_triton)
         return out
 
 
