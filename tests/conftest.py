@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests' own helper modules
+
+from triton_interpreter import interpret_on_cpu  # noqa: E402
+
+interpret_on_cpu()  # birbal.serve's Triton kernels run through Triton's interpreter here, where there is no GPU
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from serve_model import engine, merged_folder, serve_cfg
 from test_serve_upstream import adapter_folder
+from triton_interpreter import triton_interpreter  # noqa: F401  (a fixture)
 
 from birbal.config import load_recipe
 from birbal.serve import gemv
@@ -127,3 +128,20 @@ def test_kernel_equals_the_fp64_product_on_cuda_eager_compiled_and_in_a_graph(dt
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
         assert _rel_error(out, x, w) <= max(TOL[dtype], 2 * _rel_error(torch.nn.functional.linear(x, w), x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(("n", "k", "shape"), [(40, 300, (16, 128, 4, 1)), (64, 512, (8, 256, 4, 3)),
+                                               (6, 4096, gemv.DEFAULT_BLOCK_SHAPE)])
+def test_the_kernel_equals_an_fp64_product_through_the_interpreter(triton_interpreter, n, k, shape, dtype):  # noqa: F811
+    """`gemv.launch`, the kernel and launch the served step and benchmarks/gemv_kernels.py run, on CPU through
+    Triton's interpreter: rows past N and a K that is no multiple of the block (masked loads), and an even K,
+    within the output's rounding (a unit in its last place) plus fp32 accumulation's worst case (K units of fp32
+    roundoff times the sum of the products' magnitudes) of an fp64 product. A wrong index is off by O(1)."""
+    gen = torch.Generator().manual_seed(n + k)
+    x, w = torch.randn(1, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
+    out = torch.full((1, n), float("nan"), dtype=dtype)
+    gemv.launch(x, w, out, shape)
+    exact = x.double() @ w.double().t()
+    bound = torch.finfo(dtype).eps * exact.abs() + k * 2.0**-24 * (x.double().abs() @ w.double().abs().t())
+    assert ((out.double() - exact).abs() <= bound).all(), (out.double() - exact).abs().max()

@@ -71,11 +71,13 @@ class ServeConfig(Section):
         "Triton's GEMM templates against cuBLAS for each product's shape at compile time and keeps the fastest "
         "(a longer warm-up; the same products: float rounding only). Inductor's own CUDA graphs stay off.",
     )
-    decode_attention: Literal["sdpa", "grouped"] = Field(
+    decode_attention: Literal["sdpa", "grouped", "triton"] = Field(
         "sdpa", description="A decode step's attention over the static cache. sdpa: transformers' SDPA (the KV "
         "heads expanded to the query heads first); grouped: the query heads of each KV head as rows of two batched "
-        "GEMMs, each key and value read once (the same maths up to float rounding; birbal.serve.attention). "
-        "Prompts always run SDPA.",
+        "GEMMs, each key and value read once (the same maths up to float rounding; birbal.serve.attention); "
+        "triton: the same maths as two Triton kernels a layer, split over the cache's slots, the slots the mask "
+        "excludes not read (birbal.serve.flash_decode; grouped where there is no CUDA device). Prompts always "
+        "run SDPA.",
     )
     decode_fuse: Literal["none", "projections", "lora"] = Field(
         "none", description="projections: the projections of one input (q/k/v, gate/up) computed as one product, "

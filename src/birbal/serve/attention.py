@@ -12,8 +12,12 @@ The maths is the attention SDPA computes, in the order transformers' own `eager_
 (`tests/test_serve_decode.py::test_grouped_decode_attention_equals_sdpa`). Every other call (a prompt, a step without
 a mask, a model without grouped heads) is transformers' SDPA, unchanged.
 
+`serve.decode_attention: triton` is the same attention as two Triton kernels a layer (birbal.serve.flash_decode:
+split over the cache's slots, blocks the mask excludes not read), where they can run (CUDA, Triton); elsewhere,
+and for any call they do not cover, it is `grouped`.
+
 Registered through transformers' own extension points (`AttentionInterface`, `AttentionMaskInterface`) under one
-name, whose mask is SDPA's; the model's `config._attn_implementation` is set to it.
+name each, whose mask is SDPA's; the model's `config._attn_implementation` is set to it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
 
     groups = getattr(module, "num_key_value_groups", 1)
     if (query.shape[2] != 1 or groups == 1 or attention_mask is None or attention_mask.dtype != torch.bool
-            or dropout or kwargs.get("position_bias") is not None):
+            or dropout or not _plain(kwargs)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, _, dim = query.shape
@@ -44,20 +48,61 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     return out.reshape(batch, 1, heads, dim), None  # SDPA's layout: (batch, q_len, heads, dim)
 
 
+def _plain(kwargs: dict) -> bool:
+    """No term the plain softmax attention lacks (T5's position bias, Gemma 2's soft cap, gpt-oss's sinks)."""
+    return all(kwargs.get(term) is None for term in ("position_bias", "softcap", "s_aux"))
+
+
+def triton_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            **kwargs):
+    """birbal.serve.flash_decode's kernels for a decode step they cover, `grouped` (and so SDPA) otherwise."""
+    from birbal.serve import flash_decode
+
+    if not dropout and _plain(kwargs) and flash_decode.why_not(query, key, value, attention_mask) is None:
+        scale = query.shape[-1]**-0.5 if scaling is None else scaling
+        return flash_decode.decode_attention(query, key, value, attention_mask, scale), None
+    return grouped_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    **kwargs)
+
+
 def use_grouped_decode_attention(model) -> str:
     """Register the grouped attention (once) and make `model` use it; returns its name."""
+    return _use(model, NAME, grouped_decode_attention, "grouped")
+
+
+def use_decode_attention(model, how: str) -> str:
+    """`serve.decode_attention` other than sdpa made `model`'s attention; returns what its decode steps run:
+    grouped's name, or for triton the kernels' op, or grouped's name and why the kernels cannot run here."""
+    if how == "grouped":
+        return use_grouped_decode_attention(model)
+    if how != "triton":
+        from birbal.errors import ServeError
+
+        raise ServeError(f"serve.decode_attention must be sdpa, grouped or triton; given {how!r}")
+    from birbal.serve import flash_decode
+
+    device = next(model.parameters()).device
+    reason = flash_decode.available() if device.type == "cuda" else "the model is not on a CUDA device"
+    if reason is not None:
+        return f"{use_grouped_decode_attention(model)}: {reason}"
+    _use(model, flash_decode.NAME, triton_decode_attention, "triton")
+    return f"{flash_decode.OP} (Triton)"
+
+
+def _use(model, name: str, function, how: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     from birbal.models import unwrap_peft
+    from birbal.serve import flash_decode
 
-    AttentionInterface.register(NAME, grouped_decode_attention)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     core = unwrap_peft(model)
-    if core.config._attn_implementation not in ("sdpa", NAME):
+    if core.config._attn_implementation not in ("sdpa", NAME, flash_decode.NAME):
         from birbal.errors import ServeError
 
-        raise ServeError(f"serve.decode_attention=grouped replaces SDPA's decode step; the model runs "
+        raise ServeError(f"serve.decode_attention={how} replaces SDPA's decode step; the model runs "
                          f"{core.config._attn_implementation!r} attention")
-    core.config._attn_implementation = NAME
-    return NAME
+    core.config._attn_implementation = name
+    return name

@@ -130,10 +130,13 @@ class Engine:
         elif serve_cfg.decode_gemv != "cublas":
             raise ServeError(f"serve.decode_gemv={serve_cfg.decode_gemv} writes the products of the fused "
                              "projections: it needs serve.decode_fuse projections or lora")
-        if serve_cfg.decode_attention == "grouped":
-            from birbal.serve.attention import use_grouped_decode_attention
+        # what a decode step's attention runs: sdpa, or birbal.serve.attention's name (and for triton where it
+        # cannot run, why not)
+        self.attention = "sdpa"
+        if serve_cfg.decode_attention != "sdpa":
+            from birbal.serve.attention import use_decode_attention
 
-            use_grouped_decode_attention(model)
+            self.attention = use_decode_attention(model, serve_cfg.decode_attention)
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
                                     serve_cfg.max_context, tuple(serve_cfg.decode_cache_lengths),
                                     serve_cfg.decode_compile_lengths, serve_cfg.decode_compile_mode)

@@ -1,0 +1,183 @@
+"""`serve.decode_attention: triton` (birbal.serve.flash_decode): the split-KV decode attention kernels.
+
+On CPU the kernels run through Triton's interpreter (tests/triton_interpreter.py): the same programs, so their
+maths (the slices, the online softmax, the skipped blocks, the reduction) is checked against an fp64 attention and
+against `grouped`, which serves today. On CUDA the compiled kernels are checked the same way, eager, under
+torch.compile and replayed in a CUDA graph, and the served step against the eager model (tests/test_serve_fused.py).
+Without CUDA the engine serves `grouped` and says why.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from serve_model import merged_folder, serve_cfg
+from triton_interpreter import triton_interpreter  # noqa: F401  (a fixture)
+
+from birbal.serve import attention, flash_decode
+from birbal.serve.engine import Engine
+from birbal.serve.schemas import ProcessRequest
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _inputs(batch, heads, kv_heads, slots, dim, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 1, heads, dim, generator=gen).to(dtype).transpose(1, 2)  # the model's own layout
+    k, v = (torch.randn(batch, kv_heads, slots, dim, generator=gen).to(dtype) for _ in range(2))
+    return q.to(device), k.to(device), v.to(device)
+
+
+def _fp64(q, k, v, mask, scale):
+    """The attention, in fp64, with the KV heads expanded: the definition the kernels are checked against."""
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = (t.double().repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = (q.double() @ kk.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ vv).transpose(1, 2)  # (batch, 1, heads, dim)
+
+
+def _grouped(q, k, v, mask, scale):
+    module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], is_causal=True, training=False)
+    return attention.grouped_decode_attention(module, q, k, v, mask, scaling=scale)[0]
+
+
+def _launched(q, k, v, mask, scale):
+    out = q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+    flash_decode.launch(q, k, v, mask, scale, out)
+    return out
+
+
+# (batch, heads, kv heads, slots, dim, the slots each batch row may attend): the 7B shape at a 1,024-slot cache,
+# 16 slices of 64 slots, half of them past the fill; four rows, so four slices of four blocks each (the online
+# softmax's rescaling across blocks); two rows with their own masks; a slice with nothing to attend and a cache
+# that is no multiple of the block; one KV head per query head; a sliding window's hole
+CASES = {
+    "7b-shape": (1, 32, 8, 1024, 128, [range(0, 600)]),
+    "long-slices": (4, 16, 8, 1024, 64, [range(0, 1000), range(0, 300), range(500, 1024), range(0, 1)]),
+    "two-rows": (2, 8, 2, 192, 64, [range(0, 150), range(0, 40)]),
+    "ragged": (1, 8, 2, 200, 32, [range(0, 7)]),
+    "one-group": (1, 4, 4, 96, 16, [range(0, 60)]),
+    "window": (1, 8, 2, 256, 64, [range(90, 230)]),
+}
+
+
+def _mask(batch, slots, allowed, device="cpu"):
+    mask = torch.zeros(batch, 1, 1, slots, dtype=torch.bool)
+    for row, span in enumerate(allowed):
+        mask[row, ..., span.start:span.stop] = True
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_equal_fp64_attention_through_the_interpreter(triton_interpreter, case, dtype):  # noqa: F811
+    """The kernels' output against fp64 attention within the dtype's rounding, no further off than `grouped`'s
+    (twice its error, or the tolerance), and much nearer it than to the attention over every slot."""
+    batch, heads, kv_heads, slots, dim, allowed = CASES[case]
+    q, k, v = _inputs(batch, heads, kv_heads, slots, dim, dtype)
+    mask, scale = _mask(batch, slots, allowed), dim**-0.5
+    ours, exact, grouped = _launched(q, k, v, mask, scale), _fp64(q, k, v, mask, scale), _grouped(q, k, v, mask, scale)
+    assert ours.shape == grouped.shape == (batch, 1, heads, dim) and ours.dtype == dtype
+    error = (ours.double() - exact).abs().max().item()
+    assert error <= max(2 * (grouped.double() - exact).abs().max().item(), TOL[dtype]), error
+    everything = _fp64(q, k, v, torch.ones_like(mask), scale)  # the mask ignored: the check can fail
+    assert error < 0.5 * (everything - exact).abs().max().item()
+
+
+def test_blocks_the_mask_excludes_are_not_read(triton_interpreter):  # noqa: F811
+    """A block of slots none of which may be attended is skipped, not read and zeroed: NaN in every such slot of
+    the keys and values leaves the output exactly what it was (a read would make it NaN: 0 x NaN)."""
+    q, k, v = _inputs(1, 8, 2, 512, 64, torch.bfloat16)
+    mask = _mask(1, 512, [range(0, 130)])  # blocks of 64: slots 192 on are in blocks with nothing to attend
+    clean = _launched(q, k, v, mask, 0.125)
+    k[:, :, 192:], v[:, :, 192:] = float("nan"), float("nan")
+    assert torch.equal(_launched(q, k, v, mask, 0.125), clean)
+    v[:, :, 150] = float("nan")  # a masked slot of a block that is read: its 0 weight x NaN, so the check can fail
+    assert _launched(q, k, v, mask, 0.125).isnan().any()
+
+
+@pytest.mark.parametrize(("slots", "rows"), [(1024, 8), (2048, 8), (4096, 8), (200, 8), (64, 1), (4096, 512),
+                                             (100, 3)])
+def test_the_split_plan_covers_every_slot_once(slots, rows):
+    splits, chunk = flash_decode.split_plan(slots, rows)
+    assert chunk % flash_decode.BLOCK_N == 0 and (splits - 1) * chunk < slots <= splits * chunk
+    assert splits == 1 or rows * splits <= flash_decode.TARGET_PROGRAMS + rows  # about a program per SM
+
+
+def test_why_not_names_what_the_kernels_do_not_cover():
+    q, k, v = _inputs(1, 8, 2, 64, 32, torch.bfloat16)
+    mask = _mask(1, 64, [range(0, 10)])
+    assert flash_decode.why_not(q, k, v, mask) == "not on one CUDA device"
+    assert flash_decode.why_not(q, k, v, None) == "no boolean mask"
+    assert flash_decode.why_not(q, k, v, torch.zeros(1, 1, 1, 64)) == "no boolean mask"
+    prompt = torch.randn(1, 8, 3, 32, dtype=torch.bfloat16)
+    assert flash_decode.why_not(prompt, k, v, mask.expand(1, 1, 3, 64)) == "more than one query position"
+    assert flash_decode.why_not(q, k, v, mask[..., :32]) == "a mask of shape (1, 1, 1, 32)"
+    assert flash_decode.why_not(q.float(), k, v, mask) == "dtype torch.float32"
+    odd = _inputs(1, 8, 2, 64, 24, torch.bfloat16)
+    assert flash_decode.why_not(*odd, mask) == "8 heads of 24 over 2 KV heads"
+
+
+def test_off_cuda_the_triton_attention_is_grouped():
+    """Called where the kernels cannot run (CPU tensors), the registered function is `grouped` exactly."""
+    q, k, v = _inputs(1, 8, 2, 64, 32, torch.bfloat16)
+    mask = _mask(1, 64, [range(0, 20)])
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+    ours = attention.triton_decode_attention(module, q, k, v, mask, scaling=0.2)[0]
+    assert torch.equal(ours, _grouped(q, k, v, mask, 0.2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+def test_without_cuda_the_engine_serves_grouped_and_says_so():
+    """The smoke server on a CPU with `decode_attention: triton`: grouped attention, the reason in the engine's
+    report, the answers grouped's exactly."""
+    fast = Engine.from_merged(merged_folder(), serve_cfg(postprocess="none", decode="static",
+                                                         decode_attention="triton"))
+    ref = Engine.from_merged(merged_folder(), serve_cfg(postprocess="none", decode="static",
+                                                        decode_attention="grouped"))
+    assert fast.attention == f"{attention.NAME}: the model is not on a CUDA device"
+    assert ref.attention == attention.NAME
+    assert fast.model.config._attn_implementation == attention.NAME
+    for prompt, n in [("The capital of France is", 6), ("one two three " * 5, 4)]:
+        request = ProcessRequest(prompt=prompt, temperature=1e-7, max_new_tokens=n, top_k_per_token=3)
+        a, b = fast.process(request), ref.process(request)
+        assert a.text == b.text and [t.logprob for t in a.tokens] == [t.logprob for t in b.tokens]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_kernels_on_cuda_eager_compiled_and_in_a_graph(dtype):
+    """The compiled kernels at the 7B shape (32 heads over 8 KV heads of 128) and each served cache length,
+    through the registered op: eagerly, under torch.compile with fullgraph, and replayed in a CUDA graph whose
+    mask then grows in place (the replay follows it: nothing of the capture's step is baked in)."""
+    assert flash_decode.available() is None
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True, training=False)
+
+    def step(q, k, v, mask):
+        return attention.triton_decode_attention(module, q, k, v, mask, scaling=128**-0.5)[0]
+
+    for slots, fill in [(1024, 1), (1024, 700), (2048, 1100), (4096, 4096)]:
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        q, k, v = _inputs(1, 32, 8, slots, 128, dtype, device="cuda", seed=slots + fill)
+        mask = _mask(1, slots, [range(0, fill)], device="cuda")
+        exact = _fp64(q, k, v, mask, 128**-0.5)
+        limit = max(2 * (_grouped(q, k, v, mask, 128**-0.5).double() - exact).abs().max().item(), TOL[dtype])
+        for name, fn in (("eager", step), ("compiled", compiled)):
+            error = (fn(q, k, v, mask).double() - exact).abs().max().item()
+            assert error <= limit, (name, slots, fill, error)
+        graph, static = torch.cuda.CUDAGraph(), compiled(q, k, v, mask)
+        with torch.cuda.graph(graph):
+            static = compiled(q, k, v, mask)
+        static.fill_(float("nan"))
+        later = min(slots, fill + 200)
+        mask[..., :later] = True  # the next steps' mask, written in place as the model's own is
+        graph.replay()
+        torch.cuda.synchronize()
+        error = (static.double() - _fp64(q, k, v, mask, 128**-0.5)).abs().max().item()
+        assert error <= max(limit, TOL[dtype]), ("graph", slots, later, error)
