@@ -84,7 +84,8 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile
             "one": ("decode_compile_lengths", "one"), "fused": ("decode_fuse", "projections"),
             "unfused": ("decode_fuse", "none"), "lora": ("decode_fuse", "lora"),
             "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
-            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all")}
+            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
+            "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton")}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

@@ -53,12 +53,14 @@ def _launched(q, k, v, mask, scale):
 
 # (batch, heads, kv heads, slots, dim, the slots each batch row may attend): the 7B shape at a 1,024-slot cache,
 # 16 slices of 64 slots, half of them past the fill; four rows, so four slices of four blocks each (the online
-# softmax's rescaling across blocks); two rows with their own masks; a slice with nothing to attend and a cache
+# softmax's rescaling across blocks); two rows with their own masks; 128 rows of one slice each (the reduction of
+# one partial); a slice with nothing to attend and a cache
 # that is no multiple of the block; one KV head per query head; a sliding window's hole
 CASES = {
     "7b-shape": (1, 32, 8, 1024, 128, [range(0, 600)]),
     "long-slices": (4, 16, 8, 1024, 64, [range(0, 1000), range(0, 300), range(500, 1024), range(0, 1)]),
     "two-rows": (2, 8, 2, 192, 64, [range(0, 150), range(0, 40)]),
+    "one-slice": (16, 8, 8, 64, 16, [range(0, 1 + 4 * row) for row in range(16)]),  # 128 programs: no split
     "ragged": (1, 8, 2, 200, 32, [range(0, 7)]),
     "one-group": (1, 4, 4, 96, 16, [range(0, 60)]),
     "window": (1, 8, 2, 256, 64, [range(90, 230)]),

@@ -172,17 +172,19 @@ def _errors_against(reference_engine: Engine, eng: Engine, prompt: str, n: int) 
 
 
 def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str,
-                               gemv: str = "cublas") -> None:
+                               gemv: str = "cublas", attention: str = "grouped") -> None:
     """The fused engine (`decode`: compiled_layers in a CUDA graph on a GPU; on CPU static decode with the layers
     compiled, the same compiled forward without the graph; its products as `serve.decode_gemv` says) against the
     unfused eager model, with today's unfused path of the same decode as the yardstick: see the GPU test's
     docstring."""
     # one cache length (max_context): one compile per engine, so that the four GPU cases fit a short GPU call
     changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
-    fast = _engine(kind, mode, decode_gemv=gemv, **changes)
+    fast = _engine(kind, mode, decode_gemv=gemv, **{**changes, "decode_attention": attention})
     assert fast.fused["gemv"] == gemv
     if gemv == "triton" and device == "cuda":  # the hand-written kernel, lm_head's product included
         assert fast.fused["gemv_kernel"] == fast.fused["lm_head"] == "birbal::gemv (Triton)"
+    if attention == "triton" and device == "cuda":  # birbal.serve.flash_decode's kernels
+        assert fast.attention == "birbal::decode_attention (Triton)"
     today = _engine(kind, "none", **changes)
     plain = _engine(kind, "none", **{**changes, "decode": "eager"})
     for eng in (fast, today):
@@ -213,21 +215,24 @@ def test_fused_compiled_layers_equal_eager_on_cpu(kind, mode, dtype, gemv):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("kind", "mode", "dtype", "gemv"), [
-    ("adapter", "lora", "bfloat16", "cublas"), ("merged", "projections", "bfloat16", "cublas"),
-    ("adapter", "lora", "float32", "cublas"),
-    ("adapter", "lora", "bfloat16", "lora_a"), ("adapter", "lora", "float32", "lora_a"),
-    ("adapter", "lora", "bfloat16", "triton"), ("adapter", "lora", "float32", "triton"),  # birbal-4090's serve
-    ("merged", "projections", "bfloat16", "triton")])  # birbal-4090-plus's
-def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype, gemv):
+@pytest.mark.parametrize(("kind", "mode", "dtype", "gemv", "attention"), [
+    ("adapter", "lora", "bfloat16", "cublas", "grouped"), ("merged", "projections", "bfloat16", "cublas", "grouped"),
+    ("adapter", "lora", "float32", "cublas", "grouped"),
+    ("adapter", "lora", "bfloat16", "lora_a", "grouped"), ("adapter", "lora", "float32", "lora_a", "grouped"),
+    ("adapter", "lora", "bfloat16", "triton", "grouped"), ("adapter", "lora", "float32", "triton", "grouped"),
+    ("merged", "projections", "bfloat16", "triton", "grouped"),  # birbal-4090's and plus's served step
+    ("adapter", "lora", "bfloat16", "triton", "triton"), ("adapter", "lora", "float32", "triton", "triton"),
+    ("merged", "projections", "bfloat16", "triton", "triton")])  # with decode_attention: triton
+def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype, gemv, attention):
     """The served path on a GPU (compiled_layers in a CUDA graph, grouped attention) with the projections fused,
     against the unfused eager model: in fp32 the same tokens and logprobs within the compiled-vs-eager tests'
     1e-3; in bf16 (the served dtype) each token's logprob within bf16 rounding of the eager model's over the same
     tokens, no further off than today's unfused compiled_layers path is (twice its worst error, or 0.02), and the
     eager model's choice wherever it is clear (top-2 margin over 0.05) as often as today's path makes it. `gemv`
     lora_a: the LoRA A products as Inductor's Triton reductions (serve.decode_gemv); triton: those, and every other
-    one-row product through birbal.serve.gemv's kernel, birbal-4090's and plus's served path."""
-    _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", gemv)
+    one-row product through birbal.serve.gemv's kernel, birbal-4090's and plus's served path. `attention` triton:
+    the decode steps' attention as birbal.serve.flash_decode's kernels instead of grouped's."""
+    _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", gemv, attention)
 
 
 def _products_per_step_graphless(eng: Engine) -> int:

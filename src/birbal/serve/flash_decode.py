@@ -4,13 +4,13 @@
 and softmax kernel: three kernels a layer, the GEMMs on a few tiles each (measured on an H200 at the 7B shape and a
 2,048-slot cache, ninth session: 372 us a step, against the 0.06 ms the cache's bytes take at 4 TB/s). Here it is
 two kernels, in the manner of flash-decoding (Dao et al., 2023; vLLM's and SGLang's Triton decode kernels):
-1. `_split_kernel`, a program for each (batch row, KV head, slice of the cache): the 4 query heads of its KV head as
-   the rows of one tile (padded to 16 for the tensor cores), an online softmax over its slice's slots in blocks of
-   BLOCK_N. It reads the mask first and skips a block none of whose slots may be attended: a request of 600 tokens
+1. `_decode_attention_split`, a program for each (batch row, KV head, slice of the cache): the 4 query heads of its
+   KV head as the rows of one tile (padded to 16 for the tensor cores), an online softmax over its slice's slots in
+   blocks of BLOCK_N. It reads the mask first and skips a block none of whose slots may be attended: a request of 600 tokens
    in a 2,048-slot cache reads 600 slots of keys and values, not 2,048. It writes its unnormalised output, running
    maximum and sum.
-2. `_reduce_kernel`, a program for each (batch row, query head): the slices' partial outputs, rescaled to one
-   maximum and summed, over the summed weights; rounded to the query's dtype.
+2. `_decode_attention_reduce`, a program for each (batch row, query head): the slices' partial outputs, rescaled
+   to one maximum and summed, over the summed weights; rounded to the query's dtype.
 
 The maths is the attention `grouped` and transformers' eager attention compute: scores Q K^T accumulated in fp32
 and rounded to the model's dtype, times the scale, the boolean mask, softmax in fp32, the probabilities in the
@@ -19,10 +19,13 @@ end instead of before P V (so P is rounded before its normalisation), and the sl
 (tests/test_serve_flash_decode.py: against `grouped` and fp64, through Triton's interpreter on CPU and compiled on
 CUDA). fp32 models get IEEE fp32 products, not TF32.
 
-Why by hand: torch's own flex attention has a decode kernel of this kind, but it takes its mask as a BlockMask,
-which would be rebuilt from the step's boolean mask in every layer of every step (more kernels than this saves), or
-a score_mod that reads every slot; SDPA's kernels take no grouped heads with an explicit mask without expanding them.
-The split sizes target 128 programs (an H200 has 132 SMs, an RTX 4090 128); not tuned on either yet.
+Why by hand: torch's own flex attention has a decode kernel of this kind, and it was measured in the served step
+at the 7B shape on an H200: 10.2 ms a step against SDPA's 6.6 (benchmarks/results, serve_latency_h200_2026-11-28_
+flex.json, masked by the step's position); masked by transformers' mask tensor it did not compile (torch 2.11,
+"XBLOCK is not defined"). A BlockMask that skips the unfilled blocks would be rebuilt from the step's mask in every
+layer. SDPA's kernels take no grouped heads with an explicit mask without expanding them.
+`benchmarks/decode_attention.py` times all of these against these kernels at the served cache lengths (not run on a
+GPU yet). The split sizes target 128 programs (an H200 has 132 SMs, an RTX 4090 128); not tuned on either.
 
 Registered as a torch custom op (`torch.library.triton_op`) like birbal.serve.gemv, so torch.compile traces it as
 its two kernels and a CUDA graph captures them. Triton is imported only where it runs (a CUDA machine with the
@@ -64,7 +67,7 @@ def kernels():
     import triton.language as tl
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, slots, chunk, scale,
+    def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_ptr, slots, chunk, scale,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                       stride_mb, stride_ms,
                       KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr,
@@ -115,7 +118,7 @@ def kernels():
         tl.store(ml_ptr + (part * 2 + 1) * BLOCK_G + g, l_i)
 
     @triton.jit
-    def _reduce_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
+    def _decode_attention_reduce(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
                        KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
         bh = tl.program_id(0)
@@ -133,7 +136,7 @@ def kernels():
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(sums * w, axis=0)
         tl.store(out_ptr + b * stride_ob + (h * GROUPS + g) * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
-    return _split_kernel, _reduce_kernel
+    return _decode_attention_split, _decode_attention_reduce
 
 
 def split_plan(slots: int, rows: int) -> tuple[int, int]:
