@@ -52,7 +52,7 @@ def test_buckets_are_few_and_hold_the_shape():
     assert len({bucket_length(n) for n in lengths}) <= 4 * 9  # four sizes an octave
 
 
-@pytest.mark.parametrize("attention", ["grouped", "sdpa"])
+@pytest.mark.parametrize("attention", ["grouped", "sdpa", "triton"])  # triton: grouped here, without CUDA
 def test_static_engine_equals_generate_token_for_token_with_an_early_eos(attention):
     model = _model()
     encoded = _prompts()
@@ -113,7 +113,7 @@ def test_grouped_attention_runs_every_decode_step_and_sdpa_only_the_prompt(monke
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("attention", ["sdpa", "grouped"])
+@pytest.mark.parametrize("attention", ["sdpa", "grouped", "triton"])
 def test_replayed_graphs_equal_eager_static_steps_on_cuda_without_host_syncs(attention):
     model = _model("cuda", torch.bfloat16)
     batches = [_prompts((200, 180, 150), seed=2), _prompts(), _prompts((38, 5, 30, 9, 12, 20), seed=1),
@@ -121,6 +121,8 @@ def test_replayed_graphs_equal_eager_static_steps_on_cuda_without_host_syncs(att
     eager = StaticEngine(model, PAD, 999_999, NEW, graphs=False, attention=attention)
     graph = StaticEngine(model, PAD, 999_999, NEW, attention=attention)
     assert graph.graphs and not eager.graphs
+    if attention == "triton":  # each row's decode attention through birbal.serve.flash_decode's kernels
+        assert graph.attention == "birbal::decode_attention (Triton)"
     expected = [eager.generate(b) for b in batches]
     assert [graph.generate(b) for b in batches] == expected
     assert graph.captured == 3  # (4, 224), (8, 56) twice, (1, 16): one graph a shape

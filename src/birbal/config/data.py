@@ -218,9 +218,10 @@ class NIPredictions(Section):
         "backend hf: static (batched prefill, then one-token steps over a static KV cache, each replayed as a "
         "CUDA graph on a GPU; birbal.data.static_engine) or generate (transformers' generate over a growing "
         "cache, the path before). Same greedy maths; a changed engine is a new prediction cache."))
-    decode_attention: Literal["grouped", "sdpa"] = Field("grouped", description=(
+    decode_attention: Literal["grouped", "sdpa", "triton"] = Field("grouped", description=(
         "engine static: the decode steps' attention, the serve engine's grouped one (the same attention without "
-        "SDPA's 4x copy of the KV cache a step: 1.7x the instances/s on an H200; float rounding differs) or SDPA. "
+        "SDPA's 4x copy of the KV cache a step: 1.7x the instances/s on an H200; float rounding differs), SDPA, "
+        "or triton: serve.decode_attention's Triton kernels (grouped without CUDA; not yet run on a GPU). "
         "Prompts run SDPA either way."))
     max_prefill_tokens: int | None = Field(16384, gt=0, description=(
         "engine static: most prompt tokens one prefill forward takes (a batch's rows prefilled in chunks into its "

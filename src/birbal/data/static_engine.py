@@ -114,18 +114,20 @@ class StaticEngine:
                  prefill_tokens: int | None = None):
         """`attention`: `sdpa` (the model's own) or `grouped`: the serve engine's decode attention
         (serve/attention.py: the 4 query heads of a KV head as one matrix product, no 4x copy of the cache per
-        step; prompts still run SDPA). It sets the model's attention implementation, for every later forward.
+        step; prompts still run SDPA), or `triton`: the same as serve/flash_decode.py's kernels (each row's own
+        mask; grouped where there is no CUDA device). It sets the model's attention implementation, for every later forward.
         `reserve_slots`: the arena's size at first use (the batch token budget, which bucketed batches never
         pass), so that it is not grown, and the shapes recaptured, as bigger batches come.
         `prefill_tokens`: the most prompt tokens (rows x width) one prefill forward takes; a bigger batch's rows
         are prefilled in chunks into their rows of the cache (rows are independent: the same maths), so the
         prefill's activations stay that size while the decode still steps every row at once. None: one forward."""
-        if attention == "grouped":
-            from birbal.serve.attention import use_grouped_decode_attention
+        if attention not in ("sdpa", "grouped", "triton"):
+            raise ValueError(f"attention must be sdpa, grouped or triton; given {attention!r}")
+        self.attention = "sdpa"  # what the decode steps' attention runs (serve.engine's report of the same)
+        if attention != "sdpa":
+            from birbal.serve.attention import use_decode_attention
 
-            use_grouped_decode_attention(model)
-        elif attention != "sdpa":
-            raise ValueError(f"attention must be sdpa or grouped; given {attention!r}")
+            self.attention = use_decode_attention(model, attention)
         self.model = model
         self.device = next(model.parameters()).device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
