@@ -130,11 +130,16 @@ def _compiled(forward):
 def _checkpoint_outside(compiled):
     """transformers 5.24's `forward_with_checkpointing` (modeling_layers.py) with the compiled forward inside:
     checkpointed when the layer's own flag says so in training with gradients (the flag read at call time, so
-    train.unchecked_layers and the offloaded layers still switch it per layer), `use_cache` off there."""
+    train.unchecked_layers and the offloaded layers still switch it per layer), `use_cache` off there and, unless
+    the layer may checkpoint with one, no cache (a recompute would update it twice)."""
     def forward(self, *args, **kwargs):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if kwargs.get("use_cache"):
                 kwargs["use_cache"] = False
+            if not getattr(self, "_can_checkpoint_with_cache", False):
+                for name in ("cache", "layer_past"):
+                    if kwargs.get(name) is not None:
+                        kwargs[name] = None
             return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
         return compiled(self, *args, **kwargs)
     return forward

@@ -1,0 +1,49 @@
+"""birbal.serve's Triton kernels compile for the GPUs they serve on, checked here without one: every launch the
+served 7B step makes (birbal.serve.gemv's products at their block shapes, birbal.serve.flash_decode's attention at
+each cache length and dtype), compiled by Triton's own compiler and bundled ptxas for sm_90 (H100/H200) and sm_89
+(RTX 4090) (tests/triton_aot.py), then each cubin's resources against the card's limits. What only a GPU can show
+(speed, the compiled maths) is the GPU tests'; a kernel that does not compile for a 4090, or spills, fails here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from triton_interpreter import has_triton
+
+pytestmark = pytest.mark.skipif(not has_triton(), reason="Triton is not installed (requirements: the dev extra)")
+SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_89": 99 * 1024}  # the most shared memory a block may opt in to
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "triton_aot.py")], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_every_served_launch_compiles_for_an_h200_and_an_rtx_4090(report):
+    kernels = report["kernels"]
+    from birbal.serve import gemv
+
+    assert sum(" | _gemv_kernel | " in name for name in kernels) == 2 * len(gemv.BLOCK_SHAPES)
+    assert sum(" | _decode_attention_split | " in name for name in kernels) == 2 * 3 * 3  # archs x lengths x dtypes
+    failed = {name: row["error"] for name, row in kernels.items() if "error" in row}
+    assert not failed, failed
+
+
+def test_served_launches_fit_the_cards_without_spilling(report):
+    """No local memory or stack (register spills) in any launch of the served dtypes (bf16, fp16), at most 255
+    registers a thread, shared memory within the card's limit. fp32 (the CPU tests' and one GPU test's dtype, not
+    served) may spill: its IEEE dot products need more registers."""
+    for name, row in report["kernels"].items():
+        arch = name.rsplit(" | ", 1)[1]
+        assert row["reg"] <= 255 and row["shared"] <= SHARED_LIMIT[arch], (name, row)
+        if " fp32 " not in name:
+            assert row["local"] == 0 and row["stack"] == 0, (name, row)

@@ -1,0 +1,139 @@
+"""Compile birbal.serve's Triton kernels ahead of time for a GPU this machine does not have, and report each cubin's
+resources as JSON: `python tests/triton_aot.py` (tests/test_triton_aot.py runs it).
+
+Triton's own compiler does it without a device: the kernel's source through Triton's passes to PTX, then the
+ptxas its wheel bundles, for an explicit target (sm_90: H100/H200; sm_89: RTX 4090). The kernels and their
+arguments are taken from the real launch functions (`gemv.launch`, `flash_decode.launch`), called with a recording
+`wrap` in place of `torch.library.wrap_triton`: what is compiled is exactly what a launch on that GPU would
+compile (its dtypes, constexprs, warps and stages), apart from Triton's run-time specialisations (an int argument
+of 1 becomes a constant, as here; alignment hints are left out).
+
+A separate process: Triton picks its interpreter or its compiler when it is first imported, and the test session
+on a CPU imports it as the interpreter (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = {"sm_90": 90, "sm_89": 89}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.bool: "i1"}
+
+
+class Recorder:
+    """Stands in for `wrap_triton(kernel)`: `kernel[grid](*args, **kwargs)` records instead of launching."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __call__(self, kernel):
+        calls = self.calls
+
+        class Launch:
+            def __getitem__(self, grid):
+                def record(*args, **kwargs):
+                    calls.append((kernel, grid, args, kwargs))
+                return record
+        return Launch()
+
+
+def signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) for ASTSource from one recorded launch."""
+    names = kernel.arg_names
+    sig, consts = {}, {}
+    for name, value in zip(names, args, strict=False):
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + DTYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:  # Triton's run-time specialisation
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: {type(value).__name__}")
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    for name, value in kwargs.items():
+        if name not in options:
+            sig[name], consts[name] = "constexpr", value
+    missing = set(names) - set(sig)
+    assert not missing, f"{kernel.__name__}: arguments not passed: {sorted(missing)}"
+    return {name: sig[name] for name in names}, consts, options
+
+
+def launches() -> dict:
+    """name -> recorded launches, for the shapes and dtypes the served step runs."""
+    from birbal.serve import flash_decode, gemv
+
+    out = {}
+    for (n, k), shape in gemv.BLOCK_SHAPES.items():
+        calls: list = []
+        x, w = torch.empty(1, k, dtype=torch.bfloat16), torch.empty(n, k, dtype=torch.bfloat16)
+        gemv.launch(x, w, torch.empty(1, n, dtype=torch.bfloat16), shape, wrap=Recorder(calls))
+        out[f"gemv {n}x{k} bf16 {shape}"] = calls
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for slots in (1024, 2048, 4096):
+            calls = []
+            q = torch.empty(1, 1, 32, 128, dtype=dtype).transpose(1, 2)
+            k, v = (torch.empty(1, 8, slots, 128, dtype=dtype) for _ in range(2))
+            mask = torch.ones(1, 1, 1, slots, dtype=torch.bool)
+            flash_decode.launch(q, k, v, mask, 128**-0.5, torch.empty(1, 1, 32, 128, dtype=dtype),
+                                wrap=Recorder(calls))
+            out[f"decode_attention {slots} slots {DTYPES[dtype]}"] = calls
+    return out
+
+
+def resources(cubin: bytes, workdir: Path) -> dict:
+    """REG, STACK, SHARED, LOCAL of the cubin's one kernel, as cuobjdump reports them."""
+    import triton
+
+    path = workdir / "kernel.cubin"
+    path.write_bytes(cubin)
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def main() -> int:
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET: this compiles"
+    sys.path.insert(0, str(REPO / "src"))
+    report: dict = {"triton": triton.__version__, "kernels": {}}
+    seen: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, calls in launches().items():
+            for kernel, _grid, args, kwargs in calls:
+                sig, consts, options = signature(kernel, args, kwargs)
+                for arch, capability in ARCHS.items():
+                    key = (kernel.__name__, json.dumps(sig), json.dumps(consts), json.dumps(options), arch)
+                    if key not in seen:
+                        try:
+                            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                                      target=GPUTarget("cuda", capability, 32), options=options)
+                            seen[key] = resources(compiled.asm["cubin"], Path(tmp))
+                        except Exception as exc:  # the report says which launch does not compile, and why
+                            seen[key] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
+                    report["kernels"][f"{name} | {kernel.__name__} | {arch}"] = {**seen[key], **options}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
