@@ -183,3 +183,13 @@ def test_kernels_on_cuda_eager_compiled_and_in_a_graph(dtype):
         torch.cuda.synchronize()
         error = (static.double() - _fp64(q, k, v, mask, 128**-0.5)).abs().max().item()
         assert error <= max(limit, TOL[dtype]), ("graph", slots, later, error)
+
+
+def test_the_registered_op_is_the_launch_through_the_interpreter(triton_interpreter):  # noqa: F811
+    """`torch.ops.birbal.decode_attention`, the custom op the served step calls (its schema, its output's
+    allocation, the kernels through `wrap_triton`), run eagerly on CPU: the bare launch's output exactly."""
+    flash_decode._register()
+    q, k, v = _inputs(2, 8, 2, 192, 64, torch.bfloat16)
+    mask = _mask(2, 192, [range(0, 150), range(0, 40)])
+    out = torch.ops.birbal.decode_attention(q, k, v, mask, 0.125)
+    assert out.shape == (2, 1, 8, 64) and torch.equal(out, _launched(q, k, v, mask, 0.125))

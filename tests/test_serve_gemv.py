@@ -145,3 +145,14 @@ def test_the_kernel_equals_an_fp64_product_through_the_interpreter(triton_interp
     exact = x.double() @ w.double().t()
     bound = torch.finfo(dtype).eps * exact.abs() + k * 2.0**-24 * (x.double().abs() @ w.double().abs().t())
     assert ((out.double() - exact).abs() <= bound).all(), (out.double() - exact).abs().max()
+
+
+def test_the_registered_op_is_the_launch_through_the_interpreter(triton_interpreter):  # noqa: F811
+    """`torch.ops.birbal.gemv`, the custom op the served step calls (its output's allocation, the kernel through
+    `wrap_triton` at the block shape it picks), run eagerly on CPU: the bare launch's output exactly."""
+    gemv._register()
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1, 1000, generator=gen).bfloat16(), torch.randn(40, 1000, generator=gen).bfloat16()
+    out = torch.empty(1, 1, 40, dtype=torch.bfloat16)
+    gemv.launch(x, w, out, gemv.block_shape(40, 1000))
+    assert torch.equal(gemv.gemv(x, w), out)

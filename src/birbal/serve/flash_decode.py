@@ -173,6 +173,7 @@ def launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         BLOCK_G=BLOCK_G, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
 
 
+@functools.cache  # once a process: torch.library refuses a second definition
 def _register() -> None:
     from torch.library import triton_op, wrap_triton
 

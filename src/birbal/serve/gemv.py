@@ -101,6 +101,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, shape: tupl
                                num_warps=warps, num_stages=stages)
 
 
+@functools.cache  # once a process: torch.library refuses a second definition
 def _register() -> None:
     from torch.library import triton_op, wrap_triton
 
