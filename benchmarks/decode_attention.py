@@ -89,7 +89,7 @@ def exact(q, k, v, mask, scale):
     return (scores.softmax(-1) @ vv).transpose(1, 2)  # (1, 1, heads, dim)
 
 
-def arms(scale: float) -> dict:
+def arms(scale: float, device: str = "cuda") -> dict:
     """name -> (call(q, k, v, mask) -> (1, 1, heads, dim), None or what turns the layers' inputs into the arm's)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -118,14 +118,15 @@ def arms(scale: float) -> dict:
         for q, k, v, mask in layers:
             allowed = mask.reshape(-1)
             block_mask = create_block_mask(lambda b, h, q_idx, kv_idx, allowed=allowed: allowed[kv_idx], None, None,
-                                           1, allowed.numel(), device="cuda")
+                                           1, allowed.numel(), device=device)
             out.append((q, k, v, block_mask))
         return out
 
     def triton(q, k, v, mask):
         return attention.triton_decode_attention(module, q, k, v, mask, scaling=scale)[0]
 
-    assert flash_decode.available() is None, flash_decode.available()
+    if device == "cuda":
+        assert flash_decode.available() is None, flash_decode.available()
     return {
         "sdpa": (lambda q, k, v, mask: sdpa_attention_forward(module, q, k, v, mask, scaling=scale)[0], None),
         "grouped": (grouped, None),
@@ -149,17 +150,21 @@ def swept(bn: int, target: int, scale: float):
     return call
 
 
-def measure_case(slots: int, fill: int, args, scale: float, bandwidth: float) -> dict:
+def measure_case(slots: int, fill: int, args, scale: float, bandwidth: float, device: str = "cuda",
+                 layers_n: int = LAYERS) -> dict:
+    """One (cache length, fill): every arm checked against fp64, then timed (on CUDA). `device` cpu: the checks
+    only, over `layers_n` layers (tests/test_serve_flash_decode.py runs the script's plumbing so; there the
+    `triton` arm is grouped, the bare-kernel arms run through Triton's interpreter)."""
     from birbal.serve import flash_decode
 
     torch._dynamo.reset()  # each case's shapes compile afresh, inside Dynamo's recompile limit
-    gen = torch.Generator(device="cuda").manual_seed(slots + fill)
+    gen = torch.Generator(device=device).manual_seed(slots + fill)
     layers = []
-    for _ in range(LAYERS):
-        q = torch.randn(1, 1, HEADS, DIM, device="cuda", generator=gen, dtype=torch.bfloat16).transpose(1, 2)
-        k, v = (torch.randn(1, KV_HEADS, slots, DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    for _ in range(layers_n):
+        q = torch.randn(1, 1, HEADS, DIM, device=device, generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+        k, v = (torch.randn(1, KV_HEADS, slots, DIM, device=device, generator=gen, dtype=torch.bfloat16)
                 for _ in range(2))
-        mask = torch.zeros(1, 1, 1, slots, dtype=torch.bool, device="cuda")
+        mask = torch.zeros(1, 1, 1, slots, dtype=torch.bool, device=device)
         mask[..., :fill] = True
         layers.append((q, k, v, mask))
     ref = exact(*layers[0], scale)
@@ -167,7 +172,7 @@ def measure_case(slots: int, fill: int, args, scale: float, bandwidth: float) ->
     row = {"slots": slots, "filled": fill, "bound_us_a_layer": round(filled_bytes / bandwidth / 1e3, 2),
            "all_slots_bound_us_a_layer": round(2 * KV_HEADS * slots * DIM * 2 / bandwidth / 1e3, 2), "arms": {}}
     defaults = (flash_decode.BLOCK_N, flash_decode.TARGET_PROGRAMS)
-    candidates = {**arms(scale),
+    candidates = {**arms(scale, device),
                   **({f"triton[{bn},{target}]": (swept(bn, target, scale), None) for bn, target in SWEEP}
                      if args.sweep else {})}
     for name, (call, prepare) in candidates.items():
@@ -175,9 +180,11 @@ def measure_case(slots: int, fill: int, args, scale: float, bandwidth: float) ->
             inputs = layers if prepare is None else prepare(layers)
             out = call(*inputs[0]).clone()
             error = float((out.double() - ref).abs().max()) if torch.isfinite(out).all() else math.inf
-            seconds = time_graph(call, inputs, args.replays)
-            row["arms"][name] = {"us_a_layer": round(seconds * 1e6, 2), "us_a_step": round(seconds * 1e6 * LAYERS, 1),
-                                 "max_abs_error": error}
+            row["arms"][name] = {"max_abs_error": error}
+            if device == "cuda":
+                seconds = time_graph(call, inputs, args.replays)
+                row["arms"][name].update(us_a_layer=round(seconds * 1e6, 2),
+                                         us_a_step=round(seconds * 1e6 * LAYERS, 1))
         except Exception as exc:  # an arm that cannot run here is a result, not the end of the run
             row["arms"][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
         finally:

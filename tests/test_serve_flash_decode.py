@@ -9,10 +9,13 @@ Without CUDA the engine serves `grouped` and says why.
 
 from __future__ import annotations
 
+import math
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO
 from serve_model import merged_folder, serve_cfg
 from triton_interpreter import triton_interpreter  # noqa: F401  (a fixture)
 
@@ -193,3 +196,20 @@ def test_the_registered_op_is_the_launch_through_the_interpreter(triton_interpre
     mask = _mask(2, 192, [range(0, 150), range(0, 40)])
     out = torch.ops.birbal.decode_attention(q, k, v, mask, 0.125)
     assert out.shape == (2, 1, 8, 64) and torch.equal(out, _launched(q, k, v, mask, 0.125))
+
+
+def test_the_attention_benchmark_checks_every_arm_on_cpu(triton_interpreter):  # noqa: F811
+    """benchmarks/decode_attention.py's plumbing, so that a GPU session's minutes are not lost to it: every arm
+    (SDPA, grouped eager and compiled, both flex forms, the kernels' op and the sweep's bare launches) computes the
+    7B shape's attention on CPU within bf16 rounding of fp64, the timing left out. Here the op's arm is grouped (no
+    CUDA) and the sweep runs through the interpreter."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import decode_attention
+
+    row = decode_attention.measure_case(128, 50, SimpleNamespace(sweep=True, replays=1), 128**-0.5, 4000.0,
+                                        device="cpu", layers_n=2)
+    swept = {f"triton[{bn},{target}]" for bn, target in decode_attention.SWEEP}
+    assert set(row["arms"]) == {"sdpa", "grouped", "grouped_compiled", "flex_score_mod", "flex_block_mask",
+                                "triton"} | swept
+    for name, arm in row["arms"].items():
+        assert arm.get("max_abs_error", math.inf) < TOL[torch.bfloat16], (name, arm)
