@@ -110,8 +110,10 @@ class EngineSlot:
                     self.engine = engine
             if self.engine is engine:
                 PHASES.mark("ready")
-                log.info("model loaded in %.1f s from %s (decode: %s, warm-up %.1f s)", loaded_s, engine.source,
-                         engine.decode_mode, engine.warmup_s)
+                fused = engine.fused or {}
+                log.info("model loaded in %.1f s from %s (decode: %s, attention: %s, products: %s, warm-up %.1f s)",
+                         loaded_s, engine.source, engine.decode_mode, engine.attention,
+                         fused.get("gemv_kernel", f"decode_gemv {fused.get('gemv', 'cublas')}"), engine.warmup_s)
                 log.info("%s", PHASES.summary())
         except BaseException as err:  # noqa: BLE001 - a failed load is reported by /health, not lost in a thread
             with self._lock:
