@@ -108,9 +108,23 @@ def test_blocks_the_mask_excludes_are_not_read(triton_interpreter):  # noqa: F81
 @pytest.mark.parametrize(("slots", "rows"), [(1024, 8), (2048, 8), (4096, 8), (200, 8), (64, 1), (4096, 512),
                                              (100, 3)])
 def test_the_split_plan_covers_every_slot_once(slots, rows):
+    """Slices of whole blocks that cover the cache once; their number a constant of the rows (the cache's length
+    may be symbolic), about a program an SM."""
     splits, chunk = flash_decode.split_plan(slots, rows)
-    assert chunk % flash_decode.BLOCK_N == 0 and (splits - 1) * chunk < slots <= splits * chunk
-    assert splits == 1 or rows * splits <= flash_decode.TARGET_PROGRAMS + rows  # about a program per SM
+    assert chunk % flash_decode.BLOCK_N == 0 and slots <= splits * chunk < slots + splits * flash_decode.BLOCK_N
+    assert all(flash_decode.split_plan(n, rows)[0] == splits for n in (1, 64, 4096, 32768))
+    assert splits == 1 or flash_decode.TARGET_PROGRAMS <= rows * splits < flash_decode.TARGET_PROGRAMS + rows
+
+
+def test_the_split_plan_takes_a_symbolic_length():
+    """Under one compiled graph for every cache length (`decode_compile_lengths: one`) the length is a SymInt:
+    the plan keeps it symbolic, and its splits stay an int."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    slots = env.create_unbacked_symint()
+    splits, chunk = flash_decode.split_plan(slots, 8)
+    assert isinstance(splits, int) and splits == 16 and isinstance(chunk, torch.SymInt)
 
 
 def test_why_not_names_what_the_kernels_do_not_cover():

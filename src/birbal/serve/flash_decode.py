@@ -139,13 +139,15 @@ def kernels():
     return _decode_attention_split, _decode_attention_reduce
 
 
-def split_plan(slots: int, rows: int) -> tuple[int, int]:
+def split_plan(slots, rows: int) -> tuple[int, int]:
     """(splits, chunk): the cache's slots cut into `splits` slices of `chunk` slots (a multiple of BLOCK_N), about
-    TARGET_PROGRAMS programs over the `rows` (batch x KV heads)."""
+    TARGET_PROGRAMS programs over the `rows` (batch x KV heads). `splits` depends on `rows` only: it is a constant
+    of both kernels, while the cache's length may be symbolic (`decode_compile_lengths: one` compiles one graph
+    for every length), and so is `chunk`. A slice that starts past the cache's end (a short cache) is empty: its
+    program stores a partial that weighs nothing in the reduction."""
+    splits = max(1, -(-TARGET_PROGRAMS // max(rows, 1)))
     blocks = -(-slots // BLOCK_N)
-    want = max(1, min(blocks, -(-TARGET_PROGRAMS // max(rows, 1))))
-    chunk = -(-blocks // want) * BLOCK_N
-    return -(-slots // chunk), chunk
+    return splits, -(-blocks // splits) * BLOCK_N
 
 
 def launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -155,8 +157,8 @@ def launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     torch.library.wrap_triton inside the custom op; tests launch the kernels bare (Triton's interpreter on CPU)."""
     import triton
 
-    batch, heads, _, dim = query.shape
-    kv_heads, slots = key.shape[1], key.shape[2]
+    batch, heads, dim = int(query.shape[0]), int(query.shape[1]), int(query.shape[3])  # the kernels' constants
+    kv_heads, slots = int(key.shape[1]), key.shape[2]  # slots: symbolic under one graph for every length
     groups = heads // kv_heads
     splits, chunk = split_plan(slots, batch * kv_heads)
     acc = torch.empty((batch * kv_heads * splits * BLOCK_G, dim), dtype=torch.float32, device=query.device)
