@@ -312,7 +312,9 @@ def profile_replay(replay, steps: int, eager: list[dict], classes, step_ms: floa
     rep = summarise_kernels(replayed, steps, classes if same else None)
     rep["classes_from_op_by_op"] = same
     rep["gap_us_per_step"] = round(step_ms * 1e3 - rep["kernel_busy_us_per_step"], 1)
-    rep["top_kernels"] = top_kernels(replayed, steps)
+    rep["top_kernels"] = top_kernels(replayed, steps, n=40)
+    # one step's kernels in launch order (a decoder layer's sequence repeats 32 times): what a fusion would remove
+    rep["step_kernels"] = [[k["name"][:90], round(k["dur"], 2)] for k in replayed[:len(replayed) // steps]]
     return rep
 
 
