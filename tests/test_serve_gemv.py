@@ -156,3 +156,37 @@ def test_the_registered_op_is_the_launch_through_the_interpreter(triton_interpre
     out = torch.empty(1, 1, 40, dtype=torch.bfloat16)
     gemv.launch(x, w, out, gemv.block_shape(40, 1000))
     assert torch.equal(gemv.gemv(x, w), out)
+
+
+@pytest.mark.parametrize(("k1", "k2", "shape"), [(1024, 384, (16, 512, 8, 3)), (512, 128, (4, 512, 4, 1)),
+                                                 (300, 40, (8, 128, 4, 1))])
+def test_two_inputs_are_the_product_over_their_concatenation(triton_interpreter, k1, k2, shape):  # noqa: F811
+    """`gemv.launch(..., x2=)`, decode_fuse lora's [x, scaling * A x] read in place: where x's length is a
+    multiple of the K step (every product of the 7B step) the very products, in the same order, as over the
+    concatenated row, so bitwise equal; otherwise within fp32 accumulation of them (a misplaced column is off by
+    O(1)). Through Triton's interpreter, and through the registered op."""
+    gen = torch.Generator().manual_seed(k1 + k2)
+    x, x2 = torch.randn(1, 1, k1, generator=gen).bfloat16(), torch.randn(1, 1, k2, generator=gen).bfloat16()
+    w = torch.randn(40, k1 + k2, generator=gen).bfloat16()
+    two, cat = (torch.full((1, 1, 40), float("nan"), dtype=torch.bfloat16) for _ in range(2))
+    gemv.launch(x, w, two, shape, x2=x2)
+    gemv.launch(torch.cat([x, x2], -1), w, cat, shape)
+    if k1 % shape[1] == 0:
+        assert torch.equal(two, cat)
+    exact = torch.cat([x, x2], -1).double() @ w.double().t()
+    bound = 2 * torch.finfo(torch.bfloat16).eps * exact.abs() + (k1 + k2) * 2.0**-24 * (
+        torch.cat([x, x2], -1).double().abs() @ w.double().abs().t())
+    assert ((two.double() - exact).abs() <= bound).all()
+    gemv._register()  # the op launches at the shape's block shape from the table
+    gemv.launch(x, w, two, gemv.block_shape(40, k1 + k2), x2=x2)
+    assert torch.equal(torch.ops.birbal.gemv2(x, x2, w), two)
+
+
+def test_applies2_needs_both_rows_to_fill_the_weight():
+    w = torch.randn(8, 24)
+    assert not gemv.applies2(torch.randn(1, 16), torch.randn(1, 8), w)  # not CUDA
+    if torch.cuda.is_available():
+        wc, row = w.cuda(), (lambda n: torch.randn(1, n, device="cuda"))
+        assert gemv.applies2(row(16), row(8), wc)
+        assert not gemv.applies2(row(16), row(4), wc)  # 20 columns of 24
+        assert not gemv.applies(row(16), wc)  # one row of 16 against 24 columns: not this product

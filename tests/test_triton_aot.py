@@ -1,5 +1,6 @@
 """birbal.serve's Triton kernels compile for the GPUs they serve on, checked here without one: every launch the
-served 7B step makes (birbal.serve.gemv's products at their block shapes, birbal.serve.flash_decode's attention at
+served 7B step makes (birbal.serve.gemv's products at their block shapes, over one input and over two,
+birbal.serve.flash_decode's attention at
 each cache length and dtype), compiled by Triton's own compiler and bundled ptxas for sm_90 (H100/H200) and sm_89
 (RTX 4090) (tests/triton_aot.py), then each cubin's resources against the card's limits. What only a GPU can show
 (speed, the compiled maths) is the GPU tests'; a kernel that does not compile for a 4090, or spills, fails here."""
@@ -32,7 +33,9 @@ def test_every_served_launch_compiles_for_an_h200_and_an_rtx_4090(report):
     kernels = report["kernels"]
     from birbal.serve import gemv
 
-    assert sum(" | _gemv_kernel | " in name for name in kernels) == 2 * len(gemv.BLOCK_SHAPES)
+    lora = [k for _n, k in gemv.BLOCK_SHAPES if k not in (4096, 14336)]  # the [W, B] products, also as gemv2
+    assert len(lora) == 4
+    assert sum(" | _gemv_kernel | " in name for name in kernels) == 2 * (len(gemv.BLOCK_SHAPES) + len(lora))
     assert sum(" | _decode_attention_split | " in name for name in kernels) == 2 * 3 * 3  # archs x lengths x dtypes
     failed = {name: row["error"] for name, row in kernels.items() if "error" in row}
     assert not failed, failed

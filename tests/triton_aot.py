@@ -82,6 +82,12 @@ def launches() -> dict:
         x, w = torch.empty(1, k, dtype=torch.bfloat16), torch.empty(n, k, dtype=torch.bfloat16)
         gemv.launch(x, w, torch.empty(1, n, dtype=torch.bfloat16), shape, wrap=Recorder(calls))
         out[f"gemv {n}x{k} bf16 {shape}"] = calls
+        if k not in (4096, 14336):  # decode_fuse lora's [W, B]: also read as x then the scaled LoRA term (gemv2)
+            calls = []
+            k1 = 14336 if k > 14336 else 4096
+            x, x2 = torch.empty(1, k1, dtype=torch.bfloat16), torch.empty(1, k - k1, dtype=torch.bfloat16)
+            gemv.launch(x, w, torch.empty(1, n, dtype=torch.bfloat16), shape, wrap=Recorder(calls), x2=x2)
+            out[f"gemv2 {n}x{k1}+{k - k1} bf16 {shape}"] = calls
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for slots in (1024, 2048, 4096):
             calls = []

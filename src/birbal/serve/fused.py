@@ -157,7 +157,13 @@ def _first_lora_in_base(self, x, *args, **kwargs):
     if not _plain_lora_call(self, x, args, kwargs):
         return self._birbal_peft_forward(x, *args, **kwargs)
     down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
-    out = _product(self, torch.cat([x, down * self.scaling[self._birbal_adapter]], dim=-1), getattr(self, FUSED))
+    scaled, weight = down * self.scaling[self._birbal_adapter], getattr(self, FUSED)
+    if self._birbal_gemv == "triton" and gemv_kernel.applies2(x, scaled, weight):
+        # the kernel reads x, then the scaled LoRA term, in place: [x, scaled] is never written (the same
+        # products in the same order as over the concatenation where x's length is a multiple of the K step)
+        out = gemv_kernel.gemv2(x, scaled, weight)
+    else:
+        out = _product(self, torch.cat([x, scaled], dim=-1), weight)
     return _hand_out(self, x, out)
 
 

@@ -18,6 +18,13 @@ Block shapes: the fastest of `benchmarks/gemv_kernels.py --quick`'s sweep on the
 runs (BLOCK_SHAPES); any other shape gets the one shape within 7% of the best on all of them. They are not tuned
 for an RTX 4090: `python3 benchmarks/gemv_kernels.py --out gemv.json` there says whether they should be.
 
+Two inputs (`gemv2`, `launch(..., x2=)`): `serve.decode_fuse: lora` multiplies [W, B] by [x, scaling * A x]; the
+kernel reads x and then the scaled LoRA term from where they are, so the concatenated row is never written (one
+copy kernel fewer a product in the compiled step, where Inductor cannot write x into the concatenation's buffer,
+e.g. o_proj's input, the attention's output). Where x's length is a multiple of the K step (every product of the
+7B step) its columns fall in the same lanes of the same blocks as over the concatenation: the same products summed
+in the same order, bitwise (tests/test_serve_gemv.py, through Triton's interpreter).
+
 Registered as a torch custom op (`torch.library.triton_op`), so that torch.compile traces it as one kernel of the
 compiled graph and a CUDA graph captures it like any other. Triton is imported only on a CUDA machine (the serving
 image pins it beside torch); elsewhere `available()` says why not and the products stay `F.linear`.
@@ -30,6 +37,7 @@ import functools
 import torch
 
 OP = "birbal::gemv"
+OP2 = "birbal::gemv2"  # the product over two inputs, one after the other (decode_fuse lora's [x, scaling * A x])
 # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages): the H200 sweep's fastest for the Mistral-7B step's products
 # (gemv_kernels_h200_2026-12-01.json; "+B": decode_fuse lora's [W, B] matrices, K = 4096 + the ranks)
 BLOCK_SHAPES = {
@@ -66,42 +74,54 @@ def kernel():
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, x2_ptr, w_ptr, y_ptr, N, K, K1, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, TWO: tl.constexpr):
+        # the input is x (K1 values), then for TWO x2 (K - K1 values): the product over their concatenation
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
+        w_row = w_ptr + rows[:, None].to(tl.int64) * stride_w
+        w_ptrs = w_row + cols[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
+        for k in range(0, tl.cdiv(K1, BLOCK_K)):
+            if EVEN_K:  # K1 a multiple of BLOCK_K
                 xv = tl.load(x_ptr + k * BLOCK_K + cols)
                 wv = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
             else:
-                k_ok = k * BLOCK_K + cols < K
+                k_ok = k * BLOCK_K + cols < K1
                 xv = tl.load(x_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
                 wv = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
+        if TWO:
+            w_ptrs = w_row + K1 + cols[None, :]
+            for k in range(0, tl.cdiv(K - K1, BLOCK_K)):
+                k_ok = k * BLOCK_K + cols < K - K1
+                xv = tl.load(x2_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
+                wv = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+                w_ptrs += BLOCK_K
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
     return _gemv_kernel
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, shape: tuple[int, int, int, int],
-           wrap=None) -> None:
-    """`out` = the product of one contiguous row `x` and `weight` (N, K) at block shape `shape`; `wrap`:
+           wrap=None, x2: torch.Tensor | None = None) -> None:
+    """`out` = the product of one contiguous row `x` and `weight` (N, K) at block shape `shape`, or with `x2` of
+    `x` followed by `x2` (K = their lengths together), without concatenating them; `wrap`:
     torch.library.wrap_triton inside the custom op (benchmarks/gemv_kernels.py launches it bare, per shape)."""
     import triton
 
     bn, bk, warps, stages = shape
     n, k = weight.shape
+    k1 = x.shape[-1]
     run = kernel() if wrap is None else wrap(kernel())
-    run[(triton.cdiv(n, bn),)](x, weight, out, n, k, weight.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
-                               num_warps=warps, num_stages=stages)
+    run[(triton.cdiv(n, bn),)](x, x if x2 is None else x2, weight, out, n, k, k1, weight.stride(0), BLOCK_N=bn,
+                               BLOCK_K=bk, EVEN_K=k1 % bk == 0, TWO=x2 is not None, num_warps=warps,
+                               num_stages=stages)
 
 
-@functools.cache  # once a process: torch.library refuses a second definition
 def _register() -> None:
     from torch.library import triton_op, wrap_triton
 
@@ -113,14 +133,38 @@ def _register() -> None:
         launch(x, weight, out, block_shape(n, k), wrap=wrap_triton)
         return out
 
+    @triton_op(OP2, mutates_args={})
+    def gemv2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(torch.cat([x, x2], -1), weight)` for one row each, contiguous, without the concatenation."""
+        n, k = weight.shape
+        out = x.new_empty((*x.shape[:-1], n))
+        launch(x, weight, out, block_shape(n, k), wrap=wrap_triton, x2=x2)
+        return out
+
+
+def _row_against(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One CUDA row, and a dense row-major weight of its dtype on its device."""
+    return (x.is_cuda and x.numel() == x.shape[-1] and x.dtype == weight.dtype and x.device == weight.device
+            and weight.dim() == 2 and weight.stride(1) == 1 and weight.is_floating_point())
+
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv(x, weight)` computes `F.linear(x, weight)` here: one CUDA row, a dense row-major weight of
-    the same dtype on the same device."""
-    return (x.is_cuda and x.numel() == x.shape[-1] and x.dtype == weight.dtype and x.device == weight.device
-            and weight.dim() == 2 and weight.stride(1) == 1 and weight.is_floating_point())
+    the same dtype on the same device, as wide as the row."""
+    return _row_against(x, weight) and x.shape[-1] == weight.shape[-1]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The kernel's product; call only where `available()` is None and `applies(x, weight)`."""
     return torch.ops.birbal.gemv(x.contiguous(), weight)
+
+
+def applies2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv2(x, x2, weight)` computes `F.linear(torch.cat([x, x2], -1), weight)` here."""
+    return (_row_against(x, weight) and _row_against(x2, weight)
+            and x.shape[-1] + x2.shape[-1] == weight.shape[-1])
+
+
+def gemv2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's product over `x` then `x2`; call only where `available()` is None and `applies2(...)`."""
+    return torch.ops.birbal.gemv2(x.contiguous(), x2.contiguous(), weight)
