@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from types import SimpleNamespace
 
+import gemv_kernels  # its timing method and copy bandwidth (this folder is on sys.path when run as a script)
 import torch
 
 HEADS, KV_HEADS, DIM, LAYERS = 32, 8, 128, 32
@@ -41,46 +41,9 @@ CASES = ((1024, 600), (2048, 1100), (2048, 2048), (4096, 3000))
 SWEEP = tuple((bn, target) for bn in (32, 64, 128) for target in (64, 128, 256))
 
 
-def copy_bandwidth() -> float:
-    a = torch.empty(2 ** 31, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    best = math.inf
-    for _ in range(10):
-        t = time.perf_counter()
-        b.copy_(a)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    del a, b
-    return 2 * 2 ** 31 / best / 1e9
-
-
 def time_graph(call, layers, replays: int) -> float:
-    """Seconds a call: the median replay of one CUDA graph of a call on each layer's inputs, over len(layers)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for layer in layers[:3]:
-            call(*layer)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in layers:
-            call(*layer)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times) / len(layers)
+    """Seconds a call over one layer's inputs (gemv_kernels' method: one CUDA graph of a call on each layer)."""
+    return gemv_kernels.time_graph(lambda inputs: call(*inputs), layers, replays)
 
 
 def exact(q, k, v, mask, scale):
@@ -206,7 +169,7 @@ def main() -> int:
     args = parser.parse_args()
     launched = time.perf_counter()
     scale = DIM**-0.5
-    bandwidth = copy_bandwidth()
+    bandwidth = gemv_kernels.copy_bandwidth()
     result = {"benchmark": "decode_attention", "argv": sys.argv[1:],
               "versions": {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
                            "triton": __import__("triton").__version__,

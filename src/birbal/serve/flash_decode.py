@@ -49,15 +49,12 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @functools.cache
 def available() -> str | None:
     """None when the kernels can run here (CUDA and Triton; the op registered), else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        import triton  # noqa: F401
-        from torch.library import triton_op  # noqa: F401  (torch >= 2.6)
-    except ImportError as exc:
-        return f"triton or torch.library.triton_op is not importable ({exc})"
-    _register()
-    return None
+    from birbal.serve.gemv import triton_missing
+
+    reason = triton_missing()
+    if reason is None:
+        _register()
+    return reason
 
 
 @functools.cache

@@ -53,9 +53,9 @@ def block_shape(n: int, k: int) -> tuple[int, int, int, int]:
     return BLOCK_SHAPES.get((n, k), DEFAULT_BLOCK_SHAPE)
 
 
-@functools.cache
-def available() -> str | None:
-    """None when the kernel can run here (CUDA and Triton; the op registered), else why not."""
+def triton_missing() -> str | None:
+    """None where birbal.serve's Triton kernels can run (a CUDA device, Triton, torch.library.triton_op), else
+    why not. Shared by this module's and birbal.serve.flash_decode's `available()`."""
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
@@ -63,8 +63,16 @@ def available() -> str | None:
         from torch.library import triton_op  # noqa: F401  (torch >= 2.6)
     except ImportError as exc:
         return f"triton or torch.library.triton_op is not importable ({exc})"
-    _register()
     return None
+
+
+@functools.cache
+def available() -> str | None:
+    """None when the kernel can run here (CUDA and Triton; the op registered), else why not."""
+    reason = triton_missing()
+    if reason is None:
+        _register()
+    return reason
 
 
 @functools.cache
