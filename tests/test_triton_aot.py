@@ -2,8 +2,9 @@
 served 7B step makes (birbal.serve.gemv's products at their block shapes, over one input and over two,
 birbal.serve.flash_decode's attention at
 each cache length and dtype), compiled by Triton's own compiler and bundled ptxas for sm_90 (H100/H200) and sm_89
-(RTX 4090) (tests/triton_aot.py), then each cubin's resources against the card's limits. What only a GPU can show
-(speed, the compiled maths) is the GPU tests'; a kernel that does not compile for a 4090, or spills, fails here."""
+(RTX 4090) (tests/triton_aot.py), then each cubin's resources against the card's limits; and the custom ops as
+torch.compile traces them. What only a GPU can show (speed, the compiled maths) is the GPU tests'; a kernel that
+does not compile for a 4090, spills, or would make Inductor copy an input every step fails here."""
 
 from __future__ import annotations
 
@@ -50,3 +51,28 @@ def test_served_launches_fit_the_cards_without_spilling(report):
         assert row["reg"] <= 255 and row["shared"] <= SHARED_LIMIT[arch], (name, row)
         if " fp32 " not in name:
             assert row["local"] == 0 and row["stack"] == 0, (name, row)
+
+
+@pytest.fixture(scope="module")
+def traced() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "triton_aot.py"), "--trace"], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_the_ops_compile_into_their_kernels_writing_only_their_own_buffers(traced):
+    """torch.compile's graph of the served step's custom ops (tests/triton_aot.py --trace): each op becomes its
+    kernels and nothing else (no copy, clone or concatenation), and each kernel writes only the buffers its op
+    allocates, so Inductor clones no input (a kernel that wrote its input would cost a copy of it every step).
+    With the cache length dynamic (`decode_compile_lengths: one`) the attention keeps its 16 slices and the
+    length stays symbolic: one graph for every length."""
+    for name in ("static", "dynamic cache length"):
+        row = traced[name]
+        assert "error" not in row, row
+        assert [call["written"] for call in row["kernel_calls"]] == [["acc_ptr", "ml_ptr"], ["out_ptr"], ["y_ptr"],
+                                                                     ["y_ptr"]]
+        assert row["kernel_calls"][0]["grid"] == "(8, 16, 1)" and row["copies"] == 0
+    assert traced["static"]["slots"] == ["2048"] and traced["static"]["chunk"] == ["128"]
+    assert not traced["dynamic cache length"]["slots"][0].isdigit()  # a graph input, not a baked length

@@ -8,6 +8,8 @@ arguments are taken from the real launch functions (`gemv.launch`, `flash_decode
 compile (its dtypes, constexprs, warps and stages), apart from Triton's run-time specialisations (an int argument
 of 1 becomes a constant, as here; alignment hints are left out).
 
+`python tests/triton_aot.py --trace` instead reports what torch.compile makes of the custom ops (`traced()`).
+
 A separate process: Triton picks its interpreter or its compiler when it is first imported, and the test session
 on a CPU imports it as the interpreter (tests/conftest.py).
 """
@@ -112,8 +114,75 @@ def resources(cubin: bytes, workdir: Path) -> dict:
     return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
+def traced() -> dict:
+    """What torch.compile makes of the custom ops (`torch.ops.birbal.gemv`, `.gemv2`, `.decode_attention`) at the
+    7B step's shapes: AOTAutograd's graph, recorded by a backend that runs nothing. For each op call, the kernels
+    it became, their grids, and the tensors Inductor would have to clone because the kernel writes them (found by
+    torch from the kernels' own Triton IR, for an sm_90 target named here since there is no device). The attention
+    is traced twice: at a static cache length, and with the length dynamic (`decode_compile_lengths: one`)."""
+    import re
+
+    import triton
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from triton.backends.compiler import GPUTarget
+
+    from birbal.serve import flash_decode, gemv
+
+    class Target:  # what torch asks of Triton's driver to read a kernel's IR: the target only
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Target())
+    flash_decode._register()
+    gemv._register()
+    graphs: list = []
+
+    def backend(gm, example_inputs):
+        def record(graph, inputs):
+            graphs.append(graph.code)
+            return graph  # never run: there is no GPU
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record)
+
+    def step(q, k, v, mask, x, x2, w, w1):
+        return (torch.ops.birbal.decode_attention(q, k, v, mask, 128**-0.5), torch.ops.birbal.gemv2(x, x2, w),
+                torch.ops.birbal.gemv(x, w1))
+
+    bf16 = torch.bfloat16
+    report = {}
+    for name, dynamic in (("static", False), ("dynamic cache length", True)):
+        torch._dynamo.reset()
+        graphs.clear()
+        k, v = (torch.empty(1, 8, 2048, 128, dtype=bf16) for _ in range(2))
+        mask = torch.ones(1, 1, 1, 2048, dtype=torch.bool)
+        if dynamic:
+            for t in (k, v, mask):
+                torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not mask else 3)
+        args = (torch.empty(1, 1, 32, 128, dtype=bf16).transpose(1, 2), k, v, mask, torch.empty(1, 4096, dtype=bf16),
+                torch.empty(1, 128, dtype=bf16), torch.empty(4096, 4224, dtype=bf16), torch.empty(4096, 4096, dtype=bf16))
+        try:
+            torch.compile(step, backend=backend, fullgraph=True, dynamic=False)(*args)
+        except Exception as exc:  # the recorded graph cannot run; a failure before it is the report's
+            if not graphs:
+                report[name] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
+                continue
+        code = graphs[0]
+        calls = re.findall(r"triton_kernel_wrapper_functional\(kernel_idx = \d+.*?grid = \[([^\]]*)\].*?"
+                           r"tensors_to_clone = \[([^\]]*)\]", code)
+        report[name] = {"kernel_calls": [{"grid": grid, "written": re.findall(r"'(\w+)'", clone)}
+                                         for grid, clone in calls],
+                        "copies": len(re.findall(r"aten\.(copy|clone|cat)", code)),
+                        "slots": re.findall(r"'slots': ([\w.]+)", code), "chunk": re.findall(r"'chunk': ([\w.]+)", code)}
+    return report
+
+
 def main() -> int:
     import tempfile
+
+    if sys.argv[1:] == ["--trace"]:
+        assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+        sys.path.insert(0, str(REPO / "src"))
+        print(json.dumps(traced(), indent=1))
+        return 0
 
     import triton
     from triton.backends.compiler import GPUTarget
