@@ -85,7 +85,8 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile
             "unfused": ("decode_fuse", "none"), "lora": ("decode_fuse", "lora"),
             "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
             "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
-            "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton")}
+            "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton"),
+            "gemv2": ("decode_gemv_split_input", True)}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

@@ -78,7 +78,7 @@ def test_fused_projections_give_the_same_answers_with_fewer_products(kind, mode,
     plain, fast = _engine(kind, "none"), _engine(kind, mode, decode_gemv=gemv)
     layers = len(fast.model.get_base_model().model.layers if kind == "adapter" else fast.model.model.layers)
     assert layers >= 2 and plain.fused is None
-    assert fast.fused == {"mode": mode, "gemv": gemv, "fused": groups * layers, "skipped": {}}
+    assert fast.fused == {"mode": mode, "gemv": gemv, "split_input": False, "fused": groups * layers, "skipped": {}}
     assert _products_per_step(plain) == unfused * layers + 1  # + lm_head
     assert _products_per_step(fast) == fused * layers + 1
     plain_state, fast_state = plain.model.state_dict(), fast.model.state_dict()
@@ -172,15 +172,16 @@ def _errors_against(reference_engine: Engine, eng: Engine, prompt: str, n: int) 
 
 
 def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str,
-                               gemv: str = "cublas", attention: str = "grouped") -> None:
+                               gemv: str = "cublas", attention: str = "grouped", split_input: bool = False) -> None:
     """The fused engine (`decode`: compiled_layers in a CUDA graph on a GPU; on CPU static decode with the layers
     compiled, the same compiled forward without the graph; its products as `serve.decode_gemv` says) against the
     unfused eager model, with today's unfused path of the same decode as the yardstick: see the GPU test's
     docstring."""
     # one cache length (max_context): one compile per engine, so that the four GPU cases fit a short GPU call
     changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
-    fast = _engine(kind, mode, decode_gemv=gemv, **{**changes, "decode_attention": attention})
-    assert fast.fused["gemv"] == gemv
+    fast = _engine(kind, mode, decode_gemv=gemv, decode_gemv_split_input=split_input,
+                   **{**changes, "decode_attention": attention})
+    assert fast.fused["gemv"] == gemv and fast.fused["split_input"] == split_input
     if gemv == "triton" and device == "cuda":  # the hand-written kernel, lm_head's product included
         assert fast.fused["gemv_kernel"] == fast.fused["lm_head"] == "birbal::gemv (Triton)"
     if attention == "triton" and device == "cuda":  # birbal.serve.flash_decode's kernels
@@ -233,6 +234,30 @@ def test_fused_compiled_layers_graph_equals_eager_on_cuda(kind, mode, dtype, gem
     one-row product through birbal.serve.gemv's kernel, birbal-4090's and plus's served path. `attention` triton:
     the decode steps' attention as birbal.serve.flash_decode's kernels instead of grouped's."""
     _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", gemv, attention)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_split_input_graph_equals_eager_on_cuda(dtype):
+    """birbal-4090's served step with serve.decode_gemv_split_input (each [W, B] product over [x, scaling * A x]
+    read in place by the kernel's gemv2) against the eager model, as the test above checks the served step."""
+    _check_fused_against_eager("adapter", "lora", dtype, "cuda", "compiled_layers", "triton", "grouped", True)
+
+
+def test_split_input_is_recorded_and_changes_nothing_without_cuda():
+    """On CPU the kernel does not run, so the switch changes no answer; the fused report records it, and an
+    engine asking for the other setting over the same fused model is refused, not silently served."""
+    from birbal.errors import ServeError
+    from birbal.serve.fused import fuse_projections
+
+    split = _engine("adapter", "lora", decode_gemv="triton", decode_gemv_split_input=True)
+    plain = _engine("adapter", "lora", decode_gemv="triton")
+    assert split.fused["split_input"] is True and plain.fused["split_input"] is False
+    for prompt, n in PROMPTS[:2]:
+        _assert_same(plain.process(_request(prompt, n)), split.process(_request(prompt, n)), tol=0.0)
+    with pytest.raises(ServeError, match="split input"):
+        fuse_projections(split.model, "lora", "triton", split_input=False)
 
 
 def _products_per_step_graphless(eng: Engine) -> int:

@@ -66,6 +66,12 @@ class ServeConfig(Section):
         "of the fused projections as Inductor's reductions (merged o_proj and down_proj too). The same dot "
         "products in fp32, summed in another order.",
     )
+    decode_gemv_split_input: bool = Field(
+        False, description="decode_fuse lora with decode_gemv triton, on CUDA: each [W, B] product reads its input "
+        "[x, scaling * A x] from the two halves where they are (birbal.serve.gemv's gemv2) instead of writing the "
+        "concatenation first: bitwise the same products at the Mistral-7B shapes (tests/test_serve_gemv.py, "
+        "through Triton's interpreter); off until measured on a GPU.",
+    )
     decode_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="Inductor's mode for the compiled decode modes: max-autotune-no-cudagraphs times "
         "Triton's GEMM templates against cuBLAS for each product's shape at compile time and keeps the fastest "

@@ -158,9 +158,10 @@ def _first_lora_in_base(self, x, *args, **kwargs):
         return self._birbal_peft_forward(x, *args, **kwargs)
     down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
     scaled, weight = down * self.scaling[self._birbal_adapter], getattr(self, FUSED)
-    if self._birbal_gemv == "triton" and gemv_kernel.applies2(x, scaled, weight):
-        # the kernel reads x, then the scaled LoRA term, in place: [x, scaled] is never written (the same
-        # products in the same order as over the concatenation where x's length is a multiple of the K step)
+    if self._birbal_split_input and self._birbal_gemv == "triton" and gemv_kernel.applies2(x, scaled, weight):
+        # serve.decode_gemv_split_input: the kernel reads x, then the scaled LoRA term, in place: [x, scaled] is
+        # never written (the same products in the same order as over the concatenation where x's length is a
+        # multiple of the K step)
         out = gemv_kernel.gemv2(x, scaled, weight)
     else:
         out = _product(self, torch.cat([x, scaled], dim=-1), weight)
@@ -190,15 +191,17 @@ SINGLES = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))  # `lora`: B int
 GEMVS = ("cublas", "lora_a", "triton", "all")  # serve.decode_gemv
 
 
-def fuse_projections(model, mode: str = "projections", gemv: str = "cublas") -> dict:
+def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", split_input: bool = False) -> dict:
     """Fuse every decoder layer's shared-input projections of `model` (plain bf16/fp32 `nn.Linear`s, merged, or
     peft LoRA `Linear`s over them) in place. A group it cannot fuse exactly is left as it is, with the reason:
     a quantized base (bitsandbytes' packed weights), a group that mixes LoRA and plain layers, a bias, several
     adapters, a LoRA variant, or LoRA weights in another dtype than the base's. `mode` "lora" (serve.decode_fuse)
     also puts each LoRA B into its base's product (o_proj and down_proj too, each a group of one): the base output
     and the LoRA term summed in one product's accumulator instead of each rounded to the dtype first (float
-    rounding: tests/test_serve_fused.py). Returns {"mode", "fused": groups fused, "skipped": {reason: groups}}.
-    Idempotent for one mode."""
+    rounding: tests/test_serve_fused.py). `split_input` (serve.decode_gemv_split_input), under "lora" and gemv
+    "triton" on CUDA: each [W, B] product reads [x, scaling * A x] from its two halves (birbal.serve.gemv's
+    `gemv2`) instead of a written concatenation. Returns {"mode", "gemv", "split_input", "fused": groups fused,
+    "skipped": {reason: groups}}. Idempotent for one mode."""
     if mode not in ("projections", "lora"):
         raise ServeError(f"serve.decode_fuse must be none, projections or lora; given {mode!r}")
     if gemv not in GEMVS:
@@ -206,15 +209,16 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas") -> 
     core = unwrap_peft(model)
     if getattr(core, _ATTR, None) is not None:
         done = getattr(core, _ATTR)
-        if (done["mode"], done["gemv"]) != (mode, gemv):
+        if (done["mode"], done["gemv"], done["split_input"]) != (mode, gemv, split_input):
             raise ServeError(f"the model's projections are already fused as {done['mode']!r} with gemv "
-                             f"{done['gemv']!r}, not {mode!r} with {gemv!r}")
+                             f"{done['gemv']!r} (split input {done['split_input']}), not {mode!r} with {gemv!r} "
+                             f"(split input {split_input})")
         return done
     layers = getattr(getattr(core, "model", None), "layers", None)
     if not layers:
         raise ServeError(f"serve.decode_fuse=projections needs decoder layers at .model.layers; "
                          f"{type(core).__name__} has none")
-    report: dict = {"mode": mode, "gemv": gemv, "fused": 0, "skipped": {}}
+    report: dict = {"mode": mode, "gemv": gemv, "split_input": split_input, "fused": 0, "skipped": {}}
     kernel = gemv
     if gemv == "triton":
         # the kernel runs on CUDA only; elsewhere (the smoke profile's CPU server) the products stay F.linear and
@@ -230,7 +234,7 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas") -> 
             parent = getattr(layer, parent_name, None)
             members = [getattr(parent, n, None) for n in names]
             reason = ("missing" if parent is None or any(m is None for m in members)
-                      else _fuse_group(members, lora_in_base=mode == "lora", gemv=kernel))
+                      else _fuse_group(members, lora_in_base=mode == "lora", gemv=kernel, split_input=split_input))
             if reason is None:
                 report["fused"] += 1
             else:
@@ -262,10 +266,12 @@ def _peft_model_types() -> tuple:
     return (PeftModel,)
 
 
-def _fuse_group(members: list, lora_in_base: bool = False, gemv: str = "cublas") -> str | None:
+def _fuse_group(members: list, lora_in_base: bool = False, gemv: str = "cublas",
+                split_input: bool = False) -> str | None:
     """Fuse one group in place; None when done, else why not (nothing changed)."""
     for m in members:
         object.__setattr__(m, "_birbal_gemv", gemv)
+        object.__setattr__(m, "_birbal_split_input", split_input)
     lora = [_lora_parts(m) for m in members]
     if not any(lora) and len(members) == 1:
         if gemv in ("all", "triton") and _plain(members[0]):

@@ -18,8 +18,9 @@ Block shapes: the fastest of `benchmarks/gemv_kernels.py --quick`'s sweep on the
 runs (BLOCK_SHAPES); any other shape gets the one shape within 7% of the best on all of them. They are not tuned
 for an RTX 4090: `python3 benchmarks/gemv_kernels.py --out gemv.json` there says whether they should be.
 
-Two inputs (`gemv2`, `launch(..., x2=)`): `serve.decode_fuse: lora` multiplies [W, B] by [x, scaling * A x]; the
-kernel reads x and then the scaled LoRA term from where they are, so the concatenated row is never written (one
+Two inputs (`gemv2`, `launch(..., x2=)`; `serve.decode_gemv_split_input`, off until measured on a GPU):
+`serve.decode_fuse: lora` multiplies [W, B] by [x, scaling * A x]; the kernel reads x and then the scaled LoRA
+term from where they are, so the concatenated row is never written (one
 copy kernel fewer a product in the compiled step, where Inductor cannot write x into the concatenation's buffer,
 e.g. o_proj's input, the attention's output). Where x's length is a multiple of the K step (every product of the
 7B step) its columns fall in the same lanes of the same blocks as over the concatenation: the same products summed
