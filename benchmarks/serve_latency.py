@@ -86,7 +86,7 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile
             "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
             "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
             "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton"),
-            "gemv2": ("decode_gemv_split_input", True)}
+            "gemv2": ("decode_gemv_split_input", True), "glu": ("decode_gemv_glu", True)}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

@@ -10,6 +10,7 @@ from serve_model import engine, merged_folder, serve_cfg
 from test_serve_upstream import adapter_folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from birbal.models import unwrap_peft
 from birbal.serve.decode import StaticDecoder
 from birbal.serve.engine import Engine
 from birbal.serve.schemas import ProcessRequest
@@ -78,7 +79,8 @@ def test_fused_projections_give_the_same_answers_with_fewer_products(kind, mode,
     plain, fast = _engine(kind, "none"), _engine(kind, mode, decode_gemv=gemv)
     layers = len(fast.model.get_base_model().model.layers if kind == "adapter" else fast.model.model.layers)
     assert layers >= 2 and plain.fused is None
-    assert fast.fused == {"mode": mode, "gemv": gemv, "split_input": False, "fused": groups * layers, "skipped": {}}
+    assert fast.fused == {"mode": mode, "gemv": gemv, "split_input": False, "glu": False, "fused": groups * layers,
+                          "skipped": {}}
     assert _products_per_step(plain) == unfused * layers + 1  # + lm_head
     assert _products_per_step(fast) == fused * layers + 1
     plain_state, fast_state = plain.model.state_dict(), fast.model.state_dict()
@@ -172,16 +174,19 @@ def _errors_against(reference_engine: Engine, eng: Engine, prompt: str, n: int) 
 
 
 def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str,
-                               gemv: str = "cublas", attention: str = "grouped", split_input: bool = False) -> None:
+                               gemv: str = "cublas", attention: str = "grouped", split_input: bool = False,
+                               glu: bool = False) -> None:
     """The fused engine (`decode`: compiled_layers in a CUDA graph on a GPU; on CPU static decode with the layers
     compiled, the same compiled forward without the graph; its products as `serve.decode_gemv` says) against the
     unfused eager model, with today's unfused path of the same decode as the yardstick: see the GPU test's
     docstring."""
     # one cache length (max_context): one compile per engine, so that the four GPU cases fit a short GPU call
     changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
-    fast = _engine(kind, mode, decode_gemv=gemv, decode_gemv_split_input=split_input,
+    fast = _engine(kind, mode, decode_gemv=gemv, decode_gemv_split_input=split_input, decode_gemv_glu=glu,
                    **{**changes, "decode_attention": attention})
-    assert fast.fused["gemv"] == gemv and fast.fused["split_input"] == split_input
+    assert fast.fused["gemv"] == gemv and fast.fused["split_input"] == split_input and fast.fused["glu"] == glu
+    if glu:
+        assert fast.fused["glu_mlps"] == len(unwrap_peft(fast.model).model.layers)
     if gemv == "triton" and device == "cuda":  # the hand-written kernel, lm_head's product included
         assert fast.fused["gemv_kernel"] == fast.fused["lm_head"] == "birbal::gemv (Triton)"
     if attention == "triton" and device == "cuda":  # birbal.serve.flash_decode's kernels
@@ -243,6 +248,29 @@ def test_split_input_graph_equals_eager_on_cuda(dtype):
     """birbal-4090's served step with serve.decode_gemv_split_input (each [W, B] product over [x, scaling * A x]
     read in place by the kernel's gemv2) against the eager model, as the test above checks the served step."""
     _check_fused_against_eager("adapter", "lora", dtype, "cuda", "compiled_layers", "triton", "grouped", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("adapter", "lora", "float32"),
+                                                     ("merged", "projections", "bfloat16")])
+def test_glu_graph_equals_eager_on_cuda(kind, mode, dtype):
+    """The served step with serve.decode_gemv_glu (down_proj's silu(gate) * up made in its kernel, with the split
+    input as birbal-4090 would take both) against the eager model, as the test above checks the served step."""
+    _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", "triton", "grouped", True, True)
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("adapter", "lora"), ("merged", "projections")])
+def test_glu_is_installed_and_changes_nothing_without_cuda(kind, mode):
+    """Every layer's MLP takes serve.decode_gemv_glu's forward (a SiLU MLP, gate/up fused, down_proj ours); on
+    CPU the kernel does not run, so the answers are the switch-off engine's exactly."""
+    glu = _engine(kind, mode, decode_gemv="triton", decode_gemv_glu=True)
+    plain = _engine(kind, mode, decode_gemv="triton")
+    layers = unwrap_peft(glu.model).model.layers
+    assert glu.fused["glu_mlps"] == len(layers) and "glu_mlps" not in plain.fused
+    assert all("forward" in vars(layer.mlp) for layer in layers)
+    for prompt, n in PROMPTS[:2]:
+        _assert_same(plain.process(_request(prompt, n)), glu.process(_request(prompt, n)), tol=0.0)
 
 
 def test_split_input_is_recorded_and_changes_nothing_without_cuda():

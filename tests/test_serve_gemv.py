@@ -190,3 +190,31 @@ def test_applies2_needs_both_rows_to_fill_the_weight():
         assert gemv.applies2(row(16), row(8), wc)
         assert not gemv.applies2(row(16), row(4), wc)  # 20 columns of 24
         assert not gemv.applies(row(16), wc)  # one row of 16 against 24 columns: not this product
+
+
+@pytest.mark.parametrize("tail", [0, 40])
+def test_the_activation_made_in_the_kernel_is_the_stored_one(triton_interpreter, tail):  # noqa: F811
+    """`gemv.launch(..., up=)` (serve.decode_gemv_glu): the product over silu(gate) * up made in the kernel, in
+    Inductor's order and rounded to bf16 as a stored activation is, against the kernel over that activation
+    computed by torch and written first; with `tail`, then a second input (decode_fuse lora's scaling * A act).
+    Within one bf16 unit of the activation a term (torch's and NumPy's sigmoid may round apart) plus fp32
+    accumulation; a wrong activation (say, no SiLU) is off by O(1). Through the interpreter and the ops."""
+    gen = torch.Generator().manual_seed(7 + tail)
+    k1, shape = 1024, (8, 256, 4, 1)
+    gate, up = (torch.randn(1, 1, k1, generator=gen).bfloat16() for _ in range(2))
+    x2 = torch.randn(1, 1, tail, generator=gen).bfloat16() if tail else None
+    w = torch.randn(40, k1 + tail, generator=gen).bfloat16()
+    act = (gate.float() * torch.sigmoid(gate.float()) * up.float()).bfloat16()
+    made, stored = (torch.full((1, 1, 40), float("nan"), dtype=torch.bfloat16) for _ in range(2))
+    gemv.launch(gate, w, made, shape, x2=x2, up=up)
+    gemv.launch(act, w, stored, shape, x2=x2)
+    row = act if x2 is None else torch.cat([act, x2], -1)
+    slack = (torch.finfo(torch.bfloat16).eps * (row.double().abs() @ w.double().abs().t())
+             + torch.finfo(torch.bfloat16).eps * stored.double().abs())
+    assert ((made.double() - stored.double()).abs() <= slack).all()
+    no_silu = row.clone()
+    no_silu[..., :k1] = (gate.float() * up.float()).bfloat16()
+    assert ((no_silu.double() @ w.double().t() - made.double()).abs() > slack).any()  # the check can fail
+    gemv._register()
+    gemv.launch(gate, w, made, gemv.block_shape(40, k1 + tail), x2=x2, up=up)
+    assert torch.equal(gemv.gemv_glu(gate, up, w, x2), made)

@@ -1,5 +1,6 @@
 """birbal.serve's Triton kernels compile for the GPUs they serve on, checked here without one: every launch the
-served 7B step makes (birbal.serve.gemv's products at their block shapes, over one input and over two,
+served 7B step makes (birbal.serve.gemv's products at their block shapes, over one input and over two, and
+down_proj's with its activation made in the kernel,
 birbal.serve.flash_decode's attention at
 each cache length and dtype), compiled by Triton's own compiler and bundled ptxas for sm_90 (H100/H200) and sm_89
 (RTX 4090) (tests/triton_aot.py), then each cubin's resources against the card's limits; and the custom ops as
@@ -36,7 +37,10 @@ def test_every_served_launch_compiles_for_an_h200_and_an_rtx_4090(report):
 
     lora = [k for _n, k in gemv.BLOCK_SHAPES if k not in (4096, 14336)]  # the [W, B] products, also as gemv2
     assert len(lora) == 4
-    assert sum(" | _gemv_kernel | " in name for name in kernels) == 2 * (len(gemv.BLOCK_SHAPES) + len(lora))
+    down = [k for _n, k in gemv.BLOCK_SHAPES if k >= 14336]  # down_proj's, also as gemv_glu / gemv2_glu
+    assert len(down) == 2
+    assert sum(" | _gemv_kernel | " in name for name in kernels) == 2 * (len(gemv.BLOCK_SHAPES) + len(lora)
+                                                                          + len(down))
     assert sum(" | _decode_attention_split | " in name for name in kernels) == 2 * 3 * 3  # archs x lengths x dtypes
     failed = {name: row["error"] for name, row in kernels.items() if "error" in row}
     assert not failed, failed
@@ -72,7 +76,7 @@ def test_the_ops_compile_into_their_kernels_writing_only_their_own_buffers(trace
         row = traced[name]
         assert "error" not in row, row
         assert [call["written"] for call in row["kernel_calls"]] == [["acc_ptr", "ml_ptr"], ["out_ptr"], ["y_ptr"],
-                                                                     ["y_ptr"]]
+                                                                     ["y_ptr"], ["y_ptr"]]
         assert row["kernel_calls"][0]["grid"] == "(8, 16, 1)" and row["copies"] == 0
     assert traced["static"]["slots"] == ["2048"] and traced["static"]["chunk"] == ["128"]
     assert not traced["dynamic cache length"]["slots"][0].isdigit()  # a graph input, not a baked length

@@ -90,6 +90,12 @@ def launches() -> dict:
             x, x2 = torch.empty(1, k1, dtype=torch.bfloat16), torch.empty(1, k - k1, dtype=torch.bfloat16)
             gemv.launch(x, w, torch.empty(1, n, dtype=torch.bfloat16), shape, wrap=Recorder(calls), x2=x2)
             out[f"gemv2 {n}x{k1}+{k - k1} bf16 {shape}"] = calls
+        if k >= 14336:  # down_proj: its input silu(gate) * up made in the kernel (gemv_glu, gemv2_glu)
+            calls = []
+            g = torch.empty(1, 14336, dtype=torch.bfloat16)
+            x2 = torch.empty(1, k - 14336, dtype=torch.bfloat16) if k > 14336 else None
+            gemv.launch(g, w, torch.empty(1, n, dtype=torch.bfloat16), shape, wrap=Recorder(calls), x2=x2, up=g)
+            out[f"gemv{'2' if x2 is not None else ''}_glu {n}x14336+{k - 14336} bf16 {shape}"] = calls
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for slots in (1024, 2048, 4096):
             calls = []
@@ -145,7 +151,7 @@ def traced() -> dict:
 
     def step(q, k, v, mask, x, x2, w, w1):
         return (torch.ops.birbal.decode_attention(q, k, v, mask, 128**-0.5), torch.ops.birbal.gemv2(x, x2, w),
-                torch.ops.birbal.gemv(x, w1))
+                torch.ops.birbal.gemv(x, w1), torch.ops.birbal.gemv2_glu(x, x, x2, w))
 
     bf16 = torch.bfloat16
     report = {}

@@ -72,6 +72,11 @@ class ServeConfig(Section):
         "concatenation first: bitwise the same products at the Mistral-7B shapes (tests/test_serve_gemv.py, "
         "through Triton's interpreter); off until measured on a GPU.",
     )
+    decode_gemv_glu: bool = Field(
+        False, description="decode_gemv triton, on CUDA: down_proj's input silu(gate) * up made inside its GEMV "
+        "(birbal.serve.gemv's gemv_glu; Inductor's order, rounded to the dtype as the step would store it) instead "
+        "of written by a kernel of its own first; off until measured on a GPU.",
+    )
     decode_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="Inductor's mode for the compiled decode modes: max-autotune-no-cudagraphs times "
         "Triton's GEMM templates against cuBLAS for each product's shape at compile time and keeps the fastest "

@@ -127,7 +127,7 @@ class Engine:
             from birbal.serve.fused import fuse_projections
 
             self.fused = fuse_projections(model, serve_cfg.decode_fuse, serve_cfg.decode_gemv,
-                                          serve_cfg.decode_gemv_split_input)
+                                          serve_cfg.decode_gemv_split_input, serve_cfg.decode_gemv_glu)
         elif serve_cfg.decode_gemv != "cublas":
             raise ServeError(f"serve.decode_gemv={serve_cfg.decode_gemv} writes the products of the fused "
                              "projections: it needs serve.decode_fuse projections or lora")

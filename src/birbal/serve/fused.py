@@ -168,6 +168,37 @@ def _first_lora_in_base(self, x, *args, **kwargs):
     return _hand_out(self, x, out)
 
 
+def _glu_mlp(self, x):
+    """serve.decode_gemv_glu: the MLP of `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (transformers' Mistral and
+    Llama MLPs) with, for one CUDA row, silu(gate) * up made inside down_proj's kernel instead of written first;
+    any other call as transformers computes it."""
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    out = self.down_proj._birbal_glu(self.down_proj, gate, up)
+    return self.down_proj(self.act_fn(gate) * up) if out is None else out
+
+
+def _glu_single(self, gate, up):
+    """A merged down_proj over silu(gate) * up (None: not this kernel's call)."""
+    if not gemv_kernel.applies_glu(gate, up, self.weight):
+        return None
+    return gemv_kernel.gemv_glu(gate, up, self.weight)
+
+
+def _glu_lora_in_base(self, gate, up):
+    """decode_fuse lora's down_proj over silu(gate) * up: its LoRA A product over the activation (inside the
+    compiled step Inductor computes the activation within that reduction, never storing it), then [W, B] over
+    [silu(gate) * up, scaling * A act] in one kernel that makes the activation itself (None: not this call)."""
+    weight, rank = getattr(self, FUSED), getattr(self, FUSED_A).shape[0]
+    if not gemv_kernel.applies_glu(gate, up, weight, tail=rank):
+        return None
+    act = self._birbal_act(gate) * up
+    if not _plain_lora_call(self, act, (), {}):
+        return None
+    down = _product(self, act, getattr(self, FUSED_A), lora_a=True)
+    scaled = down * self.scaling[self._birbal_adapter]
+    return gemv_kernel.gemv_glu(gate, up, weight, scaled)
+
+
 def _later_lora_in_base(self, x, *args, **kwargs):
     handed = getattr(self, HANDED)
     if handed is not None and handed[0] is x and _plain_lora_call(self, x, args, kwargs):
@@ -191,7 +222,8 @@ SINGLES = (("self_attn", ("o_proj",)), ("mlp", ("down_proj",)))  # `lora`: B int
 GEMVS = ("cublas", "lora_a", "triton", "all")  # serve.decode_gemv
 
 
-def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", split_input: bool = False) -> dict:
+def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", split_input: bool = False,
+                     glu: bool = False) -> dict:
     """Fuse every decoder layer's shared-input projections of `model` (plain bf16/fp32 `nn.Linear`s, merged, or
     peft LoRA `Linear`s over them) in place. A group it cannot fuse exactly is left as it is, with the reason:
     a quantized base (bitsandbytes' packed weights), a group that mixes LoRA and plain layers, a bias, several
@@ -200,8 +232,10 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", spl
     and the LoRA term summed in one product's accumulator instead of each rounded to the dtype first (float
     rounding: tests/test_serve_fused.py). `split_input` (serve.decode_gemv_split_input), under "lora" and gemv
     "triton" on CUDA: each [W, B] product reads [x, scaling * A x] from its two halves (birbal.serve.gemv's
-    `gemv2`) instead of a written concatenation. Returns {"mode", "gemv", "split_input", "fused": groups fused,
-    "skipped": {reason: groups}}. Idempotent for one mode."""
+    `gemv2`) instead of a written concatenation. `glu` (serve.decode_gemv_glu), with gemv "triton" on CUDA: each
+    SiLU MLP whose gate/up are fused makes silu(gate) * up inside down_proj's kernel (`gemv_glu`). Returns
+    {"mode", "gemv", "split_input", "glu", "fused": groups fused, "skipped": {reason: groups}} (with glu, also
+    "glu_mlps": MLPs so computed). Idempotent for one mode."""
     if mode not in ("projections", "lora"):
         raise ServeError(f"serve.decode_fuse must be none, projections or lora; given {mode!r}")
     if gemv not in GEMVS:
@@ -209,16 +243,16 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", spl
     core = unwrap_peft(model)
     if getattr(core, _ATTR, None) is not None:
         done = getattr(core, _ATTR)
-        if (done["mode"], done["gemv"], done["split_input"]) != (mode, gemv, split_input):
+        if (done["mode"], done["gemv"], done["split_input"], done["glu"]) != (mode, gemv, split_input, glu):
             raise ServeError(f"the model's projections are already fused as {done['mode']!r} with gemv "
-                             f"{done['gemv']!r} (split input {done['split_input']}), not {mode!r} with {gemv!r} "
-                             f"(split input {split_input})")
+                             f"{done['gemv']!r} (split input {done['split_input']}, glu {done['glu']}), not "
+                             f"{mode!r} with {gemv!r} (split input {split_input}, glu {glu})")
         return done
     layers = getattr(getattr(core, "model", None), "layers", None)
     if not layers:
         raise ServeError(f"serve.decode_fuse=projections needs decoder layers at .model.layers; "
                          f"{type(core).__name__} has none")
-    report: dict = {"mode": mode, "gemv": gemv, "split_input": split_input, "fused": 0, "skipped": {}}
+    report: dict = {"mode": mode, "gemv": gemv, "split_input": split_input, "glu": glu, "fused": 0, "skipped": {}}
     kernel = gemv
     if gemv == "triton":
         # the kernel runs on CUDA only; elsewhere (the smoke profile's CPU server) the products stay F.linear and
@@ -240,6 +274,8 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", spl
             else:
                 key = f"{parent_name}: {reason}"
                 report["skipped"][key] = report["skipped"].get(key, 0) + 1
+    if glu and gemv == "triton":  # installed wherever asked: each call takes the kernel only where it applies
+        report["glu_mlps"] = sum(_install_glu(layer) for layer in layers)
     head = getattr(core, "lm_head", None)
     if kernel == "triton" and head is not None and _plain(head):
         object.__setattr__(head, "_birbal_gemv", kernel)
@@ -256,6 +292,27 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", spl
 def _plain(linear) -> bool:
     """An unquantized nn.Linear without a bias (a bitsandbytes Linear4bit is a subclass: its weight is packed)."""
     return type(linear) is torch.nn.Linear and linear.bias is None and linear.weight.is_floating_point()
+
+
+def _install_glu(layer) -> bool:
+    """serve.decode_gemv_glu on one decoder layer's MLP: when its act_fn is SiLU, gate/up are one fused product
+    and down_proj is one of ours (merged, or decode_fuse lora's [W, B]). Whether it was installed."""
+    mlp = getattr(layer, "mlp", None)
+    gate, up, down = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    act = getattr(mlp, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
+    if not silu or gate is None or getattr(gate, "_birbal_later", ()) != (up,) or down is None:
+        return False
+    forward = getattr(down.forward, "__func__", None)
+    if forward is _first_lora_in_base:
+        object.__setattr__(down, "_birbal_glu", _glu_lora_in_base)
+        object.__setattr__(down, "_birbal_act", act)
+    elif forward is _single_linear or ("forward" not in vars(down) and _plain(down)):  # merged: ours, or plain
+        object.__setattr__(down, "_birbal_glu", _glu_single)
+    else:
+        return False
+    mlp.forward = types.MethodType(_glu_mlp, mlp)
+    return True
 
 
 def _peft_model_types() -> tuple:

@@ -26,6 +26,11 @@ e.g. o_proj's input, the attention's output). Where x's length is a multiple of 
 7B step) its columns fall in the same lanes of the same blocks as over the concatenation: the same products summed
 in the same order, bitwise (tests/test_serve_gemv.py, through Triton's interpreter).
 
+The MLP's activation (`gemv_glu`, `gemv2_glu`, `launch(..., up=)`; `serve.decode_gemv_glu`, off until measured on
+a GPU): down_proj's input silu(gate) * up made by the kernel from the fused gate/up product as it loads it, in
+Inductor's order (gate * sigmoid(gate), then * up, in fp32) and rounded to the dtype as the stored activation is,
+so the kernel that would write it is not needed.
+
 Registered as a torch custom op (`torch.library.triton_op`), so that torch.compile traces it as one kernel of the
 compiled graph and a CUDA graph captures it like any other. Triton is imported only on a CUDA machine (the serving
 image pins it beside torch); elsewhere `available()` says why not and the products stay `F.linear`.
@@ -39,6 +44,7 @@ import torch
 
 OP = "birbal::gemv"
 OP2 = "birbal::gemv2"  # the product over two inputs, one after the other (decode_fuse lora's [x, scaling * A x])
+OP_GLU, OP2_GLU = "birbal::gemv_glu", "birbal::gemv2_glu"  # down_proj's input silu(gate) * up made in the kernel
 # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages): the H200 sweep's fastest for the Mistral-7B step's products
 # (gemv_kernels_h200_2026-12-01.json; "+B": decode_fuse lora's [W, B] matrices, K = 4096 + the ranks)
 BLOCK_SHAPES = {
@@ -83,9 +89,10 @@ def kernel():
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, x2_ptr, w_ptr, y_ptr, N, K, K1, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, TWO: tl.constexpr):
-        # the input is x (K1 values), then for TWO x2 (K - K1 values): the product over their concatenation
+    def _gemv_kernel(x_ptr, up_ptr, x2_ptr, w_ptr, y_ptr, N, K, K1, stride_w, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TWO: tl.constexpr, GLU: tl.constexpr):
+        # the input is x (K1 values), then for TWO x2 (K - K1 values): the product over their concatenation; for
+        # GLU x is silu(x) * up, computed here and rounded to the dtype as the step would have stored it
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
@@ -95,11 +102,18 @@ def kernel():
         for k in range(0, tl.cdiv(K1, BLOCK_K)):
             if EVEN_K:  # K1 a multiple of BLOCK_K
                 xv = tl.load(x_ptr + k * BLOCK_K + cols)
+                if GLU:
+                    uv = tl.load(up_ptr + k * BLOCK_K + cols)
                 wv = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
             else:
                 k_ok = k * BLOCK_K + cols < K1
                 xv = tl.load(x_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
+                if GLU:
+                    uv = tl.load(up_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
                 wv = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if GLU:  # Inductor's order for silu(gate) * up: gate * sigmoid(gate), then * up, in fp32
+                gv = xv.to(tl.float32)
+                xv = (gv * tl.sigmoid(gv) * uv.to(tl.float32)).to(x_ptr.dtype.element_ty)
             acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
         if TWO:
@@ -116,19 +130,20 @@ def kernel():
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, shape: tuple[int, int, int, int],
-           wrap=None, x2: torch.Tensor | None = None) -> None:
+           wrap=None, x2: torch.Tensor | None = None, up: torch.Tensor | None = None) -> None:
     """`out` = the product of one contiguous row `x` and `weight` (N, K) at block shape `shape`, or with `x2` of
-    `x` followed by `x2` (K = their lengths together), without concatenating them; `wrap`:
-    torch.library.wrap_triton inside the custom op (benchmarks/gemv_kernels.py launches it bare, per shape)."""
+    `x` followed by `x2` (K = their lengths together), without concatenating them, or with `up` of silu(x) * up
+    (the MLP's activation, computed in the kernel); `wrap`: torch.library.wrap_triton inside the custom op
+    (benchmarks/gemv_kernels.py launches it bare, per shape)."""
     import triton
 
     bn, bk, warps, stages = shape
     n, k = weight.shape
     k1 = x.shape[-1]
     run = kernel() if wrap is None else wrap(kernel())
-    run[(triton.cdiv(n, bn),)](x, x if x2 is None else x2, weight, out, n, k, k1, weight.stride(0), BLOCK_N=bn,
-                               BLOCK_K=bk, EVEN_K=k1 % bk == 0, TWO=x2 is not None, num_warps=warps,
-                               num_stages=stages)
+    run[(triton.cdiv(n, bn),)](x, x if up is None else up, x if x2 is None else x2, weight, out, n, k, k1,
+                               weight.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k1 % bk == 0, TWO=x2 is not None,
+                               GLU=up is not None, num_warps=warps, num_stages=stages)
 
 
 def _register() -> None:
@@ -140,6 +155,23 @@ def _register() -> None:
         n, k = weight.shape
         out = x.new_empty((*x.shape[:-1], n))
         launch(x, weight, out, block_shape(n, k), wrap=wrap_triton)
+        return out
+
+    @triton_op(OP_GLU, mutates_args={})
+    def gemv_glu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(F.silu(gate) * up, weight)` for one row each, the activation computed in the kernel."""
+        n, k = weight.shape
+        out = gate.new_empty((*gate.shape[:-1], n))
+        launch(gate, weight, out, block_shape(n, k), wrap=wrap_triton, up=up)
+        return out
+
+    @triton_op(OP2_GLU, mutates_args={})
+    def gemv2_glu(gate: torch.Tensor, up: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(torch.cat([F.silu(gate) * up, x2], -1), weight)`, neither the activation nor the
+        concatenation written."""
+        n, k = weight.shape
+        out = gate.new_empty((*gate.shape[:-1], n))
+        launch(gate, weight, out, block_shape(n, k), wrap=wrap_triton, x2=x2, up=up)
         return out
 
     @triton_op(OP2, mutates_args={})
@@ -177,3 +209,18 @@ def applies2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> bool:
 def gemv2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The kernel's product over `x` then `x2`; call only where `available()` is None and `applies2(...)`."""
     return torch.ops.birbal.gemv2(x.contiguous(), x2.contiguous(), weight)
+
+
+def applies_glu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, tail: int = 0) -> bool:
+    """Whether `gemv_glu` (tail 0) or `gemv2_glu` (a second input of `tail` values) computes the product of
+    `weight` and silu(gate) * up (then the tail) here."""
+    return (_row_against(gate, weight) and _row_against(up, weight) and gate.shape == up.shape
+            and gate.shape[-1] + tail == weight.shape[-1])
+
+
+def gemv_glu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor | None = None):
+    """The kernel's product over silu(gate) * up (then `x2`); call only where `available()` is None and
+    `applies_glu(...)`."""
+    if x2 is None:
+        return torch.ops.birbal.gemv_glu(gate.contiguous(), up.contiguous(), weight)
+    return torch.ops.birbal.gemv2_glu(gate.contiguous(), up.contiguous(), x2.contiguous(), weight)
