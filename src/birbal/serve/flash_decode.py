@@ -51,10 +51,7 @@ def available() -> str | None:
     """None when the kernels can run here (CUDA and Triton; the op registered), else why not."""
     from birbal.serve.gemv import triton_missing
 
-    reason = triton_missing()
-    if reason is None:
-        _register()
-    return reason
+    return triton_missing(_register)
 
 
 @functools.cache

@@ -60,9 +60,10 @@ def block_shape(n: int, k: int) -> tuple[int, int, int, int]:
     return BLOCK_SHAPES.get((n, k), DEFAULT_BLOCK_SHAPE)
 
 
-def triton_missing() -> str | None:
-    """None where birbal.serve's Triton kernels can run (a CUDA device, Triton, torch.library.triton_op), else
-    why not. Shared by this module's and birbal.serve.flash_decode's `available()`."""
+def triton_missing(register) -> str | None:
+    """None where birbal.serve's Triton kernels can run (a CUDA device, Triton, torch.library.triton_op), having
+    called `register` (the module's ops), else why not. Both this module's and birbal.serve.flash_decode's
+    `available()`."""
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
@@ -70,16 +71,14 @@ def triton_missing() -> str | None:
         from torch.library import triton_op  # noqa: F401  (torch >= 2.6)
     except ImportError as exc:
         return f"triton or torch.library.triton_op is not importable ({exc})"
+    register()
     return None
 
 
 @functools.cache
 def available() -> str | None:
-    """None when the kernel can run here (CUDA and Triton; the op registered), else why not."""
-    reason = triton_missing()
-    if reason is None:
-        _register()
-    return reason
+    """None when the kernel can run here (CUDA and Triton; the ops registered), else why not."""
+    return triton_missing(_register)
 
 
 @functools.cache
@@ -149,38 +148,32 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, shape: tupl
 def _register() -> None:
     from torch.library import triton_op, wrap_triton
 
+    def run(x, weight, x2=None, up=None):
+        n, k = weight.shape
+        out = x.new_empty((*x.shape[:-1], n))
+        launch(x, weight, out, block_shape(n, k), wrap=wrap_triton, x2=x2, up=up)
+        return out
+
     @triton_op(OP, mutates_args={})
     def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight)` for an `x` of one row (any leading dims of size 1), both contiguous."""
-        n, k = weight.shape
-        out = x.new_empty((*x.shape[:-1], n))
-        launch(x, weight, out, block_shape(n, k), wrap=wrap_triton)
-        return out
+        return run(x, weight)
+
+    @triton_op(OP2, mutates_args={})
+    def gemv2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`F.linear(torch.cat([x, x2], -1), weight)` for one row each, contiguous, without the concatenation."""
+        return run(x, weight, x2=x2)
 
     @triton_op(OP_GLU, mutates_args={})
     def gemv_glu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`F.linear(F.silu(gate) * up, weight)` for one row each, the activation computed in the kernel."""
-        n, k = weight.shape
-        out = gate.new_empty((*gate.shape[:-1], n))
-        launch(gate, weight, out, block_shape(n, k), wrap=wrap_triton, up=up)
-        return out
+        return run(gate, weight, up=up)
 
     @triton_op(OP2_GLU, mutates_args={})
     def gemv2_glu(gate: torch.Tensor, up: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`F.linear(torch.cat([F.silu(gate) * up, x2], -1), weight)`, neither the activation nor the
         concatenation written."""
-        n, k = weight.shape
-        out = gate.new_empty((*gate.shape[:-1], n))
-        launch(gate, weight, out, block_shape(n, k), wrap=wrap_triton, x2=x2, up=up)
-        return out
-
-    @triton_op(OP2, mutates_args={})
-    def gemv2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`F.linear(torch.cat([x, x2], -1), weight)` for one row each, contiguous, without the concatenation."""
-        n, k = weight.shape
-        out = x.new_empty((*x.shape[:-1], n))
-        launch(x, weight, out, block_shape(n, k), wrap=wrap_triton, x2=x2)
-        return out
+        return run(gate, weight, x2=x2, up=up)
 
 
 def _row_against(x: torch.Tensor, weight: torch.Tensor) -> bool:
