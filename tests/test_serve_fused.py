@@ -303,6 +303,11 @@ def test_decode_gemv_needs_fused_projections():
 
     with pytest.raises(ServeError, match="decode_fuse"):
         _engine("merged", "none", decode_gemv="all")
+    # the kernel's forms without the kernel: refused, not silently ignored
+    with pytest.raises(ServeError, match="decode_gemv_glu is a form of decode_gemv triton"):
+        _engine("merged", "projections", decode_gemv="lora_a", decode_gemv_glu=True)
+    with pytest.raises(ServeError, match="decode_gemv_split_input .* under decode_fuse lora"):
+        _engine("adapter", "projections", decode_gemv="triton", decode_gemv_split_input=True)
 
 
 def test_decode_compile_mode_reaches_the_compiled_layers():

@@ -123,6 +123,14 @@ class Engine:
         self._surface = surface_cache(tokenizer)
         self._eos_ids = self._end_ids(model, tokenizer)
         self._bos_id = tokenizer.bos_token_id
+        for switch, needs in (("decode_gemv_split_input", serve_cfg.decode_gemv == "triton"
+                               and serve_cfg.decode_fuse == "lora"),
+                              ("decode_gemv_glu", serve_cfg.decode_gemv == "triton")):
+            if getattr(serve_cfg, switch) and not needs:
+                raise ServeError(f"serve.{switch} is a form of decode_gemv triton's kernel"
+                                 f"{' under decode_fuse lora' if switch.endswith('input') else ''}: set those too, "
+                                 f"or leave it off (decode_gemv is {serve_cfg.decode_gemv}, decode_fuse "
+                                 f"{serve_cfg.decode_fuse})")
         if serve_cfg.decode_fuse != "none":
             from birbal.serve.fused import fuse_projections
 
