@@ -47,8 +47,10 @@ class Recorder:
         return Launch()
 
 
-def signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, options) for ASTSource from one recorded launch."""
+def signature(kernel, args, kwargs, floats: str = "fp32") -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) for ASTSource from one recorded launch. A Python float is `floats`: fp32 as
+    Triton's own launcher types it, fp64 as Inductor does inside a compiled graph on a device with fp64
+    (torch._inductor.codegen.triton_utils.signature_of, `_use_fp64_for_unbacked_floats`)."""
     names = kernel.arg_names
     sig, consts = {}, {}
     for name, value in zip(names, args, strict=False):
@@ -62,7 +64,7 @@ def signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
             else:
                 sig[name] = "i32"
         elif isinstance(value, float):
-            sig[name] = "fp32"
+            sig[name] = floats
         else:
             raise TypeError(f"{name}: {type(value).__name__}")
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
@@ -201,17 +203,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, calls in launches().items():
             for kernel, _grid, args, kwargs in calls:
-                sig, consts, options = signature(kernel, args, kwargs)
-                for arch, capability in ARCHS.items():
-                    key = (kernel.__name__, json.dumps(sig), json.dumps(consts), json.dumps(options), arch)
-                    if key not in seen:
-                        try:
-                            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                                      target=GPUTarget("cuda", capability, 32), options=options)
-                            seen[key] = resources(compiled.asm["cubin"], Path(tmp))
-                        except Exception as exc:  # the report says which launch does not compile, and why
-                            seen[key] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
-                    report["kernels"][f"{name} | {kernel.__name__} | {arch}"] = {**seen[key], **options}
+                # a launch with a float argument is compiled as both launchers type it (see signature())
+                for floats in ("fp32", "fp64") if any(isinstance(a, float) for a in args) else ("fp32",):
+                    sig, consts, options = signature(kernel, args, kwargs, floats)
+                    for arch, capability in ARCHS.items():
+                        key = (kernel.__name__, json.dumps(sig), json.dumps(consts), json.dumps(options), arch)
+                        if key not in seen:
+                            try:
+                                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                                          target=GPUTarget("cuda", capability, 32), options=options)
+                                seen[key] = resources(compiled.asm["cubin"], Path(tmp))
+                            except Exception as exc:  # the report says which launch does not compile, and why
+                                seen[key] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
+                        launcher = " | floats fp64 (Inductor)" if floats == "fp64" else ""
+                        report["kernels"][f"{name} | {kernel.__name__}{launcher} | {arch}"] = {**seen[key], **options}
     print(json.dumps(report, indent=1))
     return 0
 

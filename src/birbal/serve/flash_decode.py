@@ -93,7 +93,9 @@ def kernels():
                 else:
                     s = tl.dot(q, tl.trans(k))
                 # the scores in the model's dtype, then fp32 times the scale: eager attention's order
-                s = s.to(q.dtype).to(tl.float32) * scale
+                # `scale` arrives as fp32 from an eager launch but fp64 from Inductor (a Python float, on a device
+                # with fp64): rounded to fp32 here either way, so the softmax state stays fp32 in both
+                s = s.to(q.dtype).to(tl.float32) * tl.cast(scale, tl.float32)
                 s = tl.where(allowed[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block has an allowed slot
                 alpha = tl.exp(m_i - m_new)
