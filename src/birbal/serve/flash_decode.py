@@ -42,7 +42,7 @@ OP = "birbal::decode_attention"
 NAME = "birbal_triton_decode"  # the AttentionInterface name (birbal.serve.attention)
 BLOCK_N = 64  # slots a loop iteration of the split kernel reads
 BLOCK_G = 16  # query rows of a tile: a KV head's query heads, padded to tl.dot's least M
-TARGET_PROGRAMS = 128
+TARGET_PROGRAMS = 256  # the H200 sweep's best of 64-256 (eleventh session, benchmarks/results/README.md)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
