@@ -36,15 +36,15 @@ def test_4090_profile_is_the_winning_recipe():
                                                                                  "base", "upstream")
     assert s.published_adapter is None
     # a replayed CUDA graph per step, its layers compiled one region for all (the whole-step compile was too slow at 7B)
-    assert s.decode == "compiled_layers" and s.decode_compile_lengths == "each" and s.decode_attention == "grouped"
+    assert s.decode == "compiled_layers" and s.decode_compile_lengths == "each" and s.decode_attention == "triton"
     assert s.decode_fuse == "lora"  # one product per shared-input group, each LoRA B inside its base's product
     assert s.decode_gemv == "triton"  # LoRA A as Triton reductions, the other products birbal.serve.gemv's kernel
 
 
 def test_plus_profile_switches_the_serving_improvements_on():
     plus, full = load_recipe("birbal-4090-plus"), load_recipe("birbal-4090")
-    switched = {"model", "request_policy", "decode", "decode_attention"}
-    assert tuple(getattr(plus.serve, k) for k in sorted(switched)) == ("auto", "grouped", "merged", "kit")
+    switched = {"model", "request_policy", "decode"}
+    assert tuple(getattr(plus.serve, k) for k in sorted(switched)) == ("auto", "merged", "kit")
     assert plus.serve.model_dump(exclude=switched) == full.serve.model_dump(exclude=switched)
 
 

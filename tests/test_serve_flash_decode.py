@@ -56,14 +56,14 @@ def _launched(q, k, v, mask, scale):
 
 # (batch, heads, kv heads, slots, dim, the slots each batch row may attend): the 7B shape at a 1,024-slot cache,
 # 16 slices of 64 slots, half of them past the fill; four rows, so four slices of four blocks each (the online
-# softmax's rescaling across blocks); two rows with their own masks; 128 rows of one slice each (the reduction of
-# one partial); a slice with nothing to attend and a cache
+# softmax's rescaling across blocks); two rows with their own masks; 128 rows of one block each (each row's one
+# partial, beside an empty slice past the cache); a slice with nothing to attend and a cache
 # that is no multiple of the block; one KV head per query head; a sliding window's hole
 CASES = {
     "7b-shape": (1, 32, 8, 1024, 128, [range(0, 600)]),
     "long-slices": (4, 16, 8, 1024, 64, [range(0, 1000), range(0, 300), range(500, 1024), range(0, 1)]),
     "two-rows": (2, 8, 2, 192, 64, [range(0, 150), range(0, 40)]),
-    "one-slice": (16, 8, 8, 64, 16, [range(0, 1 + 4 * row) for row in range(16)]),  # 128 programs: no split
+    "one-slice": (16, 8, 8, 64, 16, [range(0, 1 + 4 * row) for row in range(16)]),  # 128 rows, a block each
     "ragged": (1, 8, 2, 200, 32, [range(0, 7)]),
     "one-group": (1, 4, 4, 96, 16, [range(0, 60)]),
     "window": (1, 8, 2, 256, 64, [range(90, 230)]),
@@ -124,7 +124,7 @@ def test_the_split_plan_takes_a_symbolic_length():
     env = ShapeEnv()
     slots = env.create_unbacked_symint()
     splits, chunk = flash_decode.split_plan(slots, 8)
-    assert isinstance(splits, int) and splits == 16 and isinstance(chunk, torch.SymInt)
+    assert isinstance(splits, int) and splits == flash_decode.TARGET_PROGRAMS // 8 and isinstance(chunk, torch.SymInt)
 
 
 def test_why_not_names_what_the_kernels_do_not_cover():

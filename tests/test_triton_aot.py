@@ -72,13 +72,13 @@ def test_the_ops_compile_into_their_kernels_writing_only_their_own_buffers(trace
     """torch.compile's graph of the served step's custom ops (tests/triton_aot.py --trace): each op becomes its
     kernels and nothing else (no copy, clone or concatenation), and each kernel writes only the buffers its op
     allocates, so Inductor clones no input (a kernel that wrote its input would cost a copy of it every step).
-    With the cache length dynamic (`decode_compile_lengths: one`) the attention keeps its 16 slices and the
+    With the cache length dynamic (`decode_compile_lengths: one`) the attention keeps its 32 slices and the
     length stays symbolic: one graph for every length."""
     for name in ("static", "dynamic cache length"):
         row = traced[name]
         assert "error" not in row, row
         assert [call["written"] for call in row["kernel_calls"]] == [["acc_ptr", "ml_ptr"], ["out_ptr"], ["y_ptr"],
                                                                      ["y_ptr"], ["y_ptr"]]
-        assert row["kernel_calls"][0]["grid"] == "(8, 16, 1)" and row["copies"] == 0
-    assert traced["static"]["slots"] == ["2048"] and traced["static"]["chunk"] == ["128"]
+        assert row["kernel_calls"][0]["grid"] == "(8, 32, 1)" and row["copies"] == 0
+    assert traced["static"]["slots"] == ["2048"] and traced["static"]["chunk"] == ["64"]
     assert not traced["dynamic cache length"]["slots"][0].isdigit()  # a graph input, not a baked length

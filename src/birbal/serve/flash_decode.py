@@ -24,8 +24,9 @@ at the 7B shape on an H200: 10.2 ms a step against SDPA's 6.6 (benchmarks/result
 flex.json, masked by the step's position); masked by transformers' mask tensor it did not compile (torch 2.11,
 "XBLOCK is not defined"). A BlockMask that skips the unfilled blocks would be rebuilt from the step's mask in every
 layer. SDPA's kernels take no grouped heads with an explicit mask without expanding them.
-`benchmarks/decode_attention.py` times all of these against these kernels at the served cache lengths (not run on a
-GPU yet). The split sizes target 128 programs (an H200 has 132 SMs, an RTX 4090 128); not tuned on either.
+`benchmarks/decode_attention.py` times all of these against these kernels at the served cache lengths. The split
+sizes target 256 programs, two an SM (an H200 has 132 SMs, an RTX 4090 128): on the H200 the best of 32-128 x
+64-256 (BLOCK_N x TARGET_PROGRAMS; decode_attention_h200_2026-12-01_sweep.json); not tuned on a 4090.
 
 Registered as a torch custom op (`torch.library.triton_op`) like birbal.serve.gemv, so torch.compile traces it as
 its two kernels and a CUDA graph captures them. Triton is imported only where it runs (a CUDA machine with the
