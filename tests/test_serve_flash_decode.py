@@ -54,19 +54,21 @@ def _launched(q, k, v, mask, scale):
     return out
 
 
-# (batch, heads, kv heads, slots, dim, the slots each batch row may attend): the 7B shape at a 1,024-slot cache,
-# 16 slices of 64 slots, half of them past the fill; four rows, so four slices of four blocks each (the online
-# softmax's rescaling across blocks); two rows with their own masks; 128 rows of one block each (each row's one
-# partial, beside an empty slice past the cache); a slice with nothing to attend and a cache
-# that is no multiple of the block; one KV head per query head; a sliding window's hole
+# (batch, heads, kv heads, slots, dim, the slots each batch row may attend, TARGET_PROGRAMS or None for the served
+# one): the 7B shape at a 1,024-slot cache as served (one block a slice, the slices past the fill and past the
+# cache empty); four rows in one slice each, so one program walks all 16 blocks (the online softmax's rescaling
+# across blocks); two rows with their own masks in slices of two blocks, the last one short; 128 rows of one block
+# each (each row's one partial, beside an empty slice); a slice with nothing to attend and a cache that is no
+# multiple of the block; one KV head per query head; a sliding window's hole
+TARGET_SERVED = flash_decode.TARGET_PROGRAMS
 CASES = {
-    "7b-shape": (1, 32, 8, 1024, 128, [range(0, 600)]),
-    "long-slices": (4, 16, 8, 1024, 64, [range(0, 1000), range(0, 300), range(500, 1024), range(0, 1)]),
-    "two-rows": (2, 8, 2, 192, 64, [range(0, 150), range(0, 40)]),
-    "one-slice": (16, 8, 8, 64, 16, [range(0, 1 + 4 * row) for row in range(16)]),  # 128 rows, a block each
-    "ragged": (1, 8, 2, 200, 32, [range(0, 7)]),
-    "one-group": (1, 4, 4, 96, 16, [range(0, 60)]),
-    "window": (1, 8, 2, 256, 64, [range(90, 230)]),
+    "7b-shape": (1, 32, 8, 1024, 128, [range(0, 600)], None),
+    "long-slices": (4, 16, 8, 1024, 64, [range(0, 1000), range(0, 300), range(500, 1024), range(0, 1)], 32),
+    "two-rows": (2, 8, 2, 192, 64, [range(0, 150), range(0, 40)], 8),
+    "one-slice": (16, 8, 8, 64, 16, [range(0, 1 + 4 * row) for row in range(16)], None),
+    "ragged": (1, 8, 2, 200, 32, [range(0, 7)], None),
+    "one-group": (1, 4, 4, 96, 16, [range(0, 60)], None),
+    "window": (1, 8, 2, 256, 64, [range(90, 230)], None),
 }
 
 
@@ -79,10 +81,12 @@ def _mask(batch, slots, allowed, device="cpu"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernels_equal_fp64_attention_through_the_interpreter(triton_interpreter, case, dtype):  # noqa: F811
+def test_kernels_equal_fp64_attention_through_the_interpreter(triton_interpreter, monkeypatch, case, dtype):  # noqa: F811
     """The kernels' output against fp64 attention within the dtype's rounding, no further off than `grouped`'s
     (twice its error, or the tolerance), and much nearer it than to the attention over every slot."""
-    batch, heads, kv_heads, slots, dim, allowed = CASES[case]
+    batch, heads, kv_heads, slots, dim, allowed, target = CASES[case]
+    if target is not None:  # the case's own split, whatever the served TARGET_PROGRAMS is
+        monkeypatch.setattr(flash_decode, "TARGET_PROGRAMS", target)
     q, k, v = _inputs(batch, heads, kv_heads, slots, dim, dtype)
     mask, scale = _mask(batch, slots, allowed), dim**-0.5
     ours, exact, grouped = _launched(q, k, v, mask, scale), _fp64(q, k, v, mask, scale), _grouped(q, k, v, mask, scale)
@@ -91,6 +95,20 @@ def test_kernels_equal_fp64_attention_through_the_interpreter(triton_interpreter
     assert error <= max(2 * (grouped.double() - exact).abs().max().item(), TOL[dtype]), error
     everything = _fp64(q, k, v, torch.ones_like(mask), scale)  # the mask ignored: the check can fail
     assert error < 0.5 * (everything - exact).abs().max().item()
+
+
+def test_the_cases_take_every_path_of_the_kernels(monkeypatch):
+    """What CASES claims, checked against the split plan: a program that walks several blocks (the rescaling
+    across blocks), a reduction over several slices, an empty slice past the cache, and a slice of one block."""
+    seen = set()
+    for batch, _heads, kv_heads, slots, _dim, _allowed, target in CASES.values():
+        monkeypatch.setattr(flash_decode, "TARGET_PROGRAMS", target or TARGET_SERVED)
+        splits, chunk = flash_decode.split_plan(slots, batch * kv_heads)
+        seen |= {"several blocks" if chunk > flash_decode.BLOCK_N else "one block",
+                 "several slices" if -(-slots // chunk) > 1 else "one slice"}
+        if splits * chunk - slots >= chunk:
+            seen.add("an empty slice")
+    assert seen == {"several blocks", "one block", "several slices", "one slice", "an empty slice"}
 
 
 def test_blocks_the_mask_excludes_are_not_read(triton_interpreter):  # noqa: F811
