@@ -15,7 +15,8 @@ Arms, each a 1-token query over a (cache length, filled slots) pair with the boo
 - `flex_block_mask`: the same with a BlockMask built from the mask once, outside the timed calls (the best flex
   could do if the model built it once a step and every layer shared it).
 - `triton`: birbal.serve.flash_decode's two kernels through the registered op (`decode_attention: triton`), and
-  `triton[BLOCK_N,TARGET]`: the bare kernels over a sweep of their block and split sizes.
+  `triton[BLOCK_N,TARGET]`: the bare kernels over a sweep of their block and split sizes, and
+  `triton[BLOCK_N,TARGET,wW,sS]`: the split kernel launched with W warps and S stages instead of the served 4 and 2.
 
 Method (as benchmarks/gemv_kernels.py): each arm is timed as the replay of one CUDA graph of 32 calls, one a layer,
 each over its own layer's cache (32 caches of up to 16 MiB: every read from HBM, as in a decode step), median of
@@ -38,7 +39,10 @@ import torch
 
 HEADS, KV_HEADS, DIM, LAYERS = 32, 8, 128, 32
 CASES = ((1024, 600), (2048, 1100), (2048, 2048), (4096, 3000))
-SWEEP = tuple((bn, target) for bn in (32, 64, 128) for target in (64, 128, 256))
+# (BLOCK_N, TARGET_PROGRAMS, the split kernel's warps, its stages): the block and split sizes at the served launch,
+# then the launch itself at the served sizes (eleventh session: a layer's call is 4-9x its bytes' time, latency)
+SWEEP = (tuple((bn, target, 4, 2) for bn in (32, 64, 128) for target in (64, 128, 256, 512))
+         + tuple((64, 256, warps, stages) for warps, stages in ((2, 2), (8, 2), (4, 1), (4, 3))))
 
 
 def time_graph(call, layers, replays: int) -> float:
@@ -100,12 +104,19 @@ def arms(scale: float, device: str = "cuda") -> dict:
     }
 
 
-def swept(bn: int, target: int, scale: float):
-    """The bare kernels at BLOCK_N `bn` and about `target` programs (module constants the launch reads)."""
+def sweep_name(bn: int, target: int, warps: int, stages: int) -> str:
+    """`triton[BLOCK_N,TARGET]` at the served launch (the eleventh session's names), the launch added otherwise."""
+    return f"triton[{bn},{target}]" if (warps, stages) == (4, 2) else f"triton[{bn},{target},w{warps},s{stages}]"
+
+
+def swept(bn: int, target: int, warps: int, stages: int, scale: float):
+    """The bare kernels at BLOCK_N `bn`, about `target` programs, the split kernel launched with `warps` warps and
+    `stages` stages (module constants the launch reads)."""
     from birbal.serve import flash_decode
 
     def call(q, k, v, mask):
         flash_decode.BLOCK_N, flash_decode.TARGET_PROGRAMS = bn, target
+        flash_decode.SPLIT_WARPS, flash_decode.SPLIT_STAGES = warps, stages
         out = q.new_empty((1, 1, HEADS, DIM))
         flash_decode.launch(q, k, v, mask, scale, out)
         return out
@@ -134,10 +145,10 @@ def measure_case(slots: int, fill: int, args, scale: float, bandwidth: float, de
     filled_bytes = 2 * KV_HEADS * fill * DIM * 2
     row = {"slots": slots, "filled": fill, "bound_us_a_layer": round(filled_bytes / bandwidth / 1e3, 2),
            "all_slots_bound_us_a_layer": round(2 * KV_HEADS * slots * DIM * 2 / bandwidth / 1e3, 2), "arms": {}}
-    defaults = (flash_decode.BLOCK_N, flash_decode.TARGET_PROGRAMS)
+    defaults = {constant: getattr(flash_decode, constant)
+                for constant in ("BLOCK_N", "TARGET_PROGRAMS", "SPLIT_WARPS", "SPLIT_STAGES")}
     candidates = {**arms(scale, device),
-                  **({f"triton[{bn},{target}]": (swept(bn, target, scale), None) for bn, target in SWEEP}
-                     if args.sweep else {})}
+                  **({sweep_name(*point): (swept(*point, scale), None) for point in SWEEP} if args.sweep else {})}
     for name, (call, prepare) in candidates.items():
         try:
             inputs = layers if prepare is None else prepare(layers)
@@ -151,7 +162,8 @@ def measure_case(slots: int, fill: int, args, scale: float, bandwidth: float, de
         except Exception as exc:  # an arm that cannot run here is a result, not the end of the run
             row["arms"][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
         finally:
-            flash_decode.BLOCK_N, flash_decode.TARGET_PROGRAMS = defaults
+            for constant, value in defaults.items():
+                setattr(flash_decode, constant, value)
         print(f"  {slots:5d} slots, {fill:5d} filled  {name:22s} {row['arms'][name]}", flush=True)
     base = row["arms"].get("grouped_compiled", {}).get("us_a_layer")
     for arm in row["arms"].values():

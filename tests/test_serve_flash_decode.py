@@ -240,7 +240,8 @@ def test_the_attention_benchmark_checks_every_arm_on_cpu(triton_interpreter):  #
 
     row = decode_attention.measure_case(128, 50, SimpleNamespace(sweep=True, replays=1), 128**-0.5, 4000.0,
                                         device="cpu", layers_n=2)
-    swept = {f"triton[{bn},{target}]" for bn, target in decode_attention.SWEEP}
+    swept = {decode_attention.sweep_name(*point) for point in decode_attention.SWEEP}
+    assert len(swept) == len(decode_attention.SWEEP) and "triton[64,256,w8,s2]" in swept
     assert set(row["arms"]) == {"sdpa", "grouped", "grouped_compiled", "flex_score_mod", "flex_block_mask",
                                 "triton"} | swept
     for name, arm in row["arms"].items():

@@ -44,6 +44,7 @@ NAME = "birbal_triton_decode"  # the AttentionInterface name (birbal.serve.atten
 BLOCK_N = 64  # slots a loop iteration of the split kernel reads
 BLOCK_G = 16  # query rows of a tile: a KV head's query heads, padded to tl.dot's least M
 TARGET_PROGRAMS = 256  # the H200 sweep's best of 64-256 (eleventh session, benchmarks/results/README.md)
+SPLIT_WARPS, SPLIT_STAGES = 4, 2  # the split kernel's launch (benchmarks/decode_attention.py --sweep varies them)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -166,7 +167,7 @@ def launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0,
         mask.stride(3), KV_HEADS=kv_heads, GROUPS=groups, DIM=dim, SPLITS=splits, BLOCK_G=BLOCK_G,
-        BLOCK_N=BLOCK_N, IEEE=query.dtype == torch.float32, num_warps=4, num_stages=2)
+        BLOCK_N=BLOCK_N, IEEE=query.dtype == torch.float32, num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES)
     reduce_kernel[(batch * kv_heads, groups)](
         acc, ml, out, out.stride(0), out.stride(2), KV_HEADS=kv_heads, GROUPS=groups, DIM=dim, SPLITS=splits,
         BLOCK_G=BLOCK_G, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
