@@ -86,7 +86,8 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile
             "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
             "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
             "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton"),
-            "gemv2": ("decode_gemv_split_input", True), "glu": ("decode_gemv_glu", True)}
+            "gemv2": ("decode_gemv_split_input", True), "glu": ("decode_gemv_glu", True),
+            "combo": ("decode_combo_kernels", True), "lenstep": ("decode_length_update", "step")}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

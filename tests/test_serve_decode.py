@@ -440,3 +440,77 @@ def test_grouped_decode_attention_serves_the_static_path_with_the_same_answers()
     finally:
         AttentionInterface.register(attention.NAME, attention.grouped_decode_attention)
     assert any(taken) and not all(taken)  # decode steps took the grouped path, prompts SDPA's
+
+
+@pytest.mark.parametrize("combo", [False, True])
+def test_one_length_update_a_step_writes_and_answers_as_each_layers_own(combo):
+    """serve.decode_length_update step (each layer's write leaves its length alone; one `_foreach_add_` after the
+    step advances all of them), with and without decode_combo_kernels: the same tokens and logprobs as the
+    compiled layers' own updates, bitwise (the same compiled maths over the same positions), across requests and
+    cache lengths; every layer's length is the positions filled after each request (a missed or doubled increment
+    would put the next key in the wrong slot)."""
+    eager = engine()
+    each = _twin(eager, decode="static")
+    each.decoder = StaticDecoder(each.model, each.cfg.max_context, (16,), compile_step="layers",
+                                 compile_lengths="each")
+    once = _twin(eager, decode="static")
+    once.decoder = StaticDecoder(once.model, once.cfg.max_context, (16,), compile_step="layers",
+                                 compile_lengths="each", combo_kernels=combo, length_update="step")
+    for prompt, n in (PROMPTS[2], PROMPTS[0], PROMPTS[2]):  # 16 slots, then max_context, then 16 again
+        request = _greedy(prompt, n)
+        a, b = each.process(request), once.process(request)
+        _assert_same(a, b, tol=0.0)
+        _assert_same(eager.process(request), b, tol=1e-4)
+        filled = len(once.encode(prompt)) + len(b.tokens) - 1  # the last token is chosen, not written
+        lengths = {int(layer.cumulative_length) for layer in once.decoder._cache.layers}
+        assert lengths == {filled} == {int(each.decoder._cache.layers[0].cumulative_length)}
+
+
+def test_the_compiled_layer_forms_are_refused_outside_compiled_layers():
+    eng = engine()
+    with pytest.raises(ServeError, match="need serve.decode=compiled_layers"):
+        StaticDecoder(eng.model, 64, (16,), length_update="step")
+    with pytest.raises(ServeError, match="need serve.decode=compiled_layers"):
+        StaticDecoder(eng.model, 64, (16,), compile_step="model", combo_kernels=True)
+    with pytest.raises(ServeError, match="decode_length_update must be layer or step"):
+        StaticDecoder(eng.model, 64, (16,), compile_step="layers", length_update="token")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("forms", ["step", "combo", "step+combo"])
+def test_compiled_layer_forms_equal_eager_on_cuda_with_fewer_kernels(forms):
+    """compiled_layers in its CUDA graph with serve.decode_length_update step and/or decode_combo_kernels: the
+    static path's and the eager model's answers, as test_cuda_graph_equals_eager_on_cuda checks the graph; and
+    each replayed step launches fewer kernels than the plain compiled layers' (step: one increment instead of one
+    a layer)."""
+    cfg = serve_cfg(postprocess="none", device="cuda", decode="compiled_layers")
+    update = {"decode_length_update": "step" if "step" in forms else "layer", "decode_combo_kernels": "combo" in forms}
+    graph = Engine.from_merged(merged_folder(), cfg.model_copy(update=update))
+    plain = Engine(graph.model, graph.tokenizer, cfg)
+    static = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "static"}))
+    eager = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "eager"}))
+    for eng in (graph, plain):
+        eng.warm_up()
+    for prompt, n in PROMPTS + PROMPTS[::-1]:
+        request = _greedy(prompt, n)
+        replayed = graph.process(request)
+        _assert_same(plain.process(request), replayed, tol=1e-5)
+        _assert_same(static.process(request), replayed, tol=1e-5)
+        _assert_same(eager.process(request), replayed, tol=1e-3)
+        _assert_matches_reference(graph, request)
+    layers = len(graph.model.model.layers)
+    fewer = _kernels_per_replay(plain) - _kernels_per_replay(graph)
+    assert fewer >= (layers - 1 if "step" in forms else 1), fewer
+
+
+def _kernels_per_replay(eng: Engine) -> int:
+    """Kernels one replay of the engine's 64-slot step graph launches (the profiler's CUDA kernel events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph, _logits = eng.decoder._graphs[64]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)

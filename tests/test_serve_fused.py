@@ -255,17 +255,18 @@ def test_split_input_graph_equals_eager_on_cuda(dtype):
 @pytest.mark.parametrize(("kind", "mode", "dtype"), [("adapter", "lora", "bfloat16"), ("adapter", "lora", "float32"),
                                                      ("merged", "projections", "bfloat16")])
 def test_glu_graph_equals_eager_on_cuda(kind, mode, dtype):
-    """The served step with serve.decode_gemv_glu (down_proj's silu(gate) * up made in its kernel, with the split
-    input where the products are [W, B] under decode_fuse lora, as birbal-4090 would take both; merged projections
-    have no split input) against the eager model, as the test above checks the served step."""
+    """The served step with serve.decode_gemv_glu (the gate/up product's kernel writes silu(gate) * up, with the
+    split input where the products are [W, B] under decode_fuse lora; merged projections have no split input)
+    against the eager model, as the test above checks the served step."""
     _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", "triton", "grouped", mode == "lora",
                                True)
 
 
 @pytest.mark.parametrize(("kind", "mode"), [("adapter", "lora"), ("merged", "projections")])
 def test_glu_is_installed_and_changes_nothing_without_cuda(kind, mode):
-    """Every layer's MLP takes serve.decode_gemv_glu's forward (a SiLU MLP, gate/up fused, down_proj ours); on
-    CPU the kernel does not run, so the answers are the switch-off engine's exactly."""
+    """Every layer's MLP takes serve.decode_gemv_glu's forward (a SiLU MLP whose gate/up are one fused product of
+    ours); on CPU the kernel does not run, so the answers are the switch-off engine's exactly. Under decode_fuse
+    projections over the adapter (each LoRA B added after the fused product) it is installed nowhere."""
     glu = _engine(kind, mode, decode_gemv="triton", decode_gemv_glu=True)
     plain = _engine(kind, mode, decode_gemv="triton")
     layers = unwrap_peft(glu.model).model.layers
@@ -273,6 +274,10 @@ def test_glu_is_installed_and_changes_nothing_without_cuda(kind, mode):
     assert all("forward" in vars(layer.mlp) for layer in layers)
     for prompt, n in PROMPTS[:2]:
         _assert_same(plain.process(_request(prompt, n)), glu.process(_request(prompt, n)), tol=0.0)
+    if kind == "adapter":
+        unfit = _engine(kind, "projections", decode_gemv="triton", decode_gemv_glu=True)
+        assert unfit.fused["glu_mlps"] == 0
+        assert not any("forward" in vars(layer.mlp) for layer in unwrap_peft(unfit.model).model.layers)
 
 
 def test_split_input_is_recorded_and_changes_nothing_without_cuda():

@@ -73,14 +73,23 @@ class ServeConfig(Section):
         "through Triton's interpreter); off until measured on a GPU.",
     )
     decode_gemv_glu: bool = Field(
-        False, description="decode_gemv triton, on CUDA: down_proj's input silu(gate) * up made inside its GEMV "
-        "(birbal.serve.gemv's gemv_glu; Inductor's order, rounded to the dtype as the step would store it) instead "
-        "of written by a kernel of its own first; off until measured on a GPU.",
+        False, description="decode_gemv triton, on CUDA: the fused gate/up product's kernel writes the MLP's "
+        "silu(gate) * up instead of gate and up (birbal.serve.gemv's gemv_act: each rounded to the dtype as stored, "
+        "then Inductor's order), so no kernel of its own makes the activation; merged, or decode_fuse lora.",
     )
     decode_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="Inductor's mode for the compiled decode modes: max-autotune-no-cudagraphs times "
         "Triton's GEMM templates against cuBLAS for each product's shape at compile time and keeps the fastest "
         "(a longer warm-up; the same products: float rounding only). Inductor's own CUDA graphs stay off.",
+    )
+    decode_combo_kernels: bool = Field(
+        False, description="compiled_layers only: Inductor's combo kernels (independent kernels of a layer's graph, "
+        "such as the q rotary and the k rotary with the cache writes, launched as one; the same per-element code).",
+    )
+    decode_length_update: Literal["layer", "step"] = Field(
+        "layer", description="compiled_layers only. layer: each layer's cache write adds one to its length, as "
+        "transformers' StaticLayer.update does (a kernel a layer); step: the layers write at the same length and "
+        "one kernel after the step advances all of them (the same positions; birbal.serve.regional).",
     )
     decode_attention: Literal["sdpa", "grouped", "triton"] = Field(
         "sdpa", description="A decode step's attention over the static cache. sdpa: transformers' SDPA (the KV "

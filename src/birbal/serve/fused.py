@@ -170,33 +170,36 @@ def _first_lora_in_base(self, x, *args, **kwargs):
 
 def _glu_mlp(self, x):
     """serve.decode_gemv_glu: the MLP of `down_proj(act_fn(gate_proj(x)) * up_proj(x))` (transformers' Mistral and
-    Llama MLPs) with, for one CUDA row, silu(gate) * up made inside down_proj's kernel instead of written first;
-    any other call as transformers computes it."""
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    out = self.down_proj._birbal_glu(self.down_proj, gate, up)
-    return self.down_proj(self.act_fn(gate) * up) if out is None else out
+    Llama MLPs) with, for one CUDA row, silu(gate) * up written by the fused gate/up product's kernel instead of
+    the product (then a kernel of its own making the activation); any other call as transformers computes it."""
+    act = self.gate_proj._birbal_act_product(self.gate_proj, x)
+    if act is None:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(act)
 
 
-def _glu_single(self, gate, up):
-    """A merged down_proj over silu(gate) * up (None: not this kernel's call)."""
-    if not gemv_kernel.applies_glu(gate, up, self.weight):
+def _act_linear(self, x):
+    """Merged gate/up's activation from its one product (None: not this kernel's call)."""
+    weight = getattr(self, FUSED)
+    if self._birbal_gemv != "triton" or not gemv_kernel.applies_act(x, weight):
         return None
-    return gemv_kernel.gemv_glu(gate, up, self.weight)
+    return gemv_kernel.gemv_act(x, weight)
 
 
-def _glu_lora_in_base(self, gate, up):
-    """decode_fuse lora's down_proj over silu(gate) * up: its LoRA A product over the activation (inside the
-    compiled step Inductor computes the activation within that reduction, never storing it), then [W, B] over
-    [silu(gate) * up, scaling * A act] in one kernel that makes the activation itself (None: not this call)."""
-    weight, rank = getattr(self, FUSED), getattr(self, FUSED_A).shape[0]
-    if not gemv_kernel.applies_glu(gate, up, weight, tail=rank):
-        return None
-    act = self._birbal_act(gate) * up
-    if not _plain_lora_call(self, act, (), {}):
-        return None
-    down = _product(self, act, getattr(self, FUSED_A), lora_a=True)
+def _act_lora_in_base(self, x):
+    """decode_fuse lora's gate/up activation: the LoRA A product for the group, then [W, B] over [x, scaling * A
+    x] in one kernel that writes silu(gate) * up, gate and up each the base output plus its LoRA term as
+    `_first_lora_in_base` computes them (None: not this call)."""
+    one_cuda_row = x.is_cuda and x.numel() == x.shape[-1]
+    if not one_cuda_row or self._birbal_gemv != "triton" or not _plain_lora_call(self, x, (), {}):
+        return None  # checked before the LoRA A product: a prompt's rows take the plain path, which makes its own
+    weight = getattr(self, FUSED)
+    down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
     scaled = down * self.scaling[self._birbal_adapter]
-    return gemv_kernel.gemv_glu(gate, up, weight, scaled)
+    if self._birbal_split_input and gemv_kernel.applies_act(x, weight, scaled):
+        return gemv_kernel.gemv_act(x, weight, scaled)
+    row = torch.cat([x, scaled], dim=-1)
+    return gemv_kernel.gemv_act(row, weight) if gemv_kernel.applies_act(row, weight) else None
 
 
 def _later_lora_in_base(self, x, *args, **kwargs):
@@ -233,7 +236,8 @@ def fuse_projections(model, mode: str = "projections", gemv: str = "cublas", spl
     rounding: tests/test_serve_fused.py). `split_input` (serve.decode_gemv_split_input), under "lora" and gemv
     "triton" on CUDA: each [W, B] product reads [x, scaling * A x] from its two halves (birbal.serve.gemv's
     `gemv2`) instead of a written concatenation. `glu` (serve.decode_gemv_glu), with gemv "triton" on CUDA: each
-    SiLU MLP whose gate/up are fused makes silu(gate) * up inside down_proj's kernel (`gemv_glu`). Returns
+    SiLU MLP whose gate/up are one fused product of ours has that product's kernel write silu(gate) * up
+    (`gemv_act`) instead of gate and up. Returns
     {"mode", "gemv", "split_input", "glu", "fused": groups fused, "skipped": {reason: groups}} (with glu, also
     "glu_mlps": MLPs so computed). Idempotent for one mode."""
     if mode not in ("projections", "lora"):
@@ -295,20 +299,20 @@ def _plain(linear) -> bool:
 
 
 def _install_glu(layer) -> bool:
-    """serve.decode_gemv_glu on one decoder layer's MLP: when its act_fn is SiLU, gate/up are one fused product
-    and down_proj is one of ours (merged, or decode_fuse lora's [W, B]). Whether it was installed."""
+    """serve.decode_gemv_glu on one decoder layer's MLP: when its act_fn is SiLU and gate/up are one fused product
+    of ours (merged, or decode_fuse lora's [W, B]: with decode_fuse projections over the adapter, each member adds
+    its own LoRA B product after the fused one, so the activation cannot be made inside it). Whether installed."""
     mlp = getattr(layer, "mlp", None)
-    gate, up, down = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    gate, up = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj"))
     act = getattr(mlp, "act_fn", None)
     silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
-    if not silu or gate is None or getattr(gate, "_birbal_later", ()) != (up,) or down is None:
+    if not silu or gate is None or getattr(gate, "_birbal_later", ()) != (up,):
         return False
-    forward = getattr(down.forward, "__func__", None)
+    forward = getattr(gate.forward, "__func__", None)
     if forward is _first_lora_in_base:
-        object.__setattr__(down, "_birbal_glu", _glu_lora_in_base)
-        object.__setattr__(down, "_birbal_act", act)
-    elif forward is _single_linear or ("forward" not in vars(down) and _plain(down)):  # merged: ours, or plain
-        object.__setattr__(down, "_birbal_glu", _glu_single)
+        object.__setattr__(gate, "_birbal_act_product", _act_lora_in_base)
+    elif forward is _first_linear:
+        object.__setattr__(gate, "_birbal_act_product", _act_linear)
     else:
         return False
     mlp.forward = types.MethodType(_glu_mlp, mlp)

@@ -26,10 +26,14 @@ e.g. o_proj's input, the attention's output). Where x's length is a multiple of 
 7B step) its columns fall in the same lanes of the same blocks as over the concatenation: the same products summed
 in the same order, bitwise (tests/test_serve_gemv.py, through Triton's interpreter).
 
-The MLP's activation (`gemv_glu`, `gemv2_glu`, `launch(..., up=)`; `serve.decode_gemv_glu`, off until measured on
-a GPU): down_proj's input silu(gate) * up made by the kernel from the fused gate/up product as it loads it, in
-Inductor's order (gate * sigmoid(gate), then * up, in fp32) and rounded to the dtype as the stored activation is,
-so the kernel that would write it is not needed.
+The MLP's activation (`gemv_act`, `gemv2_act`, `launch(..., act=True)`; `serve.decode_gemv_glu`): the fused
+gate/up product's kernel writes silu(gate) * up instead of gate and up. A program owns BLOCK_N / 2 rows of gate
+and the same rows of up (the fused matrix's rows i and intermediate + i), so both of an activation's inputs end in
+one program's accumulator; each is rounded to the dtype as the stored product would be, then the activation is made
+in Inductor's order (gate * sigmoid(gate), then * up, in fp32) and rounded once, as the step's own kernel makes it
+from the stored product. One kernel a layer fewer, and the 2 x 14,336 product is never written. (The tenth
+session's form of this switch made the activation in down_proj's kernel, from the stored product: each of its
+programs then loaded both 14,336-long halves and made every SiLU again, and the step was slower, eleventh session.)
 
 Registered as a torch custom op (`torch.library.triton_op`), so that torch.compile traces it as one kernel of the
 compiled graph and a CUDA graph captures it like any other. Triton is imported only on a CUDA machine (the serving
@@ -44,7 +48,7 @@ import torch
 
 OP = "birbal::gemv"
 OP2 = "birbal::gemv2"  # the product over two inputs, one after the other (decode_fuse lora's [x, scaling * A x])
-OP_GLU, OP2_GLU = "birbal::gemv_glu", "birbal::gemv2_glu"  # down_proj's input silu(gate) * up made in the kernel
+OP_ACT, OP2_ACT = "birbal::gemv_act", "birbal::gemv2_act"  # the fused gate/up product written as silu(gate) * up
 # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages): the H200 sweep's fastest for the Mistral-7B step's products
 # (gemv_kernels_h200_2026-12-01.json; "+B": decode_fuse lora's [W, B] matrices, K = 4096 + the ranks)
 BLOCK_SHAPES = {
@@ -88,12 +92,20 @@ def kernel():
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, up_ptr, x2_ptr, w_ptr, y_ptr, N, K, K1, stride_w, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TWO: tl.constexpr, GLU: tl.constexpr):
-        # the input is x (K1 values), then for TWO x2 (K - K1 values): the product over their concatenation; for
-        # GLU x is silu(x) * up, computed here and rounded to the dtype as the step would have stored it
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+    def _gemv_kernel(x_ptr, x2_ptr, w_ptr, y_ptr, N, K, K1, stride_w, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TWO: tl.constexpr, ACT: tl.constexpr):
+        # the input is x (K1 values), then for TWO x2 (K - K1 values): the product over their concatenation. For
+        # ACT the weight has 2N rows (gate's N, then up's N) and the output is silu(gate) * up, N values: a program
+        # owns BLOCK_N / 2 rows of each half
+        if ACT:
+            HALF: tl.constexpr = BLOCK_N // 2
+            j = tl.arange(0, BLOCK_N)
+            out_rows = tl.program_id(0) * HALF + j % HALF
+            rows = out_rows + (j // HALF) * N  # gate's rows first, then up's same rows
+            row_ok = out_rows < N
+        else:
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
         w_row = w_ptr + rows[:, None].to(tl.int64) * stride_w
         w_ptrs = w_row + cols[None, :]
@@ -101,18 +113,11 @@ def kernel():
         for k in range(0, tl.cdiv(K1, BLOCK_K)):
             if EVEN_K:  # K1 a multiple of BLOCK_K
                 xv = tl.load(x_ptr + k * BLOCK_K + cols)
-                if GLU:
-                    uv = tl.load(up_ptr + k * BLOCK_K + cols)
                 wv = tl.load(w_ptrs, mask=row_ok[:, None], other=0.0)
             else:
                 k_ok = k * BLOCK_K + cols < K1
                 xv = tl.load(x_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
-                if GLU:
-                    uv = tl.load(up_ptr + k * BLOCK_K + cols, mask=k_ok, other=0.0)
                 wv = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if GLU:  # Inductor's order for silu(gate) * up: gate * sigmoid(gate), then * up, in fp32
-                gv = xv.to(tl.float32)
-                xv = (gv * tl.sigmoid(gv) * uv.to(tl.float32)).to(x_ptr.dtype.element_ty)
             acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
         if TWO:
@@ -123,35 +128,44 @@ def kernel():
                 wv = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
                 w_ptrs += BLOCK_K
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)  # the product as it would be stored
+        if ACT:
+            # (gate | up) -> (2, HALF) -> (HALF, 2) -> gate, up: element i of each is output row i
+            gate, up = tl.split(tl.trans(tl.reshape(y.to(tl.float32), (2, HALF))))
+            out = tl.program_id(0) * HALF + tl.arange(0, HALF)
+            tl.store(y_ptr + out, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=out < N)
+        else:
+            tl.store(y_ptr + rows, y, mask=row_ok)
 
     return _gemv_kernel
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, shape: tuple[int, int, int, int],
-           wrap=None, x2: torch.Tensor | None = None, up: torch.Tensor | None = None) -> None:
+           wrap=None, x2: torch.Tensor | None = None, act: bool = False) -> None:
     """`out` = the product of one contiguous row `x` and `weight` (N, K) at block shape `shape`, or with `x2` of
-    `x` followed by `x2` (K = their lengths together), without concatenating them, or with `up` of silu(x) * up
-    (the MLP's activation, computed in the kernel); `wrap`: torch.library.wrap_triton inside the custom op
-    (benchmarks/gemv_kernels.py launches it bare, per shape)."""
+    `x` followed by `x2` (K = their lengths together), without concatenating them; with `act`, silu(gate) * up of
+    that product's halves (`out` N / 2 values: the gate/up product's activation). `wrap`: torch.library.wrap_triton
+    inside the custom op (benchmarks/gemv_kernels.py launches it bare, per shape)."""
     import triton
 
     bn, bk, warps, stages = shape
     n, k = weight.shape
     k1 = x.shape[-1]
+    if act:
+        n //= 2
     run = kernel() if wrap is None else wrap(kernel())
-    run[(triton.cdiv(n, bn),)](x, x if up is None else up, x if x2 is None else x2, weight, out, n, k, k1,
-                               weight.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k1 % bk == 0, TWO=x2 is not None,
-                               GLU=up is not None, num_warps=warps, num_stages=stages)
+    run[(triton.cdiv(n, bn // 2 if act else bn),)](
+        x, x if x2 is None else x2, weight, out, n, k, k1, weight.stride(0), BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=k1 % bk == 0, TWO=x2 is not None, ACT=act, num_warps=warps, num_stages=stages)
 
 
 def _register() -> None:
     from torch.library import triton_op, wrap_triton
 
-    def run(x, weight, x2=None, up=None):
+    def run(x, weight, x2=None, act=False):
         n, k = weight.shape
-        out = x.new_empty((*x.shape[:-1], n))
-        launch(x, weight, out, block_shape(n, k), wrap=wrap_triton, x2=x2, up=up)
+        out = x.new_empty((*x.shape[:-1], n // 2 if act else n))
+        launch(x, weight, out, block_shape(n, k), wrap=wrap_triton, x2=x2, act=act)
         return out
 
     @triton_op(OP, mutates_args={})
@@ -164,16 +178,16 @@ def _register() -> None:
         """`F.linear(torch.cat([x, x2], -1), weight)` for one row each, contiguous, without the concatenation."""
         return run(x, weight, x2=x2)
 
-    @triton_op(OP_GLU, mutates_args={})
-    def gemv_glu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`F.linear(F.silu(gate) * up, weight)` for one row each, the activation computed in the kernel."""
-        return run(gate, weight, up=up)
+    @triton_op(OP_ACT, mutates_args={})
+    def gemv_act(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of `F.linear(x, weight).chunk(2, -1)` (gate, up), the product itself not written."""
+        return run(x, weight, act=True)
 
-    @triton_op(OP2_GLU, mutates_args={})
-    def gemv2_glu(gate: torch.Tensor, up: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`F.linear(torch.cat([F.silu(gate) * up, x2], -1), weight)`, neither the activation nor the
-        concatenation written."""
-        return run(gate, weight, x2=x2, up=up)
+    @triton_op(OP2_ACT, mutates_args={})
+    def gemv2_act(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of `F.linear(torch.cat([x, x2], -1), weight).chunk(2, -1)`, neither the concatenation
+        nor the product written."""
+        return run(x, weight, x2=x2, act=True)
 
 
 def _row_against(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -204,16 +218,16 @@ def gemv2(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return torch.ops.birbal.gemv2(x.contiguous(), x2.contiguous(), weight)
 
 
-def applies_glu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, tail: int = 0) -> bool:
-    """Whether `gemv_glu` (tail 0) or `gemv2_glu` (a second input of `tail` values) computes the product of
-    `weight` and silu(gate) * up (then the tail) here."""
-    return (_row_against(gate, weight) and _row_against(up, weight) and gate.shape == up.shape
-            and gate.shape[-1] + tail == weight.shape[-1])
+def applies_act(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor | None = None) -> bool:
+    """Whether `gemv_act(x, weight, x2)` computes silu(gate) * up of the gate/up product here (`weight` an even
+    number of rows: gate's, then up's)."""
+    fits = applies(x, weight) if x2 is None else applies2(x, x2, weight)
+    return fits and weight.shape[0] % 2 == 0
 
 
-def gemv_glu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor | None = None):
-    """The kernel's product over silu(gate) * up (then `x2`); call only where `available()` is None and
-    `applies_glu(...)`."""
+def gemv_act(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's silu(gate) * up of the gate/up product over `x` (then `x2`); call only where `available()` is
+    None and `applies_act(...)`."""
     if x2 is None:
-        return torch.ops.birbal.gemv_glu(gate.contiguous(), up.contiguous(), weight)
-    return torch.ops.birbal.gemv2_glu(gate.contiguous(), up.contiguous(), x2.contiguous(), weight)
+        return torch.ops.birbal.gemv_act(x.contiguous(), weight)
+    return torch.ops.birbal.gemv2_act(x.contiguous(), x2.contiguous(), weight)

@@ -24,6 +24,17 @@ and all inside the CUDA graph the decoder captures around the step.
 
 The model's maths are unchanged: the layer's own forward and modules, compiled by Inductor as `compiled_graph` is
 (float rounding may differ: tests/test_serve_decode.py compares it with eager).
+
+Two forms that change no maths, for the kernels they save (a decode step's small kernels cost their launch and
+latency, not their bytes):
+- `serve.decode_length_update: step`: transformers' `StaticLayer.update` adds the step's length to its layer's
+  `cumulative_length` in place, a kernel in each of the 32 layers. Every layer of the step reads the same length
+  (the decoder resets and fills them together), so here each layer's write reads its length but does not add to
+  it, and after the step one `torch._foreach_add_` advances all 32 (one kernel on CUDA). The writes themselves are
+  `StaticLayer.update`'s (`index_copy_` at `arange(new) + cumulative_length`).
+- `serve.decode_combo_kernels`: Inductor's horizontal fusion (`combo_kernels`) of independent kernels of the layer's
+  graph into one launch (the q rotary, and the k rotary and cache writes, read the same product and write
+  different buffers): the same per-element code, launched together.
 """
 
 from __future__ import annotations
@@ -41,17 +52,29 @@ CACHE_KWARGS = ("cache", "past_key_values")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # serve.decode_compile_mode  # transformers 5.24 and 5.17 names of the layer's cache argument
 
 
+LENGTH_UPDATES = ("layer", "step")  # serve.decode_length_update
+
+
 class _LayerCache:
     """One layer of a `StaticCache`, with the cache's `update(key_states, value_states, layer_idx, ...)`: the
-    attention's call reaches this layer whatever index it passes (the index is what makes Dynamo recompile)."""
+    attention's call reaches this layer whatever index it passes (the index is what makes Dynamo recompile).
+    `defer`: the write without the length's increment (serve.decode_length_update step; the step adds it)."""
 
-    __slots__ = ("layer",)
+    __slots__ = ("layer", "defer")
 
-    def __init__(self, layer):
-        self.layer = layer
+    def __init__(self, layer, defer: bool = False):
+        self.layer, self.defer = layer, defer
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        return self.layer.update(key_states, value_states, *args, **kwargs)
+        if not self.defer:
+            return self.layer.update(key_states, value_states, *args, **kwargs)
+        # transformers 5.24's StaticLayer.update (cache_utils.py) for an initialized layer, less its
+        # `cumulative_length.add_(kv_length)` (`RegionalLayers.active` checks the layers are initialized StaticLayers)
+        layer = self.layer
+        position = torch.arange(key_states.shape[-2], device=layer.keys.device) + layer.cumulative_length
+        layer.keys.index_copy_(2, position, key_states)
+        layer.values.index_copy_(2, position, value_states)
+        return layer.keys, layer.values
 
 
 class RegionalLayers:
@@ -81,7 +104,7 @@ class RegionalLayers:
         self._forward = forward
         self.compiled = {"each": torch.compile(forward, dynamic=False, fullgraph=True),
                          "one": torch.compile(forward, dynamic=None, fullgraph=True)}
-        self._compiled_modes: dict[tuple[str, str], object] = {}
+        self._compiled_modes: dict[tuple[str, str, bool], object] = {}
         # One graph per cache length and model kind is expected (3 lengths for the merged model and 3 for the
         # adapter, in a process that serves both, as the benchmark does): past Dynamo's default limit of 8 a frame
         # silently runs eagerly, which would serve at cuda_graph's speed under this mode's name.
@@ -93,6 +116,7 @@ class RegionalLayers:
         self._cache = None
         self._lengths = "one"
         self._compiled_fn = self.compiled["one"]
+        self._deferred: list | None = None  # decode_length_update step: (cumulative_length, new positions) a layer
         for index, layer in enumerate(layers):
             layer.forward = self._routed(layer, getattr(getattr(layer, "self_attn", None), "layer_idx", index))
 
@@ -114,7 +138,11 @@ class RegionalLayers:
             if cache is None or name is None or kwargs[name] is not cache:
                 return eager(*args, **kwargs)  # a prefill, or any forward outside the decode step
             cache_layer = cache.layers[index]
-            kwargs[name] = _LayerCache(cache_layer)
+            deferred = self._deferred
+            kwargs[name] = _LayerCache(cache_layer, defer=deferred is not None)
+            if deferred is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                deferred.append((cache_layer.cumulative_length, hidden.shape[-2]))
             if self._lengths == "one":
                 mask = kwargs.get("attention_mask")
                 if isinstance(mask, torch.Tensor):
@@ -125,25 +153,42 @@ class RegionalLayers:
 
         return forward
 
-    def compiled_for(self, lengths: str, mode: str = "default"):
+    def compiled_for(self, lengths: str, mode: str = "default", combo: bool = False):
         if lengths not in self.compiled:
             raise ServeError(f"serve.decode_compile_lengths must be one or each; given {lengths!r}")
-        if mode == "default":
-            return self.compiled[lengths]
         if mode not in COMPILE_MODES:
             raise ServeError(f"serve.decode_compile_mode must be one of {', '.join(COMPILE_MODES)}; given {mode!r}")
-        if (lengths, mode) not in self._compiled_modes:
-            self._compiled_modes[lengths, mode] = torch.compile(
-                self._forward, dynamic=False if lengths == "each" else None, fullgraph=True, mode=mode)
-        return self._compiled_modes[lengths, mode]
+        if mode == "default" and not combo:
+            return self.compiled[lengths]
+        if (lengths, mode, combo) not in self._compiled_modes:
+            dynamic = False if lengths == "each" else None
+            if combo:  # the mode's own Inductor options, and combo kernels (torch.compile takes a mode or options)
+                from torch._inductor import list_mode_options
+
+                how = {"options": {**list_mode_options(mode), "combo_kernels": True}}
+            else:
+                how = {"mode": mode}
+            self._compiled_modes[lengths, mode, combo] = torch.compile(self._forward, dynamic=dynamic,
+                                                                       fullgraph=True, **how)
+        return self._compiled_modes[lengths, mode, combo]
 
     @contextlib.contextmanager
-    def active(self, cache, lengths: str = "one", mode: str = "default"):
+    def active(self, cache, lengths: str = "one", mode: str = "default", combo: bool = False,
+               length_update: str = "layer"):
         """Route the layers' forwards through the compiled one for steps over `cache` (a StaticCache whose layers
-        are allocated; a step that allocates them runs eagerly, so that no graph is traced for an empty cache)."""
+        are allocated; a step that allocates them runs eagerly, so that no graph is traced for an empty cache).
+        `combo`: serve.decode_combo_kernels; `length_update` "step": serve.decode_length_update (the layers'
+        lengths advanced once, when the step leaves this context; an exception leaves them as they were)."""
+        if length_update not in LENGTH_UPDATES:
+            raise ServeError(f"serve.decode_length_update must be layer or step; given {length_update!r}")
         if not all(getattr(layer, "is_initialized", True) for layer in cache.layers):
             yield
             return
+        from transformers.cache_utils import StaticLayer
+
+        if length_update == "step" and not all(type(layer) is StaticLayer for layer in cache.layers):
+            raise ServeError("serve.decode_length_update=step writes transformers' StaticLayer's cache; this cache "
+                             f"has {sorted({type(layer).__name__ for layer in cache.layers})}")
         for layer in cache.layers:
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None),
                            getattr(layer, "cumulative_length", None)):
@@ -151,11 +196,19 @@ class RegionalLayers:
                     # the same tensors every step (a graph input whose address stays), not guarded by identity:
                     # 32 layers' caches are 32 tensors, which must not mean 32 graphs
                     torch._dynamo.mark_static_address(tensor, guard=False)
-        self._cache, self._lengths, self._compiled_fn = cache, lengths, self.compiled_for(lengths, mode)
+        self._cache, self._lengths = cache, lengths
+        self._compiled_fn = self.compiled_for(lengths, mode, combo)
+        self._deferred = [] if length_update == "step" else None
         try:
             yield
+            deferred, self._deferred = self._deferred, None
+            if deferred:
+                counts = {n for _tensor, n in deferred}
+                if len(counts) != 1:
+                    raise ServeError(f"the step's layers wrote different numbers of positions: {sorted(counts)}")
+                torch._foreach_add_([tensor for tensor, _n in deferred], counts.pop())
         finally:
-            self._cache = None
+            self._cache, self._deferred = None, None
 
 
 def compiled_graph_count() -> int:
