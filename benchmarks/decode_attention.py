@@ -14,9 +14,11 @@ Arms, each a 1-token query over a (cache length, filled slots) pair with the boo
   score_mod: every slot read.
 - `flex_block_mask`: the same with a BlockMask built from the mask once, outside the timed calls (the best flex
   could do if the model built it once a step and every layer shared it).
-- `triton`: birbal.serve.flash_decode's two kernels through the registered op (`decode_attention: triton`), and
-  `triton[BLOCK_N,TARGET]`: the bare kernels over a sweep of their block and split sizes, and
-  `triton[BLOCK_N,TARGET,wW,sS]`: the split kernel launched with W warps and S stages instead of the served 4 and 2.
+- `triton`: birbal.serve.flash_decode's kernels through the registered op (`decode_attention: triton`, folded or
+  not as FOLD_REDUCE serves them), and
+  `triton[BLOCK_N,TARGET]`: the bare two kernels over a sweep of their block and split sizes, and
+  `triton[BLOCK_N,TARGET,wW,sS]`: the split kernel launched with W warps and S stages instead of the served 4 and 2,
+  and `triton[BLOCK_N,TARGET,fold]`: the one folded kernel (the reduction in each KV head's last program).
 
 Method (as benchmarks/gemv_kernels.py): each arm is timed as the replay of one CUDA graph of 32 calls, one a layer,
 each over its own layer's cache (32 caches of up to 16 MiB: every read from HBM, as in a decode step), median of
@@ -39,10 +41,14 @@ import torch
 
 HEADS, KV_HEADS, DIM, LAYERS = 32, 8, 128, 32
 CASES = ((1024, 600), (2048, 1100), (2048, 2048), (4096, 3000))
-# (BLOCK_N, TARGET_PROGRAMS, the split kernel's warps, its stages): the block and split sizes at the served launch,
-# then the launch itself at the served sizes (eleventh session: a layer's call is 4-9x its bytes' time, latency)
-SWEEP = (tuple((bn, target, 4, 2) for bn in (32, 64, 128) for target in (64, 128, 256, 512))
-         + tuple((64, 256, warps, stages) for warps, stages in ((2, 2), (8, 2), (4, 1), (4, 3))))
+# (BLOCK_N, TARGET_PROGRAMS, the split kernel's warps, its stages, folded): the block and split sizes at the served
+# launch, then the launch itself at the served sizes (eleventh session: a layer's call is 4-9x its bytes' time,
+# latency), then the folded kernel (the reduction in the split kernel's last program) at the served block and
+# split sizes and around them: one launch fewer may move the best split
+SWEEP = (tuple((bn, target, 4, 2, False) for bn in (32, 64, 128) for target in (64, 128, 256, 512))
+         + tuple((64, 256, warps, stages, False) for warps, stages in ((2, 2), (8, 2), (4, 1), (4, 3)))
+         + tuple((64, target, 4, 2, True) for target in (64, 128, 256, 512))
+         + tuple((bn, 256, 4, 2, True) for bn in (32, 128)))
 
 
 def time_graph(call, layers, replays: int) -> float:
@@ -104,21 +110,24 @@ def arms(scale: float, device: str = "cuda") -> dict:
     }
 
 
-def sweep_name(bn: int, target: int, warps: int, stages: int) -> str:
-    """`triton[BLOCK_N,TARGET]` at the served launch (the eleventh session's names), the launch added otherwise."""
-    return f"triton[{bn},{target}]" if (warps, stages) == (4, 2) else f"triton[{bn},{target},w{warps},s{stages}]"
+def sweep_name(bn: int, target: int, warps: int, stages: int, fold: bool) -> str:
+    """`triton[BLOCK_N,TARGET]` at the served launch (the eleventh session's names), the launch added otherwise,
+    `,fold` for the folded kernel."""
+    launch = "" if (warps, stages) == (4, 2) else f",w{warps},s{stages}"
+    return f"triton[{bn},{target}{launch}{',fold' if fold else ''}]"
 
 
-def swept(bn: int, target: int, warps: int, stages: int, scale: float):
+def swept(bn: int, target: int, warps: int, stages: int, fold: bool, scale: float):
     """The bare kernels at BLOCK_N `bn`, about `target` programs, the split kernel launched with `warps` warps and
-    `stages` stages (module constants the launch reads)."""
+    `stages` stages (module constants the launch reads); `fold`: the one folded kernel over the device's
+    counters (made at the arm's first, eager, call: outside the timed graph's capture)."""
     from birbal.serve import flash_decode
 
     def call(q, k, v, mask):
         flash_decode.BLOCK_N, flash_decode.TARGET_PROGRAMS = bn, target
         flash_decode.SPLIT_WARPS, flash_decode.SPLIT_STAGES = warps, stages
         out = q.new_empty((1, 1, HEADS, DIM))
-        flash_decode.launch(q, k, v, mask, scale, out)
+        flash_decode.launch(q, k, v, mask, scale, out, flash_decode.arrivals(q.device) if fold else None)
         return out
 
     return call

@@ -1,7 +1,7 @@
 """birbal.serve's Triton kernels compile for the GPUs they serve on, checked here without one: every launch the
 served 7B step makes (birbal.serve.gemv's products at their block shapes, over one input and over two, and
 down_proj's with its activation made in the kernel,
-birbal.serve.flash_decode's attention at
+birbal.serve.flash_decode's attention, two kernels and folded, at
 each cache length and dtype), compiled by Triton's own compiler and bundled ptxas for sm_90 (H100/H200) and sm_89
 (RTX 4090) (tests/triton_aot.py), then each cubin's resources against the card's limits; and the custom ops as
 torch.compile traces them. What only a GPU can show (speed, the compiled maths) is the GPU tests'; a kernel that
@@ -41,9 +41,11 @@ def test_every_served_launch_compiles_for_an_h200_and_an_rtx_4090(report):
     assert len(down) == 2
     assert sum(" | _gemv_kernel | " in name for name in kernels) == 2 * (len(gemv.BLOCK_SHAPES) + len(lora)
                                                                           + len(down))
-    # archs x lengths x dtypes, each with its scale typed as Triton's launcher and as Inductor's types it
-    assert sum(" | _decode_attention_split | " in name for name in kernels) == 2 * 3 * 3 * 2
-    assert sum(" | _decode_attention_split | floats fp64 (Inductor) | " in name for name in kernels) == 2 * 3 * 3
+    # archs x lengths x dtypes x (two kernels, folded), each with its scale typed as Triton's launcher and as
+    # Inductor's types it
+    assert sum(" | _decode_attention_split | " in name for name in kernels) == 2 * 3 * 3 * 2 * 2
+    assert sum(" | _decode_attention_split | floats fp64 (Inductor) | " in name for name in kernels) == 2 * 3 * 3 * 2
+    assert sum(name.startswith("decode_attention folded ") for name in kernels) == 2 * 3 * 3 * 2  # no reduce kernel
     failed = {name: row["error"] for name, row in kernels.items() if "error" in row}
     assert not failed, failed
 
@@ -70,15 +72,19 @@ def traced() -> dict:
 
 def test_the_ops_compile_into_their_kernels_writing_only_their_own_buffers(traced):
     """torch.compile's graph of the served step's custom ops (tests/triton_aot.py --trace): each op becomes its
-    kernels and nothing else (no copy, clone or concatenation), and each kernel writes only the buffers its op
-    allocates, so Inductor clones no input (a kernel that wrote its input would cost a copy of it every step).
-    With the cache length dynamic (`decode_compile_lengths: one`) the attention keeps its 32 slices and the
-    length stays symbolic: one graph for every length."""
+    kernels and nothing else (no copy, clone or concatenation once Inductor reinplaced), and each kernel writes only
+    the buffers its op allocates, so Inductor clones no input (a kernel that wrote its input would cost a copy of it
+    every step); the folded attention's one exception, its counters, is a declared mutation of its argument (one
+    input written), which Inductor writes in place: nothing cloned, no copy. With the cache length dynamic
+    (`decode_compile_lengths: one`) the attention keeps its 32 slices and the length stays symbolic: one graph for
+    every length."""
     for name in ("static", "dynamic cache length"):
         row = traced[name]
         assert "error" not in row, row
-        assert [call["written"] for call in row["kernel_calls"]] == [["acc_ptr", "ml_ptr"], ["out_ptr"], ["y_ptr"],
-                                                                     ["y_ptr"], ["y_ptr"]]
-        assert row["kernel_calls"][0]["grid"] == "(8, 32, 1)" and row["copies"] == 0
-    assert traced["static"]["slots"] == ["2048"] and traced["static"]["chunk"] == ["64"]
+        assert [call["written"] for call in row["kernel_calls"]] == [
+            ["acc_ptr", "ml_ptr"], ["out_ptr"], ["acc_ptr", "ml_ptr", "out_ptr", "count_ptr"],  # two kernels, folded
+            ["y_ptr"], ["y_ptr"], ["y_ptr"]]
+        assert all(call["cloned"] == [] for call in row["kernel_calls"]) and row["inputs_written"] == 1
+        assert row["kernel_calls"][0]["grid"] == row["kernel_calls"][2]["grid"] == "(8, 32, 1)" and row["copies"] == 0
+    assert traced["static"]["slots"] == ["2048"] * 2 and traced["static"]["chunk"] == ["64"] * 2
     assert not traced["dynamic cache length"]["slots"][0].isdigit()  # a graph input, not a baked length

@@ -27,7 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"sm_90": 90, "sm_89": 89}
-DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.bool: "i1"}
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.bool: "i1", torch.int32: "i32"}
 
 
 class Recorder:
@@ -65,6 +65,8 @@ def signature(kernel, args, kwargs, floats: str = "fp32") -> tuple[dict, dict, d
                 sig[name] = "i32"
         elif isinstance(value, float):
             sig[name] = floats
+        elif value is None:  # an absent pointer (flash_decode's counters, two kernels): a constant, as Triton's
+            sig[name], consts[name] = "constexpr", None
         else:
             raise TypeError(f"{name}: {type(value).__name__}")
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
@@ -100,13 +102,14 @@ def launches() -> dict:
             out[f"gemv{'2' if x2 is not None else ''}_glu {n}x14336+{k - 14336} bf16 {shape}"] = calls
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for slots in (1024, 2048, 4096):
-            calls = []
             q = torch.empty(1, 1, 32, 128, dtype=dtype).transpose(1, 2)
             k, v = (torch.empty(1, 8, slots, 128, dtype=dtype) for _ in range(2))
             mask = torch.ones(1, 1, 1, slots, dtype=torch.bool)
-            flash_decode.launch(q, k, v, mask, 128**-0.5, torch.empty(1, 1, 32, 128, dtype=dtype),
-                                wrap=Recorder(calls))
-            out[f"decode_attention {slots} slots {DTYPES[dtype]}"] = calls
+            for fold in (False, True):  # the two kernels, then the split kernel doing the reduction too
+                calls = []
+                flash_decode.launch(q, k, v, mask, 128**-0.5, torch.empty(1, 1, 32, 128, dtype=dtype),
+                                    torch.zeros(8, dtype=torch.int32) if fold else None, wrap=Recorder(calls))
+                out[f"decode_attention{' folded' if fold else ''} {slots} slots {DTYPES[dtype]}"] = calls
     return out
 
 
@@ -125,9 +128,11 @@ def resources(cubin: bytes, workdir: Path) -> dict:
 def traced() -> dict:
     """What torch.compile makes of the custom ops (`torch.ops.birbal.gemv`, `.gemv2`, `.decode_attention`) at the
     7B step's shapes: AOTAutograd's graph, recorded by a backend that runs nothing. For each op call, the kernels
-    it became, their grids, and the tensors Inductor would have to clone because the kernel writes them (found by
-    torch from the kernels' own Triton IR, for an sm_90 target named here since there is no device). The attention
-    is traced twice: at a static cache length, and with the length dynamic (`decode_compile_lengths: one`)."""
+    it became, their grids, the tensors each kernel writes (found by torch from the kernels' own Triton IR, for an
+    sm_90 target named here since there is no device) and those still cloned after Inductor's reinplacing pass;
+    the graph inputs written (a declared mutation: the folded attention's counters) and the copies left after that
+    pass. The attention is traced as its two kernels and folded, twice: at a static cache length, and with the
+    length dynamic (`decode_compile_lengths: one`)."""
     import re
 
     import triton
@@ -147,12 +152,23 @@ def traced() -> dict:
 
     def backend(gm, example_inputs):
         def record(graph, inputs):
-            graphs.append(graph.code)
+            from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+            from torch._inductor.fx_utils import FakeTensorUpdater
+
+            before = graph.code
+            reinplace_inplaceable_ops(FakeTensorUpdater(graph), graph.graph)  # Inductor's own pass
+            graph.recompile()
+            graphs.append((before, graph.code))
             return graph  # never run: there is no GPU
-        return aot_module_simplified(gm, example_inputs, fw_compiler=record)
+        # keep_inference_input_mutations as Inductor sets it: a graph input's mutation stays in the graph (a copy_)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, keep_inference_input_mutations=True)
+
+    flash_decode.arrivals("cpu")  # the folded kernel's counters, made before tracing as the served model makes them
 
     def step(q, k, v, mask, x, x2, w, w1):
-        return (torch.ops.birbal.decode_attention(q, k, v, mask, 128**-0.5), torch.ops.birbal.gemv2(x, x2, w),
+        return (torch.ops.birbal.decode_attention(q, k, v, mask, 128**-0.5, None),  # the two kernels, then folded
+                torch.ops.birbal.decode_attention(q, k, v, mask, 128**-0.5, flash_decode.arrivals(q.device)),
+                torch.ops.birbal.gemv2(x, x2, w),
                 torch.ops.birbal.gemv(x, w1), torch.ops.birbal.gemv2_glu(x, x, x2, w))
 
     bf16 = torch.bfloat16
@@ -173,12 +189,15 @@ def traced() -> dict:
             if not graphs:
                 report[name] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
                 continue
-        code = graphs[0]
-        calls = re.findall(r"triton_kernel_wrapper_functional\(kernel_idx = \d+.*?grid = \[([^\]]*)\].*?"
-                           r"tensors_to_clone = \[([^\]]*)\]", code)
-        report[name] = {"kernel_calls": [{"grid": grid, "written": re.findall(r"'(\w+)'", clone)}
-                                         for grid, clone in calls],
-                        "copies": len(re.findall(r"aten\.(copy|clone|cat)", code)),
+        code, reinplaced = graphs[0]
+        pattern = (r"triton_kernel_wrapper_functional\(kernel_idx = \d+.*?grid = \[([^\]]*)\].*?"
+                   r"tensors_to_clone = \[([^\]]*)\]")
+        calls, left = re.findall(pattern, code), re.findall(pattern, reinplaced)
+        report[name] = {"kernel_calls": [{"grid": grid, "written": re.findall(r"'(\w+)'", clone),
+                                          "cloned": re.findall(r"'(\w+)'", still)}
+                                         for (grid, clone), (_grid, still) in zip(calls, left, strict=True)],
+                        "inputs_written": len(re.findall(r"aten\.copy_\.default\(arg", code)),
+                        "copies": len(re.findall(r"aten\.(copy|clone|cat)", reinplaced)),
                         "slots": re.findall(r"'slots': ([\w.]+)", code), "chunk": re.findall(r"'chunk': ([\w.]+)", code)}
     return report
 

@@ -12,9 +12,9 @@ The maths is the attention SDPA computes, in the order transformers' own `eager_
 (`tests/test_serve_decode.py::test_grouped_decode_attention_equals_sdpa`). Every other call (a prompt, a step without
 a mask, a model without grouped heads) is transformers' SDPA, unchanged.
 
-`serve.decode_attention: triton` is the same attention as two Triton kernels a layer (birbal.serve.flash_decode:
-split over the cache's slots, blocks the mask excludes not read), where they can run (CUDA, Triton); elsewhere,
-and for any call they do not cover, it is `grouped`.
+`serve.decode_attention: triton` is the same attention as Triton kernels (birbal.serve.flash_decode: split over
+the cache's slots, blocks the mask excludes not read, then reduced, in a second kernel or folded into the first),
+where they can run (CUDA, Triton); elsewhere, and for any call they do not cover, it is `grouped`.
 
 Registered through transformers' own extension points (`AttentionInterface`, `AttentionMaskInterface`) under one
 name each, whose mask is SDPA's; the model's `config._attn_implementation` is set to it.
@@ -86,6 +86,7 @@ def use_decode_attention(model, how: str) -> str:
     if reason is not None:
         return f"{use_grouped_decode_attention(model)}: {reason}"
     _use(model, flash_decode.NAME, triton_decode_attention, "triton")
+    flash_decode.arrivals(device)  # the folded kernel's counters: made here, before any capture or trace
     return f"{flash_decode.OP} (Triton)"
 
 
