@@ -37,10 +37,10 @@ def test_every_served_launch_compiles_for_an_h200_and_an_rtx_4090(report):
 
     lora = [k for _n, k in gemv.BLOCK_SHAPES if k not in (4096, 14336)]  # the [W, B] products, also as gemv2
     assert len(lora) == 4
-    down = [k for _n, k in gemv.BLOCK_SHAPES if k >= 14336]  # down_proj's, also as gemv_glu / gemv2_glu
-    assert len(down) == 2
+    gate_up = [k for n, k in gemv.BLOCK_SHAPES if n == 28672]  # gate/up's, also as gemv_act / gemv2_act
+    assert len(gate_up) == 2
     assert sum(" | _gemv_kernel | " in name for name in kernels) == 2 * (len(gemv.BLOCK_SHAPES) + len(lora)
-                                                                          + len(down))
+                                                                          + len(gate_up))
     # archs x lengths x dtypes x (two kernels, folded), each with its scale typed as Triton's launcher and as
     # Inductor's types it
     assert sum(" | _decode_attention_split | " in name for name in kernels) == 2 * 3 * 3 * 2 * 2

@@ -94,12 +94,13 @@ def launches() -> dict:
             x, x2 = torch.empty(1, k1, dtype=torch.bfloat16), torch.empty(1, k - k1, dtype=torch.bfloat16)
             gemv.launch(x, w, torch.empty(1, n, dtype=torch.bfloat16), shape, wrap=Recorder(calls), x2=x2)
             out[f"gemv2 {n}x{k1}+{k - k1} bf16 {shape}"] = calls
-        if k >= 14336:  # down_proj: its input silu(gate) * up made in the kernel (gemv_glu, gemv2_glu)
+        if n == 28672:  # gate/up: also writing silu(gate) * up (gemv_act; gemv2_act over [W, B])
             calls = []
-            g = torch.empty(1, 14336, dtype=torch.bfloat16)
-            x2 = torch.empty(1, k - 14336, dtype=torch.bfloat16) if k > 14336 else None
-            gemv.launch(g, w, torch.empty(1, n, dtype=torch.bfloat16), shape, wrap=Recorder(calls), x2=x2, up=g)
-            out[f"gemv{'2' if x2 is not None else ''}_glu {n}x14336+{k - 14336} bf16 {shape}"] = calls
+            x2 = torch.empty(1, k - 4096, dtype=torch.bfloat16) if k > 4096 else None
+            x = torch.empty(1, 4096, dtype=torch.bfloat16)
+            gemv.launch(x, w, torch.empty(1, n // 2, dtype=torch.bfloat16), shape, wrap=Recorder(calls), x2=x2,
+                        act=True)
+            out[f"gemv{'2' if x2 is not None else ''}_act {n}x4096+{k - 4096} bf16 {shape}"] = calls
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for slots in (1024, 2048, 4096):
             q = torch.empty(1, 1, 32, 128, dtype=dtype).transpose(1, 2)
@@ -169,7 +170,7 @@ def traced() -> dict:
         return (torch.ops.birbal.decode_attention(q, k, v, mask, 128**-0.5, None),  # the two kernels, then folded
                 torch.ops.birbal.decode_attention(q, k, v, mask, 128**-0.5, flash_decode.arrivals(q.device)),
                 torch.ops.birbal.gemv2(x, x2, w),
-                torch.ops.birbal.gemv(x, w1), torch.ops.birbal.gemv2_glu(x, x, x2, w))
+                torch.ops.birbal.gemv(x, w1), torch.ops.birbal.gemv2_act(x, x2, w))
 
     bf16 = torch.bfloat16
     report = {}
