@@ -43,8 +43,10 @@ def test_4090_profile_is_the_winning_recipe():
 
 def test_plus_profile_switches_the_serving_improvements_on():
     plus, full = load_recipe("birbal-4090-plus"), load_recipe("birbal-4090")
-    switched = {"model", "request_policy", "decode"}
-    assert tuple(getattr(plus.serve, k) for k in sorted(switched)) == ("auto", "merged", "kit")
+    switched = {"model", "request_policy", "decode", "decode_gemv_glu", "decode_combo_kernels", "decode_length_update"}
+    assert tuple(getattr(plus.serve, k) for k in sorted(switched)) == ("auto", True, True, "step", "merged", "kit")
+    assert (full.serve.decode_gemv_glu, full.serve.decode_combo_kernels, full.serve.decode_length_update) == (
+        False, False, "layer")  # off in birbal-4090 until its own served step is GPU-tested with them
     assert plus.serve.model_dump(exclude=switched) == full.serve.model_dump(exclude=switched)
 
 

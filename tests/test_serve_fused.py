@@ -10,6 +10,7 @@ from serve_model import engine, merged_folder, serve_cfg
 from test_serve_upstream import adapter_folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from birbal.config import load_recipe
 from birbal.models import unwrap_peft
 from birbal.serve.decode import StaticDecoder
 from birbal.serve.engine import Engine
@@ -175,15 +176,15 @@ def _errors_against(reference_engine: Engine, eng: Engine, prompt: str, n: int) 
 
 def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, decode: str,
                                gemv: str = "cublas", attention: str = "grouped", split_input: bool = False,
-                               glu: bool = False) -> None:
+                               glu: bool = False, forms: dict | None = None) -> None:
     """The fused engine (`decode`: compiled_layers in a CUDA graph on a GPU; on CPU static decode with the layers
     compiled, the same compiled forward without the graph; its products as `serve.decode_gemv` says) against the
     unfused eager model, with today's unfused path of the same decode as the yardstick: see the GPU test's
-    docstring."""
+    docstring. `forms`: more serve settings of the fused engine (decode_combo_kernels, decode_length_update)."""
     # one cache length (max_context): one compile per engine, so that the four GPU cases fit a short GPU call
     changes = dict(device=device, dtype=dtype, decode_cache_lengths=[], decode_attention="grouped", decode=decode)
     fast = _engine(kind, mode, decode_gemv=gemv, decode_gemv_split_input=split_input, decode_gemv_glu=glu,
-                   **{**changes, "decode_attention": attention})
+                   **{**changes, "decode_attention": attention, **(forms or {})})
     assert fast.fused["gemv"] == gemv and fast.fused["split_input"] == split_input and fast.fused["glu"] == glu
     if glu:
         assert fast.fused["glu_mlps"] == len(unwrap_peft(fast.model).model.layers)
@@ -196,7 +197,8 @@ def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, de
     for eng in (fast, today):
         if decode == "static":  # CPU: the compiled layers without the graph
             eng.decoder = StaticDecoder(eng.model, eng.cfg.max_context, (), compile_step="layers",
-                                        compile_lengths="each")
+                                        compile_lengths="each", combo_kernels=eng.cfg.decode_combo_kernels,
+                                        length_update=eng.cfg.decode_length_update)
         eng.warm_up()
     assert fast.decode_mode == today.decode_mode == decode
     assert _products_per_step_graphless(fast) < _products_per_step_graphless(today)
@@ -260,6 +262,41 @@ def test_glu_graph_equals_eager_on_cuda(kind, mode, dtype):
     against the eager model, as the test above checks the served step."""
     _check_fused_against_eager(kind, mode, dtype, "cuda", "compiled_layers", "triton", "grouped", mode == "lora",
                                True)
+
+
+FORMS = ("decode_combo_kernels", "decode_length_update")
+
+
+def _profile_check(profile: str, device: str) -> None:
+    """`profile`'s serve section (with "+forms", birbal-4090's with plus's three forms) through
+    `_check_fused_against_eager` on `device`."""
+    name, _, extra = profile.partition("+")
+    serve = load_recipe(name).serve
+    if extra:
+        plus = load_recipe("birbal-4090-plus").serve
+        serve = serve.model_copy(update={k: getattr(plus, k) for k in ("decode_gemv_glu", *FORMS)})
+    kind = "adapter" if serve.model == "adapter" else "merged"
+    decode = "static" if device == "cpu" else "compiled_layers" if serve.decode == "auto" else serve.decode
+    _check_fused_against_eager(kind, serve.decode_fuse, "bfloat16", device, decode, serve.decode_gemv,
+                               serve.decode_attention, serve.decode_gemv_split_input, serve.decode_gemv_glu,
+                               {k: getattr(serve, k) for k in (*FORMS, "decode_compile_lengths")})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("profile", ["birbal-4090", "birbal-4090+forms", "birbal-4090-plus"])
+def test_each_profiles_served_step_equals_eager_on_cuda(profile):
+    """Each profile's own decode settings together, on the tiny model of its kind (the adapter unmerged for
+    birbal-4090, merged for plus), in bf16 against the eager model as the tests above check the served step;
+    "+forms": birbal-4090 with plus's three kernel-saving forms (decode_gemv_glu, decode_combo_kernels,
+    decode_length_update), the test that turns them on there."""
+    _profile_check(profile, "cuda")
+
+
+def test_birbal_4090_with_the_forms_equals_eager_on_cpu():
+    """The GPU test's "+forms" case on CPU (the compiled layers without the graph or the kernels, the length
+    advanced once a step, Inductor's combo kernels asked for): what runs before the graph does."""
+    _profile_check("birbal-4090+forms", "cpu")
 
 
 @pytest.mark.parametrize(("kind", "mode"), [("adapter", "lora"), ("merged", "projections")])
