@@ -58,7 +58,8 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "sdpa": ("decode_attenti
             "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
             "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton"),
             "gemv2": ("decode_gemv_split_input", True), "glu": ("decode_gemv_glu", True),
-            "combo": ("decode_combo_kernels", True), "lenstep": ("decode_length_update", "step")}
+            "combo": ("decode_combo_kernels", True), "lenstep": ("decode_length_update", "step"),
+            "rest": ("decode_compile_rest", True)}
 # today's birbal-4090 (sdpa, unfused) and plus (merged, grouped, unfused), each followed by what this branch serves
 # (birbal-4090: grouped attention and decode_fuse lora; plus: decode_fuse), then the decode_gemv variants
 DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa+unfused,unmerged:compiled_layers+grouped+lora,"
@@ -337,7 +338,7 @@ def profile_variant(work: Path, variant: str, device, tokenizer, args) -> dict:
                                                  "decode_compile_lengths", "decode_cache_lengths", "decode_fuse",
                                                  "decode_gemv", "decode_gemv_split_input", "decode_gemv_glu",
                                                  "decode_compile_mode", "decode_combo_kernels",
-                                                 "decode_length_update")}
+                                                 "decode_length_update", "decode_compile_rest")}
     out["fused"] = engine.fused  # what decode_fuse did (and decode_gemv's kernel), as the engine reports it
     out["attention"] = engine.attention  # what decode_attention runs (for triton: the kernels, or why not)
     out["decoder"] = engine.decoder.mode

@@ -87,7 +87,8 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "each": ("decode_compile
             "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
             "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton"),
             "gemv2": ("decode_gemv_split_input", True), "glu": ("decode_gemv_glu", True),
-            "combo": ("decode_combo_kernels", True), "lenstep": ("decode_length_update", "step")}
+            "combo": ("decode_combo_kernels", True), "lenstep": ("decode_length_update", "step"),
+            "rest": ("decode_compile_rest", True)}
 
 
 def split_mode(mode: str) -> tuple[str, dict]:

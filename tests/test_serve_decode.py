@@ -466,26 +466,56 @@ def test_one_length_update_a_step_writes_and_answers_as_each_layers_own(combo):
         assert lengths == {filled} == {int(each.decoder._cache.layers[0].cumulative_length)}
 
 
+def test_the_rotary_tables_and_the_final_norm_compile_as_their_own_regions():
+    """serve.decode_compile_rest: inside the step the rotary embedding and the final norm run compiled (one graph
+    each, besides the layers' one), with the tokens and logprobs of the plain compiled layers up to Inductor's
+    rounding; outside the step (prefills, other decoders) they stay eager: no further graph."""
+    from birbal.serve.regional import REST, RegionalLayers, compiled_graph_count
+
+    eager = engine()
+    plain = _twin(eager, decode="static")
+    plain.decoder = StaticDecoder(plain.model, plain.cfg.max_context, (), compile_step="layers",
+                                  compile_lengths="each")
+    rest = _twin(eager, decode="static")
+    rest.decoder = StaticDecoder(rest.model, rest.cfg.max_context, (), compile_step="layers",
+                                 compile_lengths="each", compile_rest=True)
+    assert set(RegionalLayers.install(rest.model).rest) == set(REST)
+    request = _greedy(*PROMPTS[0])
+    want = plain.process(request)
+    torch._dynamo.reset()
+    before = compiled_graph_count()
+    got = rest.process(request)
+    assert compiled_graph_count() - before == 3  # the layer, the rotary tables, the final norm
+    _assert_same(want, got, tol=1e-5)
+    _assert_same(eager.process(request), got, tol=1e-4)
+    _assert_same(eager.process(_greedy(*PROMPTS[2])), _twin(eager, decode="static").process(_greedy(*PROMPTS[2])),
+                 tol=1e-5)  # the same modules outside the step: eager, no new graph
+    assert compiled_graph_count() - before == 3
+
+
 def test_the_compiled_layer_forms_are_refused_outside_compiled_layers():
     eng = engine()
     with pytest.raises(ServeError, match="need serve.decode=compiled_layers"):
         StaticDecoder(eng.model, 64, (16,), length_update="step")
     with pytest.raises(ServeError, match="need serve.decode=compiled_layers"):
         StaticDecoder(eng.model, 64, (16,), compile_step="model", combo_kernels=True)
+    with pytest.raises(ServeError, match="need serve.decode=compiled_layers"):
+        StaticDecoder(eng.model, 64, (16,), compile_rest=True)
     with pytest.raises(ServeError, match="decode_length_update must be layer or step"):
         StaticDecoder(eng.model, 64, (16,), compile_step="layers", length_update="token")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("forms", ["step", "combo", "step+combo"])
+@pytest.mark.parametrize("forms", ["step", "combo", "step+combo", "rest", "step+combo+rest"])
 def test_compiled_layer_forms_equal_eager_on_cuda_with_fewer_kernels(forms):
-    """compiled_layers in its CUDA graph with serve.decode_length_update step and/or decode_combo_kernels: the
-    static path's and the eager model's answers, as test_cuda_graph_equals_eager_on_cuda checks the graph; and
-    each replayed step launches fewer kernels than the plain compiled layers' (step: one increment instead of one
-    a layer)."""
+    """compiled_layers in its CUDA graph with serve.decode_length_update step, decode_combo_kernels and/or
+    decode_compile_rest: the static path's and the eager model's answers, as test_cuda_graph_equals_eager_on_cuda
+    checks the graph; and each replayed step launches fewer kernels than the plain compiled layers' (step: one
+    increment instead of one a layer; rest: the rotary's and the norm's dozen or so eager kernels become two)."""
     cfg = serve_cfg(postprocess="none", device="cuda", decode="compiled_layers")
-    update = {"decode_length_update": "step" if "step" in forms else "layer", "decode_combo_kernels": "combo" in forms}
+    update = {"decode_length_update": "step" if "step" in forms else "layer", "decode_combo_kernels": "combo" in forms,
+              "decode_compile_rest": "rest" in forms}
     graph = Engine.from_merged(merged_folder(), cfg.model_copy(update=update))
     plain = Engine(graph.model, graph.tokenizer, cfg)
     static = Engine(graph.model, graph.tokenizer, cfg.model_copy(update={"decode": "static"}))
@@ -501,7 +531,8 @@ def test_compiled_layer_forms_equal_eager_on_cuda_with_fewer_kernels(forms):
         _assert_matches_reference(graph, request)
     layers = len(graph.model.model.layers)
     fewer = _kernels_per_replay(plain) - _kernels_per_replay(graph)
-    assert fewer >= (layers - 1 if "step" in forms else 1), fewer
+    needed = (layers - 1 if "step" in forms else 0) + (6 if "rest" in forms else 0) + ("combo" in forms)
+    assert fewer >= max(needed, 1), fewer
 
 
 def _kernels_per_replay(eng: Engine) -> int:

@@ -86,6 +86,10 @@ class ServeConfig(Section):
         False, description="compiled_layers only: Inductor's combo kernels (independent kernels of a layer's graph, "
         "such as the q rotary and the k rotary with the cache writes, launched as one; the same per-element code).",
     )
+    decode_compile_rest: bool = Field(
+        False, description="compiled_layers only: the step's rotary tables and final norm (several eager kernels "
+        "each) compiled too, each its own region, with the compiled layers' float rounding; off until measured.",
+    )
     decode_length_update: Literal["layer", "step"] = Field(
         "layer", description="compiled_layers only. layer: each layer's cache write adds one to its length, as "
         "transformers' StaticLayer.update does (a kernel a layer); step: the layers write at the same length and "

@@ -66,19 +66,22 @@ def resolve_mode(requested: str, model, device: torch.device) -> str:
 
 
 def make_decoder(mode: str, model, max_len: int, cache_lengths: tuple[int, ...] = (), compile_lengths: str = "one",
-                 compile_mode: str = "default", combo_kernels: bool = False, length_update: str = "layer"):
+                 compile_mode: str = "default", combo_kernels: bool = False, length_update: str = "layer",
+                 compile_rest: bool = False):
     """`cache_lengths`: the static decoders' smaller caches (serve.decode_cache_lengths); eager ignores them.
     `compile_lengths` (serve.decode_compile_lengths, compiled_layers only): one graph for every cache length
     ("one") or one per length ("each"). `compile_mode` (serve.decode_compile_mode, the compiled modes): Inductor's
-    mode, "default" or "max-autotune-no-cudagraphs". `combo_kernels` (serve.decode_combo_kernels) and
-    `length_update` (serve.decode_length_update): compiled_layers only, birbal.serve.regional."""
+    mode, "default" or "max-autotune-no-cudagraphs". `combo_kernels` (serve.decode_combo_kernels),
+    `length_update` (serve.decode_length_update) and `compile_rest` (serve.decode_compile_rest): compiled_layers
+    only, birbal.serve.regional."""
     if mode == "eager":
         return EagerDecoder(model, max_len)
     if mode == "compiled_graph":
         return GraphDecoder(model, max_len, cache_lengths, compile_step="model", compile_mode=compile_mode)
     if mode == "compiled_layers":
         return GraphDecoder(model, max_len, cache_lengths, compile_step="layers", compile_lengths=compile_lengths,
-                            compile_mode=compile_mode, combo_kernels=combo_kernels, length_update=length_update)
+                            compile_mode=compile_mode, combo_kernels=combo_kernels, length_update=length_update,
+                            compile_rest=compile_rest)
     return {"static": StaticDecoder, "cuda_graph": GraphDecoder}[mode](model, max_len, cache_lengths)
 
 
@@ -127,12 +130,12 @@ class StaticDecoder(EagerDecoder):
 
     def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
                  compile_lengths: str = "one", compile_mode: str = "default", combo_kernels: bool = False,
-                 length_update: str = "layer"):
+                 length_update: str = "layer", compile_rest: bool = False):
         """`compile_step`: False (eager steps), "model" (`compiled_graph`: torch.compile of the whole 1-token
         step) or "layers" (`compiled_layers`: each decoder layer's forward compiled, one graph shared by all;
         `birbal.serve.regional`). `compile_mode`: Inductor's mode for either ("default" or
         "max-autotune-no-cudagraphs": never Inductor's own CUDA graphs, the GraphDecoder captures its own).
-        `combo_kernels`, `length_update`: the compiled layers' forms that change no maths (birbal.serve.regional)."""
+        `combo_kernels`, `length_update`, `compile_rest`: the compiled layers' forms (birbal.serve.regional)."""
         super().__init__(model, max_len)
         if compile_step is True:
             compile_step = "model"
@@ -148,12 +151,12 @@ class StaticDecoder(EagerDecoder):
         self.compile_mode = compile_mode
         from birbal.serve.regional import LENGTH_UPDATES
 
-        if (combo_kernels or length_update != "layer") and compile_step != "layers":
-            raise ServeError("serve.decode_combo_kernels and serve.decode_length_update=step are forms of the "
-                             "compiled layers: they need serve.decode=compiled_layers")
+        if (combo_kernels or compile_rest or length_update != "layer") and compile_step != "layers":
+            raise ServeError("serve.decode_combo_kernels, decode_compile_rest and decode_length_update=step are "
+                             "forms of the compiled layers: they need serve.decode=compiled_layers")
         if length_update not in LENGTH_UPDATES:
             raise ServeError(f"serve.decode_length_update must be layer or step; given {length_update!r}")
-        self.combo_kernels, self.length_update = combo_kernels, length_update
+        self.combo_kernels, self.length_update, self.compile_rest = combo_kernels, length_update, compile_rest
         self.cache_lengths = tuple(sorted({n for n in cache_lengths if 0 < n < max_len} | {max_len}))
         self._caches: dict[int, object] = {}  # length -> StaticCache, each built on first use
         self._cache_len = max_len  # the length of the cache `_cache` is, for this request
@@ -243,7 +246,7 @@ class StaticDecoder(EagerDecoder):
     def _decode_step(self) -> torch.Tensor:
         if self._regional is not None:
             with self._regional.active(self._cache, self.compile_lengths, self.compile_mode, self.combo_kernels,
-                                       self.length_update):
+                                       self.length_update, self.compile_rest):
                 return self._step_fn(self._token)
         return self._step_fn(self._token)
 
@@ -253,9 +256,10 @@ class GraphDecoder(StaticDecoder):
 
     def __init__(self, model, max_len: int, cache_lengths: tuple[int, ...] = (), *, compile_step: str | bool = False,
                  compile_lengths: str = "one", compile_mode: str = "default", combo_kernels: bool = False,
-                 length_update: str = "layer"):
+                 length_update: str = "layer", compile_rest: bool = False):
         super().__init__(model, max_len, cache_lengths, compile_step=compile_step, compile_lengths=compile_lengths,
-                         compile_mode=compile_mode, combo_kernels=combo_kernels, length_update=length_update)
+                         compile_mode=compile_mode, combo_kernels=combo_kernels, length_update=length_update,
+                         compile_rest=compile_rest)
         if self.compile_step:
             self.mode = "compiled_layers" if self.compile_step == "layers" else "compiled_graph"
         if self.device.type != "cuda":

@@ -149,7 +149,8 @@ class Engine:
         self.decoder = make_decoder(resolve_mode(serve_cfg.decode, model, self.device), model,
                                     serve_cfg.max_context, tuple(serve_cfg.decode_cache_lengths),
                                     serve_cfg.decode_compile_lengths, serve_cfg.decode_compile_mode,
-                                    serve_cfg.decode_combo_kernels, serve_cfg.decode_length_update)
+                                    serve_cfg.decode_combo_kernels, serve_cfg.decode_length_update,
+                                    serve_cfg.decode_compile_rest)
         self.decode_mode = self.decoder.mode
         self.warmup_s: float | None = None
         self.warmup_compiled_graphs: int | None = None  # graphs torch.compile made in the warm-up (Dynamo's count)

@@ -35,6 +35,9 @@ latency, not their bytes):
 - `serve.decode_combo_kernels`: Inductor's horizontal fusion (`combo_kernels`) of independent kernels of the layer's
   graph into one launch (the q rotary, and the k rotary and cache writes, read the same product and write
   different buffers): the same per-element code, launched together.
+- `serve.decode_compile_rest`: the two modules of the step outside the layers that are several eager kernels each
+  compiled too, each its own region (`model.rotary_emb`, the step's cos and sin tables: about 8 kernels; the final
+  `model.norm`: about 7), Inductor's float rounding as in the layers.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # serve.decode_compil
 
 
 LENGTH_UPDATES = ("layer", "step")  # serve.decode_length_update
+REST = ("rotary_emb", "norm")  # serve.decode_compile_rest: the core model's modules compiled outside its layers
 
 
 class _LayerCache:
@@ -119,6 +123,16 @@ class RegionalLayers:
         self._deferred: list | None = None  # decode_length_update step: (cumulative_length, new positions) a layer
         for index, layer in enumerate(layers):
             layer.forward = self._routed(layer, getattr(getattr(layer, "self_attn", None), "layer_idx", index))
+        # serve.decode_compile_rest: the rotary tables and the final norm, each its own compiled region, routed like
+        # the layers (their forwards as the class defines them: the rotary's is wrapped by transformers'
+        # dynamic_rope_update, which Dynamo traces through)
+        self._rest = False
+        self.rest = {}
+        for name in REST:
+            module = getattr(core.model, name, None)
+            if isinstance(module, torch.nn.Module):
+                self.rest[name] = torch.compile(type(module).forward, dynamic=False, fullgraph=True)
+                module.forward = self._routed_rest(module, name)
 
     @classmethod
     def install(cls, model) -> RegionalLayers:
@@ -153,6 +167,16 @@ class RegionalLayers:
 
         return forward
 
+    def _routed_rest(self, module, name: str):
+        eager = module.forward
+
+        def forward(*args, **kwargs):
+            if self._cache is None or not self._rest:
+                return eager(*args, **kwargs)
+            return self.rest[name](module, *args, **kwargs)
+
+        return forward
+
     def compiled_for(self, lengths: str, mode: str = "default", combo: bool = False):
         if lengths not in self.compiled:
             raise ServeError(f"serve.decode_compile_lengths must be one or each; given {lengths!r}")
@@ -174,11 +198,12 @@ class RegionalLayers:
 
     @contextlib.contextmanager
     def active(self, cache, lengths: str = "one", mode: str = "default", combo: bool = False,
-               length_update: str = "layer"):
+               length_update: str = "layer", rest: bool = False):
         """Route the layers' forwards through the compiled one for steps over `cache` (a StaticCache whose layers
         are allocated; a step that allocates them runs eagerly, so that no graph is traced for an empty cache).
         `combo`: serve.decode_combo_kernels; `length_update` "step": serve.decode_length_update (the layers'
-        lengths advanced once, when the step leaves this context; an exception leaves them as they were)."""
+        lengths advanced once, when the step leaves this context; an exception leaves them as they were); `rest`:
+        serve.decode_compile_rest."""
         if length_update not in LENGTH_UPDATES:
             raise ServeError(f"serve.decode_length_update must be layer or step; given {length_update!r}")
         if not all(getattr(layer, "is_initialized", True) for layer in cache.layers):
@@ -199,6 +224,7 @@ class RegionalLayers:
         self._cache, self._lengths = cache, lengths
         self._compiled_fn = self.compiled_for(lengths, mode, combo)
         self._deferred = [] if length_update == "step" else None
+        self._rest = rest
         try:
             yield
             deferred, self._deferred = self._deferred, None
@@ -208,7 +234,7 @@ class RegionalLayers:
                     raise ServeError(f"the step's layers wrote different numbers of positions: {sorted(counts)}")
                 torch._foreach_add_([tensor for tensor, _n in deferred], counts.pop())
         finally:
-            self._cache, self._deferred = None, None
+            self._cache, self._deferred, self._rest = None, None, False
 
 
 def compiled_graph_count() -> int:
