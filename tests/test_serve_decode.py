@@ -442,10 +442,10 @@ def test_grouped_decode_attention_serves_the_static_path_with_the_same_answers()
     assert any(taken) and not all(taken)  # decode steps took the grouped path, prompts SDPA's
 
 
-@pytest.mark.parametrize("combo", [False, True])
-def test_one_length_update_a_step_writes_and_answers_as_each_layers_own(combo):
+def test_one_length_update_a_step_writes_and_answers_as_each_layers_own():
     """serve.decode_length_update step (each layer's write leaves its length alone; one `_foreach_add_` after the
-    step advances all of them), with and without decode_combo_kernels: the same tokens and logprobs as the
+    step advances all of them), with decode_combo_kernels asked for (combo kernels are Triton code: the
+    GPU test covers each alone and both): the same tokens and logprobs as the
     compiled layers' own updates, bitwise (the same compiled maths over the same positions), across requests and
     cache lengths; every layer's length is the positions filled after each request (a missed or doubled increment
     would put the next key in the wrong slot)."""
@@ -455,7 +455,7 @@ def test_one_length_update_a_step_writes_and_answers_as_each_layers_own(combo):
                                  compile_lengths="each")
     once = _twin(eager, decode="static")
     once.decoder = StaticDecoder(once.model, once.cfg.max_context, (16,), compile_step="layers",
-                                 compile_lengths="each", combo_kernels=combo, length_update="step")
+                                 compile_lengths="each", combo_kernels=True, length_update="step")
     for prompt, n in (PROMPTS[2], PROMPTS[0], PROMPTS[2]):  # 16 slots, then max_context, then 16 again
         request = _greedy(prompt, n)
         a, b = each.process(request), once.process(request)
