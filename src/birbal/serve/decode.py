@@ -149,14 +149,13 @@ class StaticDecoder(EagerDecoder):
             raise ServeError(f"serve.decode_compile_mode must be one of {', '.join(COMPILE_MODES)}; "
                              f"given {compile_mode!r}")
         self.compile_mode = compile_mode
-        from birbal.serve.regional import LENGTH_UPDATES
+        from birbal.serve.regional import check_length_update
 
         if (combo_kernels or compile_rest or length_update != "layer") and compile_step != "layers":
             raise ServeError("serve.decode_combo_kernels, decode_compile_rest and decode_length_update=step are "
                              "forms of the compiled layers: they need serve.decode=compiled_layers")
-        if length_update not in LENGTH_UPDATES:
-            raise ServeError(f"serve.decode_length_update must be layer or step; given {length_update!r}")
-        self.combo_kernels, self.length_update, self.compile_rest = combo_kernels, length_update, compile_rest
+        self.combo_kernels, self.compile_rest = combo_kernels, compile_rest
+        self.length_update = check_length_update(length_update)
         self.cache_lengths = tuple(sorted({n for n in cache_lengths if 0 < n < max_len} | {max_len}))
         self._caches: dict[int, object] = {}  # length -> StaticCache, each built on first use
         self._cache_len = max_len  # the length of the cache `_cache` is, for this request

@@ -25,8 +25,8 @@ and all inside the CUDA graph the decoder captures around the step.
 The model's maths are unchanged: the layer's own forward and modules, compiled by Inductor as `compiled_graph` is
 (float rounding may differ: tests/test_serve_decode.py compares it with eager).
 
-Two forms that change no maths, for the kernels they save (a decode step's small kernels cost their launch and
-latency, not their bytes):
+Three forms for the kernels they save (a decode step's small kernels cost their launch and latency, not their
+bytes); the first two change no maths:
 - `serve.decode_length_update: step`: transformers' `StaticLayer.update` adds the step's length to its layer's
   `cumulative_length` in place, a kernel in each of the 32 layers. Every layer of the step reads the same length
   (the decoder resets and fills them together), so here each layer's write reads its length but does not add to
@@ -57,6 +57,12 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # serve.decode_compil
 
 LENGTH_UPDATES = ("layer", "step")  # serve.decode_length_update
 REST = ("rotary_emb", "norm")  # serve.decode_compile_rest: the core model's modules compiled outside its layers
+
+
+def check_length_update(value: str) -> str:
+    if value not in LENGTH_UPDATES:
+        raise ServeError(f"serve.decode_length_update must be layer or step; given {value!r}")
+    return value
 
 
 class _LayerCache:
@@ -204,8 +210,7 @@ class RegionalLayers:
         `combo`: serve.decode_combo_kernels; `length_update` "step": serve.decode_length_update (the layers'
         lengths advanced once, when the step leaves this context; an exception leaves them as they were); `rest`:
         serve.decode_compile_rest."""
-        if length_update not in LENGTH_UPDATES:
-            raise ServeError(f"serve.decode_length_update must be layer or step; given {length_update!r}")
+        check_length_update(length_update)
         if not all(getattr(layer, "is_initialized", True) for layer in cache.layers):
             yield
             return
