@@ -29,13 +29,21 @@ DECODE = [
     ("decode_profile_h200_2026-12-01_triton.json", "unmerged:compiled_layers+grouped+lora+gemva",
      "birbal-4090\n+ gemv lora_a"),
     ("decode_profile_h200_2026-12-01_triton.json", "unmerged:compiled_layers+grouped+lora+gemvtriton",
-     "birbal-4090 now\n+ gemv triton"),
+     "birbal-4090\n+ gemv triton"),
+    ("decode_profile_h200_2026-12-01_tattn.json", "unmerged:compiled_layers+tattn+lora+gemvtriton",
+     "birbal-4090 now\n+ attention\nkernel"),
+    ("decode_profile_h200_2026-12-01_forms.json", "unmerged:compiled_layers+lenstep+combo+glu",
+     "birbal-4090\n+ 3 forms\n(not served)"),
     ("decode_profile_h200_2026-12-01_final.json", "merged:compiled_layers+grouped+unfused",
      "plus (merged)\ngrouped, unfused"),
     ("decode_profile_h200_2026-12-01_triton_merged.json", "merged:compiled_layers+grouped+fused+gemva",
      "plus\nfused projections"),
     ("decode_profile_h200_2026-12-01_triton_merged.json", "merged:compiled_layers+grouped+fused+gemvtriton",
-     "plus now\n+ gemv triton"),
+     "plus\n+ gemv triton"),
+    ("decode_profile_h200_2026-12-01_tattn.json", "merged:compiled_layers+tattn+fused+gemvtriton",
+     "plus\n+ attention\nkernel"),
+    ("decode_profile_h200_2026-12-01_forms.json", "merged:compiled_layers+lenstep+combo+glu",
+     "plus now\n+ 3 forms"),
 ]
 CLASSES = [("products (base weights, lm_head)", ("base_gemv", "lm_head", "gemv_birbal"), "#4c72b0"),
            ("LoRA products", ("lora_a_gemv", "lora_b_gemv", "gemv_triton"), "#dd8452"),
@@ -66,7 +74,7 @@ def load(results: Path, name: str) -> dict:
 
 
 def plot_decode(results: Path, plt):
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig, ax = plt.subplots(figsize=(13, 5.8))
     labels, bounds = [], []
     for i, (name, key, label) in enumerate(DECODE):
         variant = load(results, name)[key]
@@ -86,7 +94,7 @@ def plot_decode(results: Path, plt):
         ax.hlines(bound, i - 0.4, i + 0.4, colors="black", linestyles="dotted",
                   label="bandwidth bound (the step's bytes at the copy rate)" if i == 0 else None)
     ax.axhline(DECODE_TARGET_MS, color="#c44e52", linestyle="--", label=f"issue 17: {DECODE_TARGET_MS} ms")
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("ms per decode step (batch 1, 1,000-token context)")
     ax.set_title("Decode at the Mistral-7B shape, H200 (benchmarks/decode_profile.py, CUDA graph replay)")
     ax.legend(fontsize=8, loc="upper right")
