@@ -151,13 +151,17 @@ def _later_lora(self, x, *args, **kwargs):
     return self._birbal_peft_forward(x, *args, **kwargs)
 
 
+def _scaled_down(self, x):
+    """decode_fuse lora's second input: the group's LoRA A product over `x` (one product), times the scaling."""
+    return _product(self, x, getattr(self, FUSED_A), lora_a=True) * self.scaling[self._birbal_adapter]
+
+
 def _first_lora_in_base(self, x, *args, **kwargs):
     """`serve.decode_fuse: lora`: lora_A for the group (one product), then the base and every B in one product
     over [x, scaling * down]: the B matrices are columns of the base's matrix (zeros where another member's)."""
     if not _plain_lora_call(self, x, args, kwargs):
         return self._birbal_peft_forward(x, *args, **kwargs)
-    down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
-    scaled, weight = down * self.scaling[self._birbal_adapter], getattr(self, FUSED)
+    scaled, weight = _scaled_down(self, x), getattr(self, FUSED)
     if self._birbal_split_input and self._birbal_gemv == "triton" and gemv_kernel.applies2(x, scaled, weight):
         # serve.decode_gemv_split_input: the kernel reads x, then the scaled LoRA term, in place: [x, scaled] is
         # never written (the same products in the same order as over the concatenation where x's length is a
@@ -193,9 +197,7 @@ def _act_lora_in_base(self, x):
     one_cuda_row = x.is_cuda and x.numel() == x.shape[-1]
     if not one_cuda_row or self._birbal_gemv != "triton" or not _plain_lora_call(self, x, (), {}):
         return None  # checked before the LoRA A product: a prompt's rows take the plain path, which makes its own
-    weight = getattr(self, FUSED)
-    down = _product(self, x, getattr(self, FUSED_A), lora_a=True)
-    scaled = down * self.scaling[self._birbal_adapter]
+    weight, scaled = getattr(self, FUSED), _scaled_down(self, x)
     if self._birbal_split_input and gemv_kernel.applies_act(x, weight, scaled):
         return gemv_kernel.gemv_act(x, weight, scaled)
     row = torch.cat([x, scaled], dim=-1)
