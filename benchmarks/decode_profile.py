@@ -60,6 +60,10 @@ VARIANTS = {"grouped": ("decode_attention", "grouped"), "sdpa": ("decode_attenti
             "gemv2": ("decode_gemv_split_input", True), "glu": ("decode_gemv_glu", True),
             "combo": ("decode_combo_kernels", True), "lenstep": ("decode_length_update", "step"),
             "rest": ("decode_compile_rest", True)}
+# "+name" that is a kernel's launch, not a serve setting: a birbal.serve.flash_decode constant set while the variant
+# is built and timed, then restored (benchmarks/decode_attention.py --sweep picks candidates kernel against kernel;
+# this times one in the served step)
+LAUNCHES = {"warps8": ("SPLIT_WARPS", 8)}
 # today's birbal-4090 (sdpa, unfused) and plus (merged, grouped, unfused), each followed by what this branch serves
 # (birbal-4090: grouped attention and decode_fuse lora; plus: decode_fuse), then the decode_gemv variants
 DEFAULT_VARIANTS = ("unmerged:compiled_layers+sdpa+unfused,unmerged:compiled_layers+grouped+lora,"
@@ -80,10 +84,16 @@ ATTENTION_KERNELS = ("fmha", "flash", "attention", "softmax", "attn")
 def parse_variant(text: str) -> tuple[str, str, dict]:
     served, _, spec = text.partition(":")
     mode, *switches = spec.split("+")
-    if served not in PROFILES or not mode or any(s not in VARIANTS for s in switches):
+    if served not in PROFILES or not mode or any(s not in VARIANTS and s not in LAUNCHES for s in switches):
         raise argparse.ArgumentTypeError(f"a variant is served:mode[+switch...], served in {', '.join(PROFILES)}, "
-                                         f"switches from {', '.join(VARIANTS)}; given {text!r}")
-    return served, mode, dict(VARIANTS[s] for s in switches)
+                                         f"switches from {', '.join([*VARIANTS, *LAUNCHES])}; given {text!r}")
+    return served, mode, dict(VARIANTS[s] for s in switches if s in VARIANTS)
+
+
+def launches(text: str) -> dict:
+    """The flash_decode launch constants `text`'s "+name"s set (LAUNCHES)."""
+    _, _, spec = text.partition(":")
+    return dict(LAUNCHES[s] for s in spec.split("+")[1:] if s in LAUNCHES)
 
 
 def variants_arg(text: str) -> list[str]:
@@ -488,11 +498,21 @@ def main() -> int:
                 print(f"{variant}: skipped ({left:.0f} s left)", flush=True)
                 continue
             s = time.perf_counter()
+            from birbal.serve import flash_decode
+
+            kept = {name: getattr(flash_decode, name) for name in launches(variant)}
             try:
+                for name, value in launches(variant).items():
+                    setattr(flash_decode, name, value)
                 res[variant] = profile_variant(args.workdir, variant, device, tokenizer, args)
+                res[variant]["launch"] = {name: getattr(flash_decode, name) for name in
+                                          ("SPLIT_WARPS", "SPLIT_STAGES", "FOLD_REDUCE")}
             except Exception:
                 res[variant] = {"error": traceback.format_exc()[-4000:]}
                 print(f"{variant}: failed\n{res[variant]['error']}", flush=True)
+            finally:
+                for name, value in kept.items():
+                    setattr(flash_decode, name, value)
             res[variant]["wall_s"] = round(time.perf_counter() - s, 1)
             save()
             r = res[variant]

@@ -31,9 +31,11 @@ DECODE = [
     ("decode_profile_h200_2026-12-01_triton.json", "unmerged:compiled_layers+grouped+lora+gemvtriton",
      "birbal-4090\n+ gemv triton"),
     ("decode_profile_h200_2026-12-01_tattn.json", "unmerged:compiled_layers+tattn+lora+gemvtriton",
-     "birbal-4090 now\n+ attention\nkernel"),
-    ("decode_profile_h200_2026-12-01_forms.json", "unmerged:compiled_layers+lenstep+combo+glu",
-     "birbal-4090\n+ 3 forms\n(not served)"),
+     "birbal-4090\n+ attention\nkernel"),
+    ("decode_profile_h200_2026-12-02_rest.json", "unmerged:compiled_layers",
+     "birbal-4090\nsame, later\nrun"),
+    ("decode_profile_h200_2026-12-02_rest.json", "unmerged:compiled_layers+lenstep+combo+glu",
+     "birbal-4090 now\n+ 3 forms"),
     ("decode_profile_h200_2026-12-01_final.json", "merged:compiled_layers+grouped+unfused",
      "plus (merged)\ngrouped, unfused"),
     ("decode_profile_h200_2026-12-01_triton_merged.json", "merged:compiled_layers+grouped+fused+gemva",
@@ -43,7 +45,11 @@ DECODE = [
     ("decode_profile_h200_2026-12-01_tattn.json", "merged:compiled_layers+tattn+fused+gemvtriton",
      "plus\n+ attention\nkernel"),
     ("decode_profile_h200_2026-12-01_forms.json", "merged:compiled_layers+lenstep+combo+glu",
-     "plus now\n+ 3 forms"),
+     "plus\n+ 3 forms"),
+    ("decode_profile_h200_2026-12-02_rest.json", "merged:compiled_layers",
+     "plus\nsame, later\nrun"),
+    ("decode_profile_h200_2026-12-02_rest.json", "merged:compiled_layers+rest",
+     "plus now\n+ rest"),
 ]
 CLASSES = [("products (base weights, lm_head)", ("base_gemv", "lm_head", "gemv_birbal"), "#4c72b0"),
            ("LoRA products", ("lora_a_gemv", "lora_b_gemv", "gemv_triton"), "#dd8452"),
@@ -74,7 +80,7 @@ def load(results: Path, name: str) -> dict:
 
 
 def plot_decode(results: Path, plt):
-    fig, ax = plt.subplots(figsize=(13, 5.8))
+    fig, ax = plt.subplots(figsize=(15.5, 5.8))
     labels, bounds = [], []
     for i, (name, key, label) in enumerate(DECODE):
         variant = load(results, name)[key]

@@ -62,11 +62,13 @@ def _request(prompt: str, n: int) -> ProcessRequest:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
 @pytest.mark.parametrize("kind", ["adapter", "merged"])
 def test_without_cuda_the_products_stay_f_linear_and_the_report_says_so(kind):
-    """On a CPU (the smoke profile's server inherits birbal-4090's decode_gemv) the kernel is not used: the
-    engine's report names the fallback, lm_head keeps its own forward, and the answers are lora_a's exactly."""
+    """On a CPU (the smoke profile's server inherits birbal-4090's decode_gemv and decode_gemv_glu) the kernel is
+    not used: the engine's report names the fallback, lm_head keeps its own forward, and the answers are lora_a's
+    exactly (lora_a has no activation form: decode_gemv_glu off there)."""
     def make(decode_gemv):
         cfg = serve_cfg(postprocess="none", request_policy="kit", decode="static", decode_fuse="lora"
-                        if kind == "adapter" else "projections", decode_gemv=decode_gemv)
+                        if kind == "adapter" else "projections", decode_gemv=decode_gemv,
+                        decode_gemv_glu=decode_gemv == "triton")
         if kind == "merged":
             return Engine.from_merged(merged_folder(), cfg)
         return Engine.from_adapter(str(merged_folder()), adapter_folder(), engine().tokenizer, cfg)
