@@ -12,7 +12,8 @@ What it does, in one process:
    benchmarks/serve_latency.py (its `build_folders`; reused when `--workdir` already holds them);
 2. per variant `served:mode[+switch...]` (served: `unmerged` = birbal-4090's server, `Engine.from_adapter` on the
    base + adapter under the birbal-4090 profile's serve section; `merged` = birbal-4090-plus's, `Engine.from_merged`
-   under that profile's), with `serve.decode` = mode and each `+switch` a serve setting (VARIANTS), loads the engine
+   under that profile's), with `serve.decode` = mode and each `+switch` a serve setting (VARIANTS) or a kernel's
+   launch constant held for that variant only (LAUNCHES, recorded as its `launch`), loads the engine
    exactly as the server does (the same decoder classes), prefills a `--prompt-tokens` prompt into the
    `--cache-length` static cache (the graph decoders capture, and compile, that length there), then
    (a) `graph_ms_per_step`: `--steps` replays of the captured step, timed with CUDA events (for a graph mode; the
