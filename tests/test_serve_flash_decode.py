@@ -147,9 +147,13 @@ def _writes(stored: list, tensor: torch.Tensor) -> np.ndarray:
     return np.bincount(index[(index >= 0) & (index < tensor.numel())], minlength=tensor.numel())
 
 
-# every case in bf16 (the served dtype); fp32 (IEEE products, the other code path of the dot) on the served shape
-# only: the fold is not served (FOLD_REDUCE), and each case here is seconds of the interpreter in CI
-FOLD_CASES = [(case, torch.bfloat16) for case in CASES] + [("7b-shape", torch.float32)]
+# in bf16 (the served dtype) the cases whose arrivals differ: the served shape, several slices a row over a batch,
+# one program a row (first and last at once), two rows; fp32 (IEEE products, the other code path of the dot) on
+# the served shape only. The fold is not served (FOLD_REDUCE), each case is seconds of the interpreter in CI, and
+# the cases left out (ragged, one-group, window: the mask and the tail block, the same code in both forms) are
+# checked for the two kernels by test_kernels_equal_fp64_attention_through_the_interpreter
+FOLD_CASES = [(case, torch.bfloat16) for case in ("7b-shape", "long-slices", "one-slice", "two-rows")] + [
+    ("7b-shape", torch.float32)]
 
 
 @pytest.mark.parametrize(("case", "dtype"), FOLD_CASES, ids=lambda v: str(v))
