@@ -9,13 +9,8 @@ missing, and a saved folder needs neither). Run from the repository root, with t
 
     .venv/bin/python benchmarks/device_carry.py --out .cache/whl3
 
-Then, on the box, before a command:
-
-    python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .cache/whl3/*.whl
-    export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
-
-and before timing a start-up, `python3 -m compileall -q -j 16 /tmp/site <the box's site-packages> src` (about 12 s):
-the serving image has every module's bytecode, the box's own torch has none (docs/SERVE.md).
+Then, on the box, each command starts with `source benchmarks/device_env.sh` (it installs the folder into
+/tmp/site, compiles the bytecode the box lacks, and sets PYTHONPATH and the quiet-logging variables).
 
 bitsandbytes' wheel holds a CUDA library for every toolkit it supports (about 150 MB); the carry keeps the CUDA
 13.0 one (the box's torch is cu130) and the CPU one, so the folder stays under the 64 MiB a command may carry
