@@ -175,6 +175,22 @@ def test_a_busy_port_fails_serve_loudly_and_reproduces_wait_notices(server_of_ru
     assert attempt.status == "failed" and "Address already in use" in attempt.error
 
 
+def test_the_port_accepts_connections_once_bound():
+    """The serve stage writes the url into its record right after the bind; a client that reads it and connects at
+    once must be queued, not refused (tests/test_serve_live.py's fixture met ECONNREFUSED in CI before the port
+    listened from the bind)."""
+    import socket
+
+    from birbal.serve.stage import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", sock.getsockname()[1]), timeout=2):
+            pass  # connected: the kernel queued it for the server's accept
+    finally:
+        sock.close()
+
+
 def test_every_file_the_docs_and_configs_cite_exists():
     """docs/*.md and tests/*.py (::test) named in configs/, docs/ and the README are there (issue 14 found two that
     were not)."""

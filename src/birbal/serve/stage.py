@@ -231,6 +231,10 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening from here, before the record names the url: a client that reads it and connects at once is
+        # queued until uvicorn accepts, not refused (bound but not yet listening, the port refuses connections,
+        # and on Linux a second server could still bind it with SO_REUSEADDR). uvicorn's own backlog.
+        sock.listen(2048)
     except OSError as err:
         sock.close()
         raise ServeError(f"cannot listen on {host}:{port}: {err.strerror} (another server, perhaps another run's, "
