@@ -20,12 +20,29 @@ def smoke():
     return load_recipe("smoke")
 
 
+# Mistral-7B-v0.1's layer (its config.json: hidden 4096, MLP 14336, 32 query and 8 KV heads, rope_theta 1e4 as the
+# tiny model's, initializer_range 0.02) with two of its 32 layers and its 32,000-token vocabulary: every kernel
+# the served step launches at the real shape (the 32 layers run the same ones), 0.7B parameters instead of 7.2B
+SEVEN_B_LAYERS = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "initializer_range": 0.02}
+
+
+def merged_folder(shape: str = "tiny") -> Path:
+    """A folder like `export/merged/`: config.json, model.safetensors and the tokenizer files. `shape` "7b-layers":
+    the smoke model's architecture with Mistral-7B's layer shape (SEVEN_B_LAYERS). Built once per shape."""
+    return _merged_folder(shape)
+
+
 @functools.cache
-def merged_folder() -> Path:
-    """A folder like `export/merged/`: config.json, model.safetensors and the tokenizer files."""
+def _merged_folder(shape: str) -> Path:
     root = Path(tempfile.mkdtemp(prefix="birbal-serve-tests-"))
     recipe = smoke()
-    folder = materialise_random_base(recipe.model, root / "merged")
+    model = recipe.model
+    if shape == "7b-layers":
+        model = model.model_copy(update={"architecture": model.architecture.model_copy(update=SEVEN_B_LAYERS)})
+    elif shape != "tiny":
+        raise ValueError(f"unknown test model shape {shape!r}")
+    folder = materialise_random_base(model, root / "merged")
     load_tokenizer(recipe.model.tokenizer, root).save_pretrained(folder)
     return folder
 

@@ -43,17 +43,18 @@ def test_4090_profile_is_the_winning_recipe():
 
 def test_plus_profile_switches_the_serving_improvements_on():
     plus, full = load_recipe("birbal-4090-plus"), load_recipe("birbal-4090")
-    switched = {"model", "request_policy", "decode", "decode_compile_rest"}
-    assert tuple(getattr(plus.serve, k) for k in sorted(switched)) == ("auto", True, "merged", "kit")
-    assert full.serve.decode_compile_rest is False  # GPU-tested in plus's step; not measured in birbal-4090's
+    switched = {"model", "request_policy", "decode"}
+    assert tuple(getattr(plus.serve, k) for k in sorted(switched)) == ("auto", "merged", "kit")
     assert plus.serve.model_dump(exclude=switched) == full.serve.model_dump(exclude=switched)
 
 
 def test_birbal_4090_serves_the_kernel_saving_forms():
-    """The three forms of the compiled step that change no maths, GPU-tested in birbal-4090's own served step
-    (tests/test_serve_fused.py::test_each_profiles_served_step_equals_eager_on_cuda[birbal-4090])."""
+    """The four forms of the compiled step that change no maths, GPU-tested in birbal-4090's own served step
+    (tests/test_serve_fused.py::test_each_profiles_served_step_equals_eager_on_cuda[birbal-4090] with the first
+    three, [birbal-4090+rest] with decode_compile_rest, and the same at Mistral-7B's layer shape)."""
     s = load_recipe("birbal-4090").serve
-    assert (s.decode_gemv_glu, s.decode_combo_kernels, s.decode_length_update) == (True, True, "step")
+    assert (s.decode_gemv_glu, s.decode_combo_kernels, s.decode_length_update, s.decode_compile_rest) == (
+        True, True, "step", True)
 
 
 def test_smoke_is_the_same_recipe_shrunk():

@@ -184,9 +184,15 @@ def test_upstream_refuses_temperature_zero_with_a_422():
 # ---- the unmerged adapter (birbal-4090 serves base + adapter, as main.py did) -----------------------------------
 
 
+def adapter_folder(shape: str = "tiny") -> Path:
+    """A random LoRA (all seven projections, lora_B non-zero so it changes the output) on the tiny base; `shape`
+    "7b-layers": on serve_model's Mistral-7B-layer base, with birbal-4090's r=128 and alpha 256. Built once per
+    shape."""
+    return _adapter_folder(shape)
+
+
 @functools.cache
-def adapter_folder() -> Path:
-    """A random LoRA (all seven projections, lora_B non-zero so it changes the output) on the tiny base."""
+def _adapter_folder(shape: str) -> Path:
     import tempfile
 
     from peft import LoraConfig, get_peft_model
@@ -194,8 +200,9 @@ def adapter_folder() -> Path:
 
     folder = Path(tempfile.mkdtemp(prefix="birbal-upstream-tests-")) / "adapter"
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(merged_folder(), dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, init_lora_weights=False,
+    base = AutoModelForCausalLM.from_pretrained(merged_folder(shape), dtype=torch.float32)
+    r, alpha = (128, 256) if shape == "7b-layers" else (8, 16)
+    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, init_lora_weights=False,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]))
     peft_model.save_pretrained(folder)
