@@ -35,7 +35,9 @@ DECODE = [
     ("decode_profile_h200_2026-12-02_rest.json", "unmerged:compiled_layers",
      "birbal-4090\nsame, later\nrun"),
     ("decode_profile_h200_2026-12-02_rest.json", "unmerged:compiled_layers+lenstep+combo+glu",
-     "birbal-4090 now\n+ 3 forms"),
+     "birbal-4090\n+ 3 forms"),
+    ("decode_profile_h200_2026-12-02_unmerged_rest.json", "unmerged:compiled_layers+rest",
+     "birbal-4090 now\n+ rest"),
     ("decode_profile_h200_2026-12-01_final.json", "merged:compiled_layers+grouped+unfused",
      "plus (merged)\ngrouped, unfused"),
     ("decode_profile_h200_2026-12-01_triton_merged.json", "merged:compiled_layers+grouped+fused+gemva",
@@ -80,7 +82,7 @@ def load(results: Path, name: str) -> dict:
 
 
 def plot_decode(results: Path, plt):
-    fig, ax = plt.subplots(figsize=(15.5, 5.8))
+    fig, ax = plt.subplots(figsize=(16.5, 5.8))
     labels, bounds = [], []
     for i, (name, key, label) in enumerate(DECODE):
         variant = load(results, name)[key]
