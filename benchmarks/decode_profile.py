@@ -45,22 +45,15 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+import serve_latency
 from serve_latency import TINY, build_folders, copy_bandwidth, load_tokenizer, sync, versions
 from shapes import MISTRAL_7B
 
 PROFILES = {"unmerged": "birbal-4090", "merged": "birbal-4090-plus"}
 # "+name" after a mode: a serve setting (the key a variant's name carries in the JSON); what a variant does not
-# set is the profile's own (birbal-4090 for unmerged, birbal-4090-plus for merged)
-VARIANTS = {"grouped": ("decode_attention", "grouped"), "sdpa": ("decode_attention", "sdpa"),
-            "each": ("decode_compile_lengths", "each"), "one": ("decode_compile_lengths", "one"),
-            "fused": ("decode_fuse", "projections"), "unfused": ("decode_fuse", "none"),
-            "lora": ("decode_fuse", "lora"),
-            "autotune": ("decode_compile_mode", "max-autotune-no-cudagraphs"),
-            "gemva": ("decode_gemv", "lora_a"), "gemvall": ("decode_gemv", "all"),
-            "gemvtriton": ("decode_gemv", "triton"), "tattn": ("decode_attention", "triton"),
-            "gemv2": ("decode_gemv_split_input", True), "glu": ("decode_gemv_glu", True),
-            "combo": ("decode_combo_kernels", True), "lenstep": ("decode_length_update", "step"),
-            "rest": ("decode_compile_rest", True)}
+# set is the profile's own (birbal-4090 for unmerged, birbal-4090-plus for merged). serve_latency.py's names, and
+# "sdpa", which its labels leave out (they name every switch a server's settings match)
+VARIANTS = {**serve_latency.VARIANTS, "sdpa": ("decode_attention", "sdpa")}
 # "+name" that is a kernel's launch, not a serve setting: a birbal.serve.flash_decode constant set while the variant
 # is built and timed, then restored (benchmarks/decode_attention.py --sweep picks candidates kernel against kernel;
 # this times one in the served step)

@@ -32,14 +32,14 @@ def test_ledger_counts_sessions_and_time_lost_to_a_crash(tmp_path):
 def test_training_stops_by_budget_and_still_exports(tmp_path):
     run = tmp_path / "run"
     run_cli("prepare-data", "--profile", "smoke", "--run-dir", str(run))
-    # far more steps than 45 seconds allow: the loop must stop itself, save, and end as a complete stage
-    result = run_cli("train", "--profile", "smoke", "--run-dir", str(run), "--budget-hours", str(45 / 3600),
+    # far more steps than 20 seconds allow: the loop must stop itself, save, and end as a complete stage
+    result = run_cli("train", "--profile", "smoke", "--run-dir", str(run), "--budget-hours", str(20 / 3600),
                      "--set", "train.num_epochs=1000", "--set", "train.eval_steps=5", "--set", "train.save_steps=5")
     record = json.loads((run / "train" / "stage.json").read_text())
     details = record["details"]
     assert record["status"] == "complete" and record["outcome"] == "stopped_by_budget", result.stderr[-2000:]
     assert 1 <= details["global_step"] < details["total_steps"]
-    assert details["budget_used_s"] <= 45.0
+    assert details["budget_used_s"] <= 20.0
     assert (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
     assert "stopping" in result.stderr
     run_cli("export", "--profile", "smoke", "--run-dir", str(run))  # the best checkpoint so far is exported
