@@ -9,21 +9,22 @@ each static cache exactly (prompt tokens + max_new_tokens == each of serve.decod
 one token past each smaller cache, and two past the context. Every stage's stage.json must be complete, no answer
 a 5xx, the past-context ones a 422. The server's cold start (launch to /health 200) is measured.
 
-The weights are random (built on the GPU, as tests/test_gpu_train.py does). The tokenizer: the profile's maths
-need SentencePiece's model file (train.tokenization=upstream); where `mistral_common` and `sentencepiece` import,
-the real tokenizer.model from the mistral-common wheel is used and train.tokenization stays upstream; elsewhere
-the saved Mistral-7B-v0.1 tokenizer.json of the carry (.whl/tok or .cache/whl3/tok) is used with train.tokenization=joint (the JSON result
-says which). `BIRBAL_E2E_SET` adds `--set` overrides (';'-separated), e.g. `serve.decode_cache_lengths=[2048]`
-to compile one cache fewer when time is short; the boundaries follow whatever the resolved recipe says.
+The weights are random (built on the GPU, as tests/test_gpu_train.py does). The tokenizer: the profile's maths need
+SentencePiece's model file (train.tokenization=upstream); where `mistral_common` and `sentencepiece` import, the
+real tokenizer.model from the mistral-common wheel is used and train.tokenization stays upstream; elsewhere the
+saved Mistral-7B-v0.1 tokenizer.json of the carry (.whl/tok or .cache/whl3/tok) is used with
+train.tokenization=joint (the JSON result says which). `BIRBAL_E2E_SET` adds `--set` overrides (';'-separated), e.g.
+`serve.decode_cache_lengths=[2048]` to compile one cache fewer when time is short; the boundaries follow whatever
+the resolved recipe says.
 
 Time: every stage's timeout is the smaller of its cap and what is left of BUDGET_S, so the test fails (naming the
-stage, with its log's tail) before the 10-minute command is killed. Measured on an H200 (2026-12-01, eighth
-session, transformers 5.17, benchmarks/results): checkpoint 24 s, prepare 15 s, train 288 s with an empty compile
-cache (4-bit load, the layer's three compiled graphs, 1 step, eval, checkpoint) and 56 s on a warm one, export 85 s,
+stage, with its log's tail) before the 10-minute command is killed. Measured on an H200 (2026-12-01, eighth session,
+transformers 5.17, benchmarks/results): checkpoint 24 s, prepare 15 s, train 288 s with an empty compile cache
+(4-bit load, the layer's three compiled graphs, 1 step, eval, checkpoint) and 56 s on a warm one, export 85 s,
 server cold start 42 s (its 3 cache lengths compiled), burst 3 s: about 460 s on a cold machine. Under transformers
 5.24 (the images' pin; fourteenth session, 2026-12-02) the cold first step alone took 258 s and eval 16 s, so the
-train stage hit its old 300 s cap while writing the checkpoint: the caps are now 360 s for train and 555 s for the
-whole body (about 520 s expected), which leaves the pytest start and the carry's install about 40 s of the
+train stage hit its old 300 s cap in the checkpoint save after the eval: the caps are now 360 s for train and 555 s
+for the whole body (about 520 s expected), which leaves the pytest start and the carry's install about 40 s of the
 command's 600. Run it alone in a command (no compileall first), with nothing else's timeout shorter than BUDGET_S.
 
 With OUT set, $OUT/gpu_e2e.json (rewritten after every stage, so a run cut short still reports where the time
