@@ -494,9 +494,10 @@ def main() -> int:
             s = time.perf_counter()
             from birbal.serve import flash_decode
 
-            kept = {name: getattr(flash_decode, name) for name in launches(variant)}
+            launch = launches(variant)
+            kept = {name: getattr(flash_decode, name) for name in launch}
             try:
-                for name, value in launches(variant).items():
+                for name, value in launch.items():
                     setattr(flash_decode, name, value)
                 res[variant] = profile_variant(args.workdir, variant, device, tokenizer, args)
                 res[variant]["launch"] = {name: getattr(flash_decode, name) for name in

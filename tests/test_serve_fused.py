@@ -36,8 +36,8 @@ class _Products(TorchDispatchMode):
 def _engine(kind: str, fuse: str, shape: str = "tiny", **changes) -> Engine:
     """The tiny model (`shape` "7b-layers": serve_model's two Mistral-7B-shaped layers) served with `decode_fuse`
     `fuse`; its products through cuBLAS (`decode_gemv` cublas, not the profile's triton) and the compiled step in
-    its plain form (the profile's decode_gemv_glu, combo kernels and length update off) unless `changes` says
-    otherwise."""
+    its plain form (the profile's decode_gemv_glu, combo kernels, length update and rest regions off) unless
+    `changes` says otherwise."""
     cfg = serve_cfg(**{"postprocess": "none", "request_policy": "kit", "decode": "static", "decode_fuse": fuse,
                        "decode_gemv": "cublas", "decode_gemv_glu": False, "decode_combo_kernels": False,
                        "decode_length_update": "layer", "decode_compile_rest": False, **changes})
@@ -218,8 +218,8 @@ def _check_fused_against_eager(kind: str, mode: str, dtype: str, device: str, de
             flips[name] += margins
     bound = max(2 * worst["today"], 0.02)
     assert worst["fast"] <= bound, worst
-    # A clear choice: a top-2 margin no two tokens' errors within the bound can overturn (each logprob off by at
-    # most `bound`), and never under 0.05. The fast path takes another token where the choice is clear no more
+    # A clear choice: a margin (the eager model's argmax over the chosen token) that no two tokens' errors within
+    # the bound can overturn (each logprob off by at most `bound`), and never under 0.05. The fast path takes another token where the choice is clear no more
     # often than today's path does.
     clear = max(0.05, 2 * bound)
     wrong = {name: sum(m > clear for m in margins) for name, margins in flips.items()}
@@ -316,7 +316,8 @@ def test_each_profiles_served_step_equals_eager_at_the_7b_layer_shape_on_cuda(pr
 
 def test_birbal_4090_served_step_equals_eager_on_cpu():
     """The GPU test's birbal-4090 case on CPU (the compiled layers without the graph or the kernels, the length
-    advanced once a step, Inductor's combo kernels asked for): what runs before the graph does."""
+    advanced once a step, Inductor's combo kernels asked for, the rest regions compiled): what runs before the
+    graph does."""
     _profile_check("birbal-4090", "cpu")
 
 
