@@ -89,6 +89,21 @@ def make_prompts(tokenizer, n: int, median: int, sigma: float, cap: int, seed: i
     return prompts
 
 
+def memory(device) -> dict:
+    """The arm's peak of PyTorch's pool, and device-wide (the pool plus the CUDA context and whatever else holds
+    device memory outside it): what a 24 GB card must hold, not only what the allocator hands out."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    used, reserved, peak_reserved = total - free, torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device)
+    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "peak_reserved_gib": round(peak_reserved / 2**30, 2),
+            "device_used_gib_at_end": round(used / 2**30, 2),
+            "device_peak_gib_estimate": round((used - reserved + peak_reserved) / 2**30, 2)}
+
+
 def timed(fn, device) -> tuple[object, float]:
     sync(device)
     start = time.perf_counter()
@@ -99,15 +114,17 @@ def timed(fn, device) -> tuple[object, float]:
 
 def table(res: dict) -> str:
     """The arms as a Markdown table."""
-    lines = ["| arm | instances | s | instances/s | warm instances/s | graphs (capture s) | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | instances | s | instances/s | warm instances/s | graphs (capture s) "
+             "| peak GiB allocated / reserved / device-wide |", "|---|---|---|---|---|---|---|"]
     for name, arm in res["arms"].items():
         if "seconds" not in arm:
-            lines.append(f"| {name} | {arm.get('skipped', '')} | | | | | |")
+            lines.append(f"| {name} | {arm.get('skipped', arm.get('error', ''))} | | | | | |")
             continue
         graphs = f"{arm['graphs_captured']} ({arm['capture_s']})" if "graphs_captured" in arm else ""
         lines.append(f"| {name} | {arm['instances']} | {arm['seconds']} | {arm['instances_per_s']} | "
-                     f"{arm.get('warm_instances_per_s', '')} | {graphs} | {arm.get('peak_memory_gib', '')} |")
+                     f"{arm.get('warm_instances_per_s', '')} | {graphs} | "
+                     f"{arm.get('peak_memory_gib', '')} / {arm.get('peak_reserved_gib', '')} / "
+                     f"{arm.get('device_peak_gib_estimate', '')} |")
     return "\n".join(lines)
 
 
@@ -131,6 +148,10 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=240.0,
                         help="seconds from the start after which no arm starts (each needs --arm-reserve-s)")
     parser.add_argument("--arm-reserve-s", type=float, default=30.0)
+    parser.add_argument("--cap-gib", type=float, default=None,
+                        help="limit PyTorch's pool to this many GiB (torch.cuda.set_per_process_memory_fraction, as "
+                             "benchmarks/train_throughput.py caps itself), e.g. 24 for an RTX 4090's card; an arm "
+                             "that needs more fails with an out-of-memory error, recorded as that arm's result")
     parser.add_argument("--arms", default=None,
                         help="comma-separated arms to run (default: all); the batch-8 baseline always runs")
     args = parser.parse_args()
@@ -152,6 +173,12 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
 
+    if args.cap_gib is not None:
+        if device.type != "cuda":
+            parser.error("--cap-gib: only on a CUDA device")
+        total = torch.cuda.mem_get_info(device)[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+        res["cap_gib"] = args.cap_gib
     arch = MISTRAL_7B if args.arch == "mistral7b" else TINY
     tokenizer = load_tokenizer(args.workdir / "cache", args.tokenizer_folder)
     torch.manual_seed(args.seed)
@@ -212,7 +239,15 @@ def main() -> int:
         else:
             predictor = BaseModelPredictor.from_model(model, tokenizer, defaults.model_copy(update=update))
             fn = lambda p=predictor: p(prompts)  # noqa: E731
-        out, seconds = timed(fn, device)
+        try:
+            out, seconds = timed(fn, device)
+        except torch.OutOfMemoryError as err:  # under --cap-gib: the arm does not fit; the others still run
+            res["arms"][name] = {"error": f"OutOfMemoryError: {str(err).splitlines()[0][:300]}", **memory(device)}
+            model.config._attn_implementation = "sdpa"
+            del predictor, fn
+            gc.collect()
+            save()
+            continue
         outputs[name] = out  # type: ignore[assignment]
         arm = res["arms"][name] = {"instances": count, "seconds": round(seconds, 3),
                                    "instances_per_s": round(count / seconds, 3)}
@@ -222,8 +257,11 @@ def main() -> int:
             arm.update({"graphs_captured": engine.captured, "capture_s": round(engine.capture_s, 3),
                         "warm_seconds": round(warm_s, 3), "warm_instances_per_s": round(count / warm_s, 3),
                         "shapes": sorted(engine._shapes)})
+        arm.update(memory(device))
         if device.type == "cuda":
-            arm["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            arm["peak_memory_gib"] = arm["peak_allocated_gib"]
+            if args.cap_gib is not None:
+                arm["device_peak_within_cap"] = arm["device_peak_gib_estimate"] <= args.cap_gib
         model.config._attn_implementation = "sdpa"  # undo the grouped attention's switch for the arms after it
         del predictor, engine, fn
         gc.collect()
