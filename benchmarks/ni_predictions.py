@@ -165,6 +165,8 @@ def main() -> int:
     from birbal.data.inference import BaseModelPredictor
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # the memory calls below want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     res: dict = {"benchmark": "ni_predictions", "argv": sys.argv[1:], "python": platform.python_version(),
                  "torch": torch.__version__, "transformers": transformers.__version__,
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "arms": {}}
