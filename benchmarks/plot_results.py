@@ -8,7 +8,10 @@ Reads only the JSON files named below, as the benchmarks wrote them, and writes 
 - training.png: useful tokens/s at birbal-4090's own shape (one 16,384-token bin) under the 24 GiB cap, with
   offload, and with no recompute (no cap), against issue 17's 12,500; and the RTX 4090 offload projection
   (`rtx4090_offload_projection`) with the error the same model makes on the H200's own offload steps;
-- ni_predictions.png: the NI predictions step's instances/s by arm, each run's baseline beside it.
+- ni_predictions.png: the NI predictions step's instances/s by arm, each run's baseline beside it;
+- train_step.png: where one training step's GPU time goes at birbal-4090's shape (torch.profiler, by kernel group),
+  the plain stack beside it from the same run, against the step issue 17's 12,500 tokens/s needs and two floors
+  computed (not measured) from the step's FLOPs (`train_step_floor`).
 
 Run: python benchmarks/plot_results.py [--results benchmarks/results] [--out-dir DIR]
 """
@@ -61,6 +64,13 @@ DECODE_TARGET_MS = 4.2
 TRAIN_CAPPED = "train_throughput_h200_2026-12-01_bin16k_phases.json"
 TRAIN_FREE = "train_throughput_h200_2026-12-01_norecompute.json"
 TRAIN_TARGET = 12500
+TRAIN_PROFILED = "train_throughput_h200_2026-12-02_bin16k_vs_plain.json"  # both variants profiled in one run
+MEASURED_PEAK_TFLOPS = 790.0  # the H200's measured bf16 matmul rate (the MFU basis of train_throughput.py)
+# the profile's kernel groups, stacked in this order
+STEP_GROUPS = [("matmul (GEMM)", ("matmul (GEMM)",), "#4c72b0"), ("attention", ("attention",), "#55a868"),
+               ("copies / casts / element-wise", ("copies / casts / elementwise",), "#8172b3"),
+               ("optimizer, 4-bit dequantize, loss, other",
+                ("optimizer", "4-bit dequantize", "cross-entropy / softmax", "other"), "#dd8452")]
 TOKENS_FOR_3_EPOCHS_IN_24H = 220e6 / 86400  # issue 17: 220M tokens inside 24 h
 # (file, session, {arm: label}): the arms' names changed between runs (the seventh session's `static` ran SDPA);
 # prefill-only arms are a phase of another arm (the 4090 projection's), not a way to run the step, so not plotted
@@ -70,7 +80,9 @@ NI = [("ni_predictions_h200_2026-12-01_static.json", "7th", {
           "static_24gb": "static, SDPA\n49k tokens"}),
       ("ni_predictions_h200_2026-12-01_24gb.json", "8th", {
           "baseline": "baseline:\ngenerate, batch 8", "static": "static, grouped\n131k tokens",
-          "static_24gb": "static, grouped\n49k tokens, 16k\nprefill chunks\n(the defaults now)"})]
+          "static_24gb": "static, grouped\n49k tokens, 16k\nprefill chunks\n(the defaults now)"}),
+      ("ni_predictions_h200_2026-12-02_cap24.json", "15th", {
+          "baseline": "baseline:\ngenerate, batch 8", "static": "the defaults\nunder a real\n24 GiB limit"})]
 
 
 def load(results: Path, name: str) -> dict:
@@ -176,6 +188,78 @@ def plot_ni(results: Path, plt):
     return fig
 
 
+def train_step_floor(arch: dict, tokens: int = 16384, rows: int = 2, recomputed: int = 30, rank: int = 128,
+                     labelled: float = 0.5) -> dict:
+    """The FLOPs of one birbal-4090 optimiser step at the profiled shape (one 16,384-token bin of `rows` full
+    rows, `recomputed` of the layers checkpointed, LoRA rank `rank` on all seven projections), by what runs them.
+
+    GEMMs: the frozen base's forward and input-gradient products (2N each a token; no weight gradient), the
+    recomputed layers' forward again, lm_head over the labelled tokens (forward and input gradient), and each LoRA
+    product's forward, recompute and backward (2, 2 x recomputed share, 4 x its parameters a token). Attention:
+    causal, 2 S^2 d a row and layer forward (Q K^T and P V, half the square), again in the recompute, and 2.5x
+    the forward in the backward (dQ, dK, dV and the recomputed scores inside the flash backward)."""
+    h, m, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    kv = h // arch["num_attention_heads"] * arch["num_key_value_heads"]
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * m
+    base = per_layer * layers
+    lora = rank * ((h + h) + 2 * (h + kv) + (h + h) + 3 * (h + m)) * layers
+    share = recomputed / layers
+    gemm = tokens * (2 * base * (2 + share) + 2 * 2 * arch["vocab_size"] * h * labelled + lora * (2 + 2 * share + 4))
+    seq = tokens // rows
+    forward = 2 * seq * seq * h * rows * layers
+    attention = forward * (1 + share) + 2.5 * forward
+    return {"gemm_flop": gemm, "attention_flop": attention}
+
+
+def plot_train_step(results: Path, plt):
+    from shapes import MISTRAL_7B  # benchmarks/ is this script's folder
+
+    run = load(results, TRAIN_PROFILED)
+    by_name = {r["variant"]: r for r in run["results"]}
+    measured = [(by_name["baseline_full_uncapped"], "plain stack\n(transformers + peft\n+ bitsandbytes), SDPA,\n"
+                 "no cap (30.4 GiB)"), (by_name["ours_bin16k_full"], "birbal-4090\n(24 GiB cap,\n22.5 GiB)")]
+    ours = by_name["ours_bin16k_full"]["profile"]["by_group_s"]
+    fixed = sum(ours.get(k, 0.0) for k in STEP_GROUPS[3][1])
+    flop = train_step_floor(MISTRAL_7B)
+    peak = MEASURED_PEAK_TFLOPS * 1e12
+    # computed, not measured: (label, GEMM rate, attention rate, element-wise seconds)
+    floors = [("computed: GEMMs at 95%\nof 790, attention at\n700 TFLOP/s, element-\nwise 0.10 s", 0.95 * peak,
+               700e12, 0.10),
+              ("computed floor: GEMMs\nand attention at 790,\nno element-wise", peak, peak, 0.0)]
+    fig, ax = plt.subplots(figsize=(11, 5.8))
+    labels = []
+    for i, (result, label) in enumerate(measured):
+        groups = result["profile"]["by_group_s"]
+        bottom = 0.0
+        for name, keys, colour in STEP_GROUPS:
+            seconds = sum(groups.get(k, 0.0) for k in keys)
+            ax.bar(i, seconds, bottom=bottom, color=colour, label=name if i == 0 else None)
+            bottom += seconds
+        ax.text(i, bottom + 0.04, f"{bottom:.2f} s GPU\n{result['useful_tokens_per_s']:,.0f} tokens/s", ha="center",
+                fontsize=8)
+        labels.append(label)
+    for j, (label, gemm_rate, attention_rate, elementwise) in enumerate(floors):
+        i = len(measured) + j
+        parts = [flop["gemm_flop"] / gemm_rate, flop["attention_flop"] / attention_rate, elementwise, fixed]
+        bottom = 0.0
+        for seconds, (_, _, colour) in zip(parts, STEP_GROUPS, strict=True):
+            ax.bar(i, seconds, bottom=bottom, color=colour, hatch="//", edgecolor="white")
+            bottom += seconds
+        ax.text(i, bottom + 0.04, f"{bottom:.2f} s\n{16384 / bottom:,.0f} tokens/s", ha="center", fontsize=8)
+        labels.append(label)
+    need = 16384 / TRAIN_TARGET
+    ax.axhline(need, color="#c44e52", linestyle="--", label=f"issue 17's {TRAIN_TARGET:,} tokens/s: {need:.2f} s a step")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylim(0, 1.15 * ax.get_ylim()[1])
+    ax.set_ylabel("GPU seconds per optimiser step (16,384 tokens)")
+    ax.set_title("One training step at birbal-4090's shape, H200, torch.profiler (hatched: computed from the step's "
+                 f"FLOPs,\n{flop['gemm_flop'] / 1e12:.0f} TFLOP in GEMMs and {flop['attention_flop'] / 1e12:.0f} "
+                 "in attention, with 30 of 32 layers recomputed; optimizer and dequantize as measured)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     here = Path(__file__).resolve().parent
@@ -189,7 +273,7 @@ def main() -> int:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, make in (("decode.png", plot_decode), ("training.png", plot_training),
-                       ("ni_predictions.png", plot_ni)):
+                       ("ni_predictions.png", plot_ni), ("train_step.png", plot_train_step)):
         fig = make(args.results, plt)
         fig.savefig(args.out_dir / name, dpi=110)
         plt.close(fig)
