@@ -245,3 +245,21 @@ def test_a_compiled_layer_keeps_what_an_eager_checkpointed_one_keeps(shared_cach
         for layer in naive.get_base_model().model.layers:
             layer.compile()
         assert len(kept(naive)) > len(eager)
+
+
+def test_the_build_checkpoints_its_layers_without_a_deprecation_warning(smoke_recipe, shared_cache):
+    """transformers 5.24 renames gradient_checkpointing_enable to activation_checkpointing_enable and warns on the
+    old name (and on is_gradient_checkpointing, which peft reads) in every training log: the build uses the new
+    name and still checkpoints every layer but the recipe's unchecked ones."""
+    import warnings
+
+    from birbal.models import unwrap_peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = build_qlora_model(smoke_recipe, shared_cache, torch.device("cpu"))
+    checkpointing = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert checkpointing == []
+    flags = [layer.gradient_checkpointing for layer in unwrap_peft(m).model.layers]
+    unchecked = smoke_recipe.train.unchecked_layers
+    assert flags == [True] * (len(flags) - unchecked) + [False] * unchecked and unchecked < len(flags)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +17,17 @@ from birbal.models import DTYPES, load_base_model, unwrap_peft
 from birbal.train.packing import IGNORE_INDEX
 
 LOSS_CHUNK_TOKENS = 2048
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Every decoder layer checkpointed, non-reentrant (what axolotl 0.3.0's `gradient_checkpointing: true` set
+    through HF's `gradient_checkpointing_enable`, which transformers 5.24 renames `activation_checkpointing_enable`
+    and deprecates, warning in every run; the old name where the new one is missing, as in transformers 5.17)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
@@ -36,12 +48,16 @@ def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
     for param in model.parameters():
         param.requires_grad_(False)
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     lora = recipe.lora
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM")
     torch.manual_seed(recipe.train.seed)  # LoRA A matrices are initialised from the global generator
-    model = get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft 0.21's get_peft_model reads `model.is_gradient_checkpointing` (peft_model.py:184), which transformers
+        # 5.24 deprecates for `is_activation_checkpointing`: a warning about peft's code, not ours, in every run log
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, peft_config)
     if recipe.train.gradient_checkpointing and hasattr(model, "disable_input_require_grads"):
         # transformers (and peft, for unquantized bases) hook the embedding so its output requires grad: reentrant
         # checkpointing needs that to reach the LoRA weights. Non-reentrant checkpointing does not, and the hook
