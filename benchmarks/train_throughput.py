@@ -37,7 +37,10 @@ sigma 0.9 (mean ~525), clipped to [24, 8192]; the first 35-65% of each example i
 the response (labelled). The full-row variants use single examples of exactly 8192 tokens, half labelled.
 
 MFU: birbal.train.metrics.flops_per_token (4N per token for the frozen base plus causal attention over each
-token's own example; recomputation and padding not counted) x useful tokens/s / 790 TFLOP/s (the H200's
+token's own example within the model's sliding window, `sliding_window` in each result: 4,097 keys for ours as
+upstream's flash-attention window, 4,096 for the plain stack; before 2026-12-02 the window was left out, which
+counted an 8,192-token row's 3,073 keys a token as 4,097 and overstated its MFU by about 5%; recomputation and
+padding not counted) x useful tokens/s / 790 TFLOP/s (the H200's
 measured bf16 matmul rate here).
 """
 
@@ -420,6 +423,7 @@ def run_variant(name: str, args) -> dict:
     t0 = time.perf_counter()
     phase = "load"
     done: list[dict] = []
+    window = None
     try:
         if impl == "baseline":
             model = load_baseline(args.checkpoint, device, attn)
@@ -427,6 +431,8 @@ def run_variant(name: str, args) -> dict:
         else:
             model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked, offload)
         result["load_s"] = round(time.perf_counter() - t0, 1)
+        window = getattr(model.get_base_model().config, "sliding_window", None)
+        result["sliding_window"] = window
         trainable = [p for p in model.parameters() if p.requires_grad]
         result["trainable_parameters"] = sum(p.numel() for p in trainable)
         result["trainable_dtypes"] = sorted({str(p.dtype) for p in trainable})
@@ -509,7 +515,7 @@ def run_variant(name: str, args) -> dict:
             if phase_counts:
                 entry = {"offload_layers": count, "offload_indices": offloader.indices, **memory(device),
                          **{k: result[k] for k in ("cap_gib", "row_shape", "data", "unchecked_layers", "load_s")},
-                         **summarize(done[first + warm:], arch),
+                         **summarize(done[first + warm:], arch, window),
                          "step_s_each": [round(d["step_s"], 3) for d in done[first:]],
                          "offload_gib_per_micro_batch": round(offloader.bytes_offloaded / 2**30, 2),
                          "offload_late_fetches": offloader.late_fetches}
@@ -548,7 +554,7 @@ def run_variant(name: str, args) -> dict:
     result["steps_completed"] = len(done)
     timed = done[result["warmup_steps"]:] if result["status"] == "ok" and not phase_counts else []
     if timed:
-        result.update(summarize(timed, arch))
+        result.update(summarize(timed, arch, window))
         result["step_s_each"] = [round(d["step_s"], 3) for d in done]
         result["losses"] = [round(d["loss"], 4) for d in done]
         if result.get("offload_gib_per_micro_batch"):
@@ -564,7 +570,9 @@ def run_variant(name: str, args) -> dict:
     return result
 
 
-def summarize(timed: list[dict], arch: dict) -> dict:
+def summarize(timed: list[dict], arch: dict, window: int | None) -> dict:
+    """s/step, tokens/s and MFU over the timed steps; `window`: the trained model's sliding window (the keys a
+    token may attend to), which the attention term of the MFU counts."""
     from transformers import MistralConfig
 
     from birbal.train.metrics import flops_per_token, mean_attention_context
@@ -573,7 +581,7 @@ def summarize(timed: list[dict], arch: dict) -> dict:
         return {}
     secs = sum(d["step_s"] for d in timed)
     useful = sum(d["useful"] for d in timed)
-    context = mean_attention_context([n for d in timed for n in d["lengths"]])
+    context = mean_attention_context([n for d in timed for n in d["lengths"]], window)
     config = MistralConfig(**arch)
     tps_useful = useful / secs
     return {"s_per_step": round(secs / len(timed), 3),
@@ -875,7 +883,8 @@ def main() -> int:
                             "timed": args.timed, "cap_gib": args.cap_gib,
                             "mix": f"lognormal median {MIX_MEDIAN}, sigma {MIX_SIGMA}, clip [{MIX_MIN}, seq_len]; "
                                    f"prompt fraction uniform {PROMPT_FRACTION}",
-                            "mfu": "flops_per_token (4N + 12*L*d*c, c = mean causal context within the example) "
+                            "mfu": "flops_per_token (4N + 12*L*d*c, c = mean causal context within the example and the "
+                                   "model's sliding window) "
                                    "x useful tokens/s / 790 TFLOP/s"},
                "results": [], "skipped": []}
     print(json.dumps(payload["versions"]), file=sys.stderr, flush=True)

@@ -263,3 +263,23 @@ def test_the_build_checkpoints_its_layers_without_a_deprecation_warning(smoke_re
     flags = [layer.gradient_checkpointing for layer in unwrap_peft(m).model.layers]
     unchecked = smoke_recipe.train.unchecked_layers
     assert flags == [True] * (len(flags) - unchecked) + [False] * unchecked and unchecked < len(flags)
+
+
+def test_the_mfu_counts_the_keys_inside_the_sliding_window():
+    """Mistral attends to at most its window of keys (4,097 as trained, upstream's flash-attention window): the
+    attention term of the MFU counts those, token by token, not the whole causal prefix of a long example."""
+    from transformers import MistralConfig
+
+    from birbal.train.metrics import flops_per_token, mean_attention_context
+
+    lengths, window = [1, 7, 8, 9, 30], 8
+    keys = [min(position + 1, window) for n in lengths for position in range(n)]
+    assert mean_attention_context(lengths, window) == pytest.approx(sum(keys) / len(keys))
+    assert mean_attention_context(lengths) == pytest.approx(sum(n * (n + 1) / 2 for n in lengths) / sum(lengths))
+    assert mean_attention_context([8192, 8192], 4097) == pytest.approx(3072.75)  # not 4096.5
+    assert mean_attention_context([4097], 4097) == mean_attention_context([4097])  # the window reaches no further
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=100)
+    assert (flops_per_token(config, mean_attention_context([8192], 4097))
+            < flops_per_token(config, mean_attention_context([8192])))
+

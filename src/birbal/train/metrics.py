@@ -2,8 +2,8 @@
 
 MFU formula (stated in the report): per trained token, 4*N for a frozen base (forward 2N, backward through the
 activations 2N; no weight gradients for frozen weights; LoRA's own FLOPs are under 5% and left out) plus causal
-attention 12 * n_layers * d_model * c, c being the mean number of earlier tokens of the same example a token
-attends to (packed examples do not attend to each other). Recomputation by gradient checkpointing is not counted
+attention 12 * n_layers * d_model * c, c being the mean number of tokens of the same example a token attends to
+(packed examples do not attend to each other; within the sliding window, `mean_attention_context`). Recomputation by gradient checkpointing is not counted
 (it is hardware work, not model work). N counts the matmul parameters of the blocks plus lm_head.
 """
 
@@ -33,10 +33,21 @@ def flops_per_token(config, mean_context: float) -> float:
     return 4.0 * matmul_parameters(config) + 12.0 * config.num_hidden_layers * config.hidden_size * mean_context
 
 
-def mean_attention_context(example_lengths: list[int]) -> float:
-    """Mean over tokens of how many tokens each attends to, for examples of these lengths (causal)."""
+def mean_attention_context(example_lengths: list[int], window: int | None = None) -> float:
+    """Mean over tokens of how many tokens each attends to, for examples of these lengths (causal): itself and
+    the earlier tokens of its example, at most `window` keys in all (the model's sliding window as it trains:
+    Mistral-7B's 4,096 plus the one that upstream's flash-attention window adds, train/model.py), so an 8,192-token
+    example attends to 3,073 keys a token on average, not 4,097."""
     tokens = sum(example_lengths)
-    return sum(n * (n + 1) / 2 for n in example_lengths) / tokens if tokens else 0.0
+    if not tokens:
+        return 0.0
+
+    def keys(n: int) -> int:
+        if window is None or n <= window:
+            return n * (n + 1) // 2
+        return window * (window + 1) // 2 + (n - window) * window
+
+    return sum(keys(n) for n in example_lengths) / tokens
 
 
 class MetricsLog:

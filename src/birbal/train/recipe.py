@@ -287,7 +287,8 @@ class QLoRARecipe:
         return {"loss": total_loss, "grad_norm": float(grad_norm),
                 "tokens": sum(r.real_tokens for r in rows), "labelled_tokens": labelled,
                 "lr": self.scheduler.get_last_lr()[0],
-                "mean_context": mean_attention_context([n for r in rows for n in r.example_lengths])}
+                "mean_context": mean_attention_context([n for r in rows for n in r.example_lengths],
+                                                       getattr(self.model.get_base_model().config, "sliding_window", None))}
 
     @torch.no_grad()
     def evaluate(self) -> float:
