@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 from shapes import MISTRAL_7B  # benchmarks/ is the script's folder, so on sys.path
+from train_throughput import memory  # peak memory, pool and device-wide, as training reports it
 
 TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, sliding_window=4096, rope_theta=10000.0, max_position_embeddings=4096,
@@ -87,21 +88,6 @@ def make_prompts(tokenizer, n: int, median: int, sigma: float, cap: int, seed: i
         length = min(cap, max(32, int(round(median * math.exp(rng.gauss(0.0, sigma))))))
         prompts.append(tokenizer.decode([rng.choice(vocab) for _ in range(length)]))
     return prompts
-
-
-def memory(device) -> dict:
-    """The arm's peak of PyTorch's pool, and device-wide (the pool plus the CUDA context and whatever else holds
-    device memory outside it): what a 24 GB card must hold, not only what the allocator hands out."""
-    import torch
-
-    if device.type != "cuda":
-        return {}
-    free, total = torch.cuda.mem_get_info(device)
-    used, reserved, peak_reserved = total - free, torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device)
-    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-            "peak_reserved_gib": round(peak_reserved / 2**30, 2),
-            "device_used_gib_at_end": round(used / 2**30, 2),
-            "device_peak_gib_estimate": round((used - reserved + peak_reserved) / 2**30, 2)}
 
 
 def timed(fn, device) -> tuple[object, float]:

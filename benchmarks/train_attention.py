@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import random
 import sys
 import time
@@ -51,13 +52,16 @@ DEFAULT_OPTIONS = ('{"BLOCK_M": 64, "BLOCK_N": 64}', '{"BLOCK_M": 128, "BLOCK_N"
 
 def example_lengths(tokens: int, rows: int, mix: bool, seed: int) -> list[int]:
     """Full rows (`rows` examples of tokens / rows, birbal-4090's profiled shape), or the length mix of
-    benchmarks/train_throughput.py (log-normal, median 350, sigma 0.9, at most 8,192) packed to `tokens`."""
+    benchmarks/train_throughput.py (log-normal around its median, at most 8,192 tokens) packed to `tokens`."""
+    from train_throughput import MIX_MEDIAN, MIX_MIN, MIX_SIGMA  # this folder is on sys.path
+
     if not mix:
         return [tokens // rows] * rows
     rng = random.Random(seed)
     out: list[int] = []
     while sum(out) < tokens:
-        out.append(min(tokens - sum(out), max(24, min(8192, int(rng.lognormvariate(5.858, 0.9))))))
+        length = max(MIX_MIN, min(8192, int(rng.lognormvariate(math.log(MIX_MEDIAN), MIX_SIGMA))))
+        out.append(min(tokens - sum(out), length))
     return out
 
 
