@@ -56,3 +56,17 @@ def test_the_next_step_reserves_a_final_eval_only_with_eval_at_end():
     assert predicted_next_s(64, eval_at_end=True, **kw) == 10 + 100 + 20 + 36    # which is also the last one
     assert predicted_next_s(5, eval_at_end=False, **{**kw, "budget_s": 86400.0}) == 10 + 20 + 300
     assert predicted_next_s(5, eval_at_end=False, **{**kw, "budget_s": 100.0}) == 10 + 20 + 10   # one more step
+
+
+def test_the_train_stages_summary_says_when_there_is_no_eval_yet():
+    """A run the budget stops before its first eval used to fail the stage in its last log line, after training
+    had finished and its checkpoint was written (the summary formatted the missing eval loss as a number)."""
+    from birbal.stages import train_summary
+
+    details = {"global_step": 1, "total_steps": 11000, "first_train_loss": 11.02, "final_train_loss": 11.02,
+               "best_eval_loss": None, "best_step": 1, "budget_used_s": 19.0, "budget_hours": 20 / 3600}
+    line = train_summary("stopped_by_budget", details)
+    assert line == ("train: stopped_by_budget at step 1/11000, loss 11.020 -> 11.020, no eval yet: the adapter of "
+                    "step 1, the last checkpoint, budget used 0.005 of 0.005555555555555556 h")
+    evaluated = train_summary("completed", {**details, "best_eval_loss": 10.5, "first_train_loss": None})
+    assert "no step trained, best eval_loss 10.5000 (step 1)" in evaluated

@@ -154,13 +154,22 @@ def train_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRe
             result = trainer.finalize(outcome)
         finally:
             trainer.cleanup()
-        d = result.details
-        log(f"train: {result.outcome} at step {d['global_step']}/{d['total_steps']}, loss "
-            f"{d['first_train_loss']:.3f} -> {d['final_train_loss']:.3f}, best eval_loss {d['best_eval_loss']:.4f} "
-            f"(step {d['best_step']}), budget used {d['budget_used_s'] / 3600:.3f} of {d['budget_hours']} h")
+        log(train_summary(result.outcome, result.details))
         return result.outputs, result.details, result.outcome
 
     return run_stage(run_dir, "train", inputs, body, force)
+
+
+def train_summary(outcome: str, d: dict) -> str:
+    """The train stage's last log line. A run the budget stops before its first eval has no eval loss to report,
+    and a metrics log with no train step no train loss: each said so, not formatted as a number (which failed the
+    stage after its training had finished)."""
+    loss = ("no step trained" if d["first_train_loss"] is None
+            else f"loss {d['first_train_loss']:.3f} -> {d['final_train_loss']:.3f}")
+    best = (f"best eval_loss {d['best_eval_loss']:.4f} (step {d['best_step']})" if d["best_eval_loss"] is not None
+            else f"no eval yet: the adapter of step {d['best_step']}, the last checkpoint")
+    return (f"train: {outcome} at step {d['global_step']}/{d['total_steps']}, {loss}, {best}, budget used "
+            f"{d['budget_used_s'] / 3600:.3f} of {d['budget_hours']} h")
 
 
 def export_stage(recipe: Recipe, run_dir: RunDir, force: bool = False) -> StageRecord | None:
