@@ -4,6 +4,7 @@ once per session through the real CLI, which several tests read."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,15 +62,31 @@ def tokenizer(smoke_recipe, shared_cache):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """The README's `invoke smoke`, run once: every stage through the real CLI, the server started, queried by
-    the evaluate stage and stopped, the report written. Also the uninterrupted reference for the resume test."""
-    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "invoke", "smoke", "--run-dir", str(run_dir), "--port",
-                             str(free_port())], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise AssertionError(f"invoke smoke exited {result.returncode}:\n{result.stderr[-4000:]}")
-    (run_dir / "invoke-smoke.out").write_text(result.stdout)
-    (run_dir / "invoke-smoke.err").write_text(result.stderr)
+    the evaluate stage and stopped, the report written. Also the uninterrupted reference for the resume test.
+
+    Once for the whole session, however many pytest-xdist workers run it: the first worker to need it builds it
+    under a file lock in the folder the workers share, the others wait and read it (the tests only read it). Two
+    workers each building it took 260 s apiece on the 2-core CI machine, each slowing the other."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base folder sits in the session's one
+    run_dir = root / "shared-smoke-run" / "smoke"
+    done = run_dir / "invoke-smoke.out"  # written last, once the chain passed
+    with FileLock(str(root / "shared-smoke-run.lock")):
+        if not done.is_file():
+            if run_dir.exists():  # an earlier worker's attempt that failed: not a run to read
+                shutil.rmtree(run_dir)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ,
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+            result = subprocess.run([sys.executable, "-m", "invoke", "smoke", "--run-dir", str(run_dir), "--port",
+                                     str(free_port())], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            if result.returncode != 0:
+                raise AssertionError(f"invoke smoke exited {result.returncode}:\n{result.stderr[-4000:]}")
+            (run_dir / "invoke-smoke.err").write_text(result.stderr)
+            done.write_text(result.stdout)
     return run_dir
 
 

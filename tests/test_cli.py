@@ -1,6 +1,7 @@
 """Bad input to any stage exits non-zero with one clear line and leaves no stage marked complete."""
 
 import json
+import shutil
 
 import pytest
 from conftest import run_cli
@@ -36,7 +37,7 @@ def test_validate_prints_the_resolved_recipe():
     assert "learning_rate: 2.0e-05" in result.stdout and "r: 128" in result.stdout
 
 
-def test_smoke_run_manifest_lists_complete_stages_and_a_falling_loss(smoke_run):
+def test_smoke_run_manifest_lists_complete_stages_and_a_falling_loss(smoke_run, tmp_path):
     manifest = json.loads((smoke_run / "manifest.json").read_text())
     for stage in ("prepare-data", "train", "export"):
         assert manifest["stages"][stage]["status"] == "complete"
@@ -44,8 +45,11 @@ def test_smoke_run_manifest_lists_complete_stages_and_a_falling_loss(smoke_run):
     assert details["final_train_loss"] < details["first_train_loss"] - 2.0
     assert (smoke_run / "export" / "merged" / "model.safetensors").is_file()
     assert manifest["stages"]["export"]["details"]["merge_max_logit_diff"] < 1e-3
-    # a second invocation skips every complete stage
-    again = run_cli("train", "--profile", "smoke", "--run-dir", str(smoke_run))
+    # a second invocation skips every complete stage (on a copy: the pytest-xdist workers share smoke_run, which
+    # other tests hash before and after they read it, while this one takes the run's lock)
+    again_dir = tmp_path / "again"
+    shutil.copytree(smoke_run, again_dir, symlinks=True)
+    again = run_cli("train", "--profile", "smoke", "--run-dir", str(again_dir))
     assert "skipped" in again.stderr
 
 
