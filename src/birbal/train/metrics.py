@@ -3,8 +3,9 @@
 MFU formula (stated in the report): per trained token, 4*N for a frozen base (forward 2N, backward through the
 activations 2N; no weight gradients for frozen weights; LoRA's own FLOPs are under 5% and left out) plus causal
 attention 12 * n_layers * d_model * c, c being the mean number of tokens of the same example a token attends to
-(packed examples do not attend to each other; within the sliding window, `mean_attention_context`). Recomputation by gradient checkpointing is not counted
-(it is hardware work, not model work). N counts the matmul parameters of the blocks plus lm_head.
+(packed examples do not attend to each other), within the model's sliding window (`mean_attention_context`).
+Recomputation by gradient checkpointing is not counted (it is hardware work, not model work). N counts the matmul
+parameters of the blocks plus lm_head.
 """
 
 from __future__ import annotations
