@@ -7,8 +7,10 @@ revision, or a tiny random Mistral materialised from a `MistralConfig`, and the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +26,17 @@ MISTRAL_COMMON_TOKENIZER = "tokenizer.model.v1"
 def hub_token() -> str | None:
     """The hub token, read from the environment when needed; never stored in a file or an image."""
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+@contextlib.contextmanager
+def peft_without_deprecation_noise():
+    """Around peft's model wrapping (get_peft_model, PeftModel.from_pretrained). peft 0.21 reads
+    `model.is_gradient_checkpointing` (peft_model.py:184), which transformers 5.24 deprecates for
+    `is_activation_checkpointing`: a FutureWarning about peft's code, not ours, in every train, export and serve
+    log. Only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def unwrap_peft(model):

@@ -42,7 +42,7 @@ import torch
 from birbal.config import Recipe
 from birbal.errors import ExportError
 from birbal.fsutil import atomic_directory, atomic_write_text, hash_tree
-from birbal.models import DTYPES, load_base_model, load_tokenizer
+from birbal.models import DTYPES, load_base_model, load_tokenizer, peft_without_deprecation_noise
 
 MERGED = "merged"
 ADAPTER = "adapter"
@@ -162,7 +162,8 @@ def merge_adapter(recipe: Recipe, adapter_dir: Path, out_dir: Path, cache_dir: P
     # The merge needs one probe forward, not training kernels: SDPA works on every device.
     model_cfg = recipe.model.model_copy(update={"attn_implementation": "sdpa"})
     base = load_base_model(model_cfg, cache_dir, device, dtype, quantization=None)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+    with peft_without_deprecation_noise():
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
     probe = tokenizer(PROBE_TEXT, return_tensors="pt").to(device)
     with torch.no_grad():
         unmerged_logits = model(**probe, use_cache=False).logits.float()

@@ -12,7 +12,7 @@ import torch
 
 from birbal.config.model import QuantizationConfig
 from birbal.errors import ServeError
-from birbal.models import DTYPES, disable_cpu_4bit_repack, hub_token
+from birbal.models import DTYPES, disable_cpu_4bit_repack, hub_token, peft_without_deprecation_noise
 from birbal.serve.startup import PHASES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -141,9 +141,10 @@ def load_base_with_adapter(base: str, adapter: Path, dtype: str, device: torch.d
             # every parameter): adapter_dtype `base` on a bf16/fp32 base. With the float32 upcast the ordinary path
             # rounds the file's values through the base dtype first and this one does not, and on a 4-bit base the
             # uint8 weight leaves the file's dtype as it is: both keep peft's ordinary path.
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False,
-                                              autocast_adapter_dtype=adapter_dtype == "float32",
-                                              low_cpu_mem_usage=quantization is None and adapter_dtype == "base")
+            with peft_without_deprecation_noise():
+                model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False,
+                                                  autocast_adapter_dtype=adapter_dtype == "float32",
+                                                  low_cpu_mem_usage=quantization is None and adapter_dtype == "base")
     except (OSError, ValueError, RuntimeError) as err:
         raise ServeError(f"adapter {adapter} does not fit base {base}: {err}") from None
     return model.eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from birbal.config import Recipe
 from birbal.errors import TrainError
-from birbal.models import DTYPES, load_base_model, unwrap_peft
+from birbal.models import DTYPES, load_base_model, peft_without_deprecation_noise, unwrap_peft
 from birbal.train.packing import IGNORE_INDEX
 
 LOSS_CHUNK_TOKENS = 2048
@@ -53,10 +52,7 @@ def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM")
     torch.manual_seed(recipe.train.seed)  # LoRA A matrices are initialised from the global generator
-    with warnings.catch_warnings():
-        # peft 0.21's get_peft_model reads `model.is_gradient_checkpointing` (peft_model.py:184), which transformers
-        # 5.24 deprecates for `is_activation_checkpointing`: a warning about peft's code, not ours, in every run log
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_without_deprecation_noise():
         model = get_peft_model(model, peft_config)
     if recipe.train.gradient_checkpointing and hasattr(model, "disable_input_require_grads"):
         # transformers (and peft, for unquantized bases) hook the embedding so its output requires grad: reentrant
