@@ -189,3 +189,23 @@ def test_offloaded_layers_match_checkpointing_on_cuda(compiled, unchecked, count
         "quantization.compute_dtype=float32", "model.attn_implementation=flex_attention",
         f"train.torch_compile={str(compiled).lower()}"), unchecked=unchecked, count=count)
     assert done.cuda and done.peak_host_bytes > 0
+
+
+def test_the_training_attention_compiles_for_an_rtx_4090(tmp_path):
+    """birbal-4090's flex attention kernels, forward and backward, as Inductor makes them for a 4090's capability
+    (8, 9), compile for sm_89 within its 99 KiB of shared memory a block (tests/flex_aot.py says how, and why:
+    pytorch/pytorch#133254). A 4090 is what a judge trains on; this GPU is not one."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "flex_aot.py")], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout)
+    print(json.dumps(report["kernels"], indent=1))  # the figures, for the results README
+    kernels = report["kernels"]
+    assert any("backward" in name for name in kernels) and any("backward" not in name for name in kernels), kernels
+    for name, row in kernels.items():
+        assert "error" not in row["sm_90"], (name, row)  # the same source compiles for the GPU it ran on
+        assert "error" not in row["sm_89"], (name, row)
+        assert row["sm_89"]["shared"] <= 99 * 1024, (name, row)
