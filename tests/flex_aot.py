@@ -15,7 +15,8 @@ layers of Mistral-7B's shape (head_dim 128, 32 query and 8 KV heads, bf16, 4-bit
 examples, forward and backward. Inductor then generates the kernels a 4090 would get (its choices read the
 capability; the kernels themselves compile for and run on the GPU present). Each flex kernel it wrote (the
 forward, the backward, fused with what Inductor fused into them in the layer) is then compiled again by Triton
-for sm_89 and for sm_90, and each cubin's resources reported (tests/triton_aot.resources).
+for sm_89 and for sm_90 from Inductor's own compile inputs for it (CachingAutotuner's compile meta and options,
+the target alone changed), and each cubin's resources reported (tests/triton_aot.resources).
 """
 
 from __future__ import annotations
@@ -96,17 +97,19 @@ def main() -> int:
                     "real_capability": list(real), "reported_capability": list(RTX_4090),
                     "step": train_one_step(work / "cache"), "kernels": {}}
     for name, (kernel, text) in flex_kernels(inductor_cache).items():
-        meta = kernel.triton_meta
         config = kernel.configs[0]
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        row: dict = {**options, **{block: constexpr(text, block) for block in
-                                   ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-                                   if constexpr(text, block) is not None}}
+        # Inductor's own compile inputs for this kernel (CachingAutotuner._precompile_config: its signature,
+        # constants, argument attributes and options), with only the target changed
+        meta = kernel._create_compile_meta(config)
+        options = kernel._create_compile_options(config, meta)
+        row: dict = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                     **{block: constexpr(text, block) for block in
+                        ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+                        if constexpr(text, block) is not None}}
         for arch, capability in TARGETS.items():
             try:
-                compiled = triton.compile(ASTSource(fn=kernel.fn, signature=meta["signature"],
-                                                    constexprs=meta.get("constants", {})),
-                                          target=GPUTarget("cuda", capability, 32), options=options)
+                source = ASTSource(kernel.fn, meta["signature"], meta["constants"], meta["configs"][0])
+                compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
                 row[arch] = resources(compiled.asm["cubin"], work)
             except Exception as exc:  # the report says which kernel does not compile for which card, and why
                 row[arch] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
