@@ -22,9 +22,11 @@ Arms (each the same maths; the mask: same example, key <= query, key > query - w
   recorded as that arm's error).
 - `flex_autotune`: the same compiled with mode `max-autotune-no-cudagraphs` (Inductor times its own template
   configurations, forward and backward).
-- `varlen`: torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch) over the examples' cumulative
-  lengths, `window_size=(window - 1, 0)`; the KV heads expanded to 32 where this torch has no `enable_gqa` (the
-  expansion timed with it). CUDA only.
+- `varlen`: torch.nn.attention.varlen.varlen_attn (FlashAttention-2 inside PyTorch: upstream's own kernel family,
+  flash_attn_varlen_qkvpacked_func with window_size=(4096, 4096)) over the examples' cumulative lengths,
+  `window_size=(window - 1, 0)`; the KV heads expanded to 32 where this torch has no `enable_gqa` (the expansion
+  timed with it). CUDA only, and torch >= 2.11: the training image's torch 2.10 has varlen_attn without a window
+  (`is_causal` only), so there it would not be the same maths, and the image would need torch 2.11 for it.
 
 Method: per arm, `--repeats` timed calls after two warm-ups, CUDA events: the forward alone, then forward and
 backward (the gradient of a fixed random cotangent). FLOPs: 4 x heads x dim x (the keys each query attends to,
