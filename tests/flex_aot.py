@@ -7,7 +7,10 @@ and stages from the device's compute capability alone (torch/_inductor/template_
 an RTX 4090, the A100 forward table and the sm8x backward). A 4090 has 99 KiB of shared memory a block where an
 H100 or H200 has 227, and flex kernels that do not fit fail to compile there (pytorch/pytorch#133254: "out of
 resource: shared memory, Required: 131074, Hardware limit: 101376" on a 4090 at head_dim 128). Nothing else here
-runs on a 4090, so this is the check that the judge's training attention compiles on one.
+runs on a 4090, so this is the check that the judge's training attention compiles on one. The tables are read at
+the GPU machine's torch; the training image's torch 2.10 has the same entries for (8, 9) at bf16 and head_dim 128
+(read in its replayed venv, tests/container_replay.py): forward BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps;
+backward 64/64/64/64, 2 stages, 4 warps. The report gives the block sizes each kernel was generated with.
 
 How: the capability is reported as (8, 9) before anything compiles, while birbal's own training path runs on the
 real GPU: `build_qlora_model` with birbal-4090's attention (flex_attention) and compiled layers, on two decoder
