@@ -105,10 +105,10 @@ def main() -> int:
         # constants, argument attributes and options), with only the target changed
         meta = kernel._create_compile_meta(config)
         options = kernel._create_compile_options(config, meta)
+        blocks = {block: constexpr(text, block)
+                  for block in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
         row: dict = {"num_warps": config.num_warps, "num_stages": config.num_stages,
-                     **{block: constexpr(text, block) for block in
-                        ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-                        if constexpr(text, block) is not None}}
+                     **{block: size for block, size in blocks.items() if size is not None}}
         for arch, capability in TARGETS.items():
             try:
                 source = ASTSource(kernel.fn, meta["signature"], meta["constants"], meta["configs"][0])
