@@ -1,5 +1,5 @@
 """The training attention's Triton kernels as an RTX 4090 would get them, compiled on a CUDA machine that is not one:
-`python tests/flex_aot.py` (tests/test_gpu_train.py::test_the_training_attention_compiles_for_an_rtx_4090 runs it
+`python tests/flex_aot.py REPORT.json` (tests/test_gpu_train.py::test_the_training_attention_compiles_for_an_rtx_4090 runs it
 and reads its JSON).
 
 Why: birbal-4090 trains with flex attention inside compiled decoder layers, and Inductor picks flex's block sizes
@@ -65,18 +65,21 @@ def train_one_step(cache: Path) -> dict:
 
 
 def flex_kernels(inductor_cache: Path) -> dict:
-    """Every flex attention kernel Inductor wrote: {name: (its CachingAutotuner, its source)}."""
+    """Every flex attention kernel Inductor wrote: {name: (its CachingAutotuner, its source, forward|backward)}.
+    Told apart by their template code, not their names (Inductor names a kernel by what it fused)."""
     found = {}
     for path in sorted(inductor_cache.rglob("*.py")):
         text = path.read_text(errors="replace")
-        match = re.search(r"@triton\.jit\s+def (triton_\w*flex_attention\w*)\(", text)
+        match = re.search(r"@triton\.jit\s+def (\w+)\(", text)
         # a kernel's own file (its template decorator), not the compiled graph's wrapper that embeds its source
-        if not match or "triton_heuristics.template" not in text or "async_compile" in text:
+        if not match or "PRESCALE_QK" not in text or "triton_heuristics.template" not in text \
+                or "async_compile" in text:
             continue
         spec = importlib.util.spec_from_file_location(f"flex_kernel_{len(found)}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        found[match.group(1)] = (getattr(module, match.group(1)), text)
+        kind = "backward" if "def bwd_dq_inner(" in text else "forward"
+        found[match.group(1)] = (getattr(module, match.group(1)), text, kind)
     return found
 
 
@@ -99,7 +102,7 @@ def main() -> int:
     report: dict = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name(),
                     "real_capability": list(real), "reported_capability": list(RTX_4090),
                     "step": train_one_step(work / "cache"), "kernels": {}}
-    for name, (kernel, text) in flex_kernels(inductor_cache).items():
+    for name, (kernel, text, kind) in flex_kernels(inductor_cache).items():
         config = kernel.configs[0]
         # Inductor's own compile inputs for this kernel (CachingAutotuner._precompile_config: its signature,
         # constants, argument attributes and options), with only the target changed
@@ -107,17 +110,17 @@ def main() -> int:
         options = kernel._create_compile_options(config, meta)
         blocks = {block: constexpr(text, block)
                   for block in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
-        row: dict = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+        row: dict = {"kind": kind, "num_warps": config.num_warps, "num_stages": config.num_stages,
                      **{block: size for block, size in blocks.items() if size is not None}}
         for arch, capability in TARGETS.items():
             try:
                 source = ASTSource(kernel.fn, meta["signature"], meta["constants"], meta["configs"][0])
                 compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-                row[arch] = resources(compiled.asm["cubin"], work)
+                row[arch] = resources(compiled, work)
             except Exception as exc:  # the report says which kernel does not compile for which card, and why
                 row[arch] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
         report["kernels"][name] = row
-    print(json.dumps(report, indent=1))
+    Path(sys.argv[1]).write_text(json.dumps(report, indent=1))  # a file: the model build logs to stdout
     return 0
 
 

@@ -114,16 +114,23 @@ def launches() -> dict:
     return out
 
 
-def resources(cubin: bytes, workdir: Path) -> dict:
-    """REG, STACK, SHARED, LOCAL of the cubin's one kernel, as cuobjdump reports them."""
+def resources(compiled, workdir: Path) -> dict:
+    """REG, STACK, LOCAL and static SHARED of a compiled kernel's cubin as cuobjdump reports them, and `shared`: the
+    shared memory a launch needs, the static plus the dynamic allocation Triton requests at launch
+    (`metadata.shared`, what its launcher checks against the device's limit: "out of resource: shared memory").
+    A Triton kernel's buffers are all dynamic, so the cubin's static figure alone is about 0 and says nothing."""
     import triton
 
     path = workdir / "kernel.cubin"
-    path.write_bytes(cubin)
+    path.write_bytes(compiled.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     text = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True,
                           check=True).stdout
-    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    found = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    found["static_shared"] = found.pop("shared")
+    found["dynamic_shared"] = int(compiled.metadata.shared)
+    found["shared"] = found["static_shared"] + found["dynamic_shared"]
+    return found
 
 
 def traced() -> dict:
@@ -232,7 +239,7 @@ def main() -> int:
                             try:
                                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
                                                           target=GPUTarget("cuda", capability, 32), options=options)
-                                seen[key] = resources(compiled.asm["cubin"], Path(tmp))
+                                seen[key] = resources(compiled, Path(tmp))
                             except Exception as exc:  # the report says which launch does not compile, and why
                                 seen[key] = {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
                         launcher = " | floats fp64 (Inductor)" if floats == "fp64" else ""
