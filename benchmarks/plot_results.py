@@ -65,6 +65,9 @@ TRAIN_CAPPED = "train_throughput_h200_2026-12-01_bin16k_phases.json"
 TRAIN_FREE = "train_throughput_h200_2026-12-01_norecompute.json"
 TRAIN_TARGET = 12500
 TRAIN_PROFILED = "train_throughput_h200_2026-12-02_bin16k_vs_plain.json"  # both variants profiled in one run
+TRAIN_ATTENTION = [("train_attention_h200_2026-12-02_full.json", "full rows (2 x 8,192)"),
+                   ("train_attention_h200_2026-12-02_mix.json", "the length mix (34 examples)")]
+TRAIN_ATTENTION_AUTOTUNE = "train_attention_h200_2026-12-02_autotune.json"  # flex and flex_autotune, one run
 MEASURED_PEAK_TFLOPS = 790.0  # the H200's measured bf16 matmul rate (the MFU basis of train_throughput.py)
 # the profile's kernel groups, stacked in this order
 STEP_GROUPS = [("matmul (GEMM)", ("matmul (GEMM)",), "#4c72b0"), ("attention", ("attention",), "#55a868"),
@@ -266,6 +269,46 @@ def plot_train_step(results: Path, plt):
     return fig
 
 
+def plot_train_attention(results: Path, plt):
+    """The training attention kernel against kernel (benchmarks/train_attention.py): forward + backward time of each
+    arm, the same maths, one 16,384-token bin."""
+    autotuned = {a["arm"]: a for a in load(results, TRAIN_ATTENTION_AUTOTUNE)["arms"]}
+    fig, axes = plt.subplots(1, len(TRAIN_ATTENTION), figsize=(13, 5.2))
+    for ax, (name, title) in zip(axes, TRAIN_ATTENTION, strict=True):
+        run = load(results, name)
+        arms = list(run["arms"])
+        if "full" in name and "flex_autotune" in autotuned:  # timed in its own run, beside its own flex
+            ratio = autotuned["flex_autotune"]["forward_backward_s"] / autotuned["flex"]["forward_backward_s"]
+            flex = next(a for a in arms if a["arm"] == "flex")
+            arms.append({"arm": "flex autotuned\n(own run, scaled\nto this flex)",
+                         "forward_backward_s": flex["forward_backward_s"] * ratio,
+                         "forward_backward_tflops": flex["forward_backward_tflops"] / ratio})
+        baseline = next(a for a in arms if a["arm"] == "flex")["forward_backward_s"]
+        for i, arm in enumerate(arms):
+            seconds = arm.get("forward_backward_s")
+            if seconds is None:  # recorded as an error in the JSON
+                why = "out of memory" if "OutOfMemory" in str(arm.get("backward_error", arm.get("error"))) else "error"
+                ax.text(i, 0.05 * baseline * 1e3, f"backward did not run\n({why}; the JSON says why)", ha="center",
+                        fontsize=7, rotation=90)
+                continue
+            colour = "#4c72b0" if arm["arm"] == "flex" else "#55a868" if arm["arm"] == "varlen" else "#8c8c8c"
+            ax.bar(i, seconds * 1e3, color=colour)
+            ax.text(i, seconds * 1e3 * 1.01, f"{seconds * 1e3:.2f} ms\n{arm['forward_backward_tflops']:.0f} TFLOP/s"
+                    f"\n{baseline / seconds:.2f}x", ha="center", fontsize=7)
+        names = {"flex": "flex as\ntrained", "varlen": "varlen_attn\n(FlashAttention-2)"}
+        labels = [names.get(a["arm"], a["arm"].replace("[", "\n").replace(",", "\n").rstrip("]")) for a in arms]
+        ax.set_xticks(range(len(arms)), labels, fontsize=7)
+        ax.set_ylim(0, 1.25 * max(a["forward_backward_s"] * 1e3 for a in arms if a.get("forward_backward_s")))
+        ax.set_ylabel("forward + backward, ms")
+        shape = run["shape"]
+        ax.set_title(f"{title}: {shape['mean_keys_a_query']:,.0f} keys a query", fontsize=9)
+    fig.suptitle("The training attention, kernel against kernel, H200 (benchmarks/train_attention.py): 32 x 8 heads "
+                 "of 128, bf16, causal in each example and the 4,097-key window; each checked against fp32",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     here = Path(__file__).resolve().parent
@@ -279,7 +322,8 @@ def main() -> int:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, make in (("decode.png", plot_decode), ("training.png", plot_training),
-                       ("ni_predictions.png", plot_ni), ("train_step.png", plot_train_step)):
+                       ("ni_predictions.png", plot_ni), ("train_step.png", plot_train_step),
+                       ("train_attention.png", plot_train_attention)):
         fig = make(args.results, plt)
         fig.savefig(args.out_dir / name, dpi=110)
         plt.close(fig)
