@@ -101,17 +101,20 @@ def main() -> int:
     real_capability = torch.cuda.get_device_capability
     real = real_capability()
 
+    asked = {"as_a_4090": 0, "for_a_device": 0}
+
     def reported(device=None):
         # Asked with no device, it is a heuristic asking which card this is (flex's block-size tables in
         # template_heuristics/triton.py, bf16 atomics, ...): a 4090. Asked for a device, it is Inductor's
         # DeviceProperties naming the target every kernel it launches here is compiled for: the real one (an sm_89
         # cubin does not load on this GPU: "no kernel image is available", the first run of this test)
+        asked["as_a_4090" if device is None else "for_a_device"] += 1
         return RTX_4090 if device is None else real_capability(device)
 
     torch.cuda.get_device_capability = reported
     report: dict = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name(),
                     "real_capability": list(real), "reported_capability": list(RTX_4090),
-                    "step": train_one_step(work / "cache"), "kernels": {}}
+                    "step": train_one_step(work / "cache"), "capability_asked": asked, "kernels": {}}
     for name, (kernel, text, kind) in flex_kernels(inductor_cache).items():
         config = kernel.configs[0]
         # Inductor's own compile inputs for this kernel (CachingAutotuner._precompile_config: its signature,

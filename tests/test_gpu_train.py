@@ -205,6 +205,7 @@ def test_the_training_attention_compiles_for_an_rtx_4090(tmp_path):
     report = json.loads(out.read_text())
     print(json.dumps(report["kernels"], indent=1))  # the figures, for the results README
     kernels = report["kernels"]
+    assert report["capability_asked"]["as_a_4090"] > 0, report["capability_asked"]  # the heuristics saw a 4090
     assert {row["kind"] for row in kernels.values()} == {"forward", "backward"}, kernels
     for name, row in kernels.items():
         assert "error" not in row["sm_90"], (name, row)  # the same source compiles for the GPU it ran on
