@@ -70,3 +70,11 @@ def test_the_train_stages_summary_says_when_there_is_no_eval_yet():
                     "step 1, the last checkpoint, budget used 0.005 of 0.005555555555555556 h")
     evaluated = train_summary("completed", {**details, "best_eval_loss": 10.5, "first_train_loss": None})
     assert "no step trained, best eval_loss 10.5000 (step 1)" in evaluated
+
+
+def test_a_slower_time_is_planned_with_at_once_and_a_faster_one_only_slowly():
+    from birbal.train.budget import spike_held
+
+    assert spike_held(None, 3.0) == 3.0
+    assert spike_held(2.0, 5.0) == 5.0                    # a slow save under load: the next plan reserves all of it
+    assert spike_held(5.0, 1.0) == 0.8 * 5.0 + 0.2 * 1.0  # one fast one does not undo it

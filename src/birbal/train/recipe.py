@@ -27,7 +27,7 @@ from birbal.errors import TrainError
 from birbal.fsutil import atomic_directory, atomic_write_json, digest_of, hash_tree
 from birbal.models import load_tokenizer, resolve_device
 from birbal.train import checkpoint as ckpt
-from birbal.train.budget import BudgetLedger, predicted_next_s
+from birbal.train.budget import BudgetLedger, predicted_next_s, spike_held
 from birbal.train.metrics import (
     H200_BF16_TFLOPS_MEASURED,
     MetricsLog,
@@ -321,12 +321,12 @@ class QLoRARecipe:
         self.ledger.checkpoint(step)
         protect = {step} | ({self.state["best_step"]} if self.state["best_step"] is not None else set())
         ckpt.prune_checkpoints(self.checkpoint_dir, self.train_cfg.save_total_limit, protect)
-        self.state["save_time_s"] = time.time() - t0
+        self.state["save_time_s"] = spike_held(self.state["save_time_s"], time.time() - t0)
 
     def _eval_and_record(self) -> None:
         t0 = time.time()
         eval_loss = self.evaluate()
-        self.state["eval_time_s"] = time.time() - t0
+        self.state["eval_time_s"] = spike_held(self.state["eval_time_s"], time.time() - t0)
         step = self.state["global_step"]
         self.state["eval_history"].append({"step": step, "eval_loss": eval_loss})
         self.metrics.write(event="eval", step=step, eval_loss=eval_loss, eval_time_s=round(self.state["eval_time_s"], 3))
@@ -375,8 +375,7 @@ class QLoRARecipe:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 step_s = time.time() - t0
-                previous = self.state["step_time_s"]
-                self.state["step_time_s"] = step_s if previous is None else max(step_s, 0.8 * previous + 0.2 * step_s)
+                self.state["step_time_s"] = spike_held(self.state["step_time_s"], step_s)
                 self.state["global_step"] = next_step
                 self.state["tokens_seen"] += stats["tokens"]
                 session_tokens += stats["tokens"]
