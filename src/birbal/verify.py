@@ -47,8 +47,11 @@ def _check_train_limits(record: StageRecord) -> list[str]:
     problems = []
     budget_s, used_s = details["budget_hours"] * 3600, details["budget_used_s"]
     if used_s is None or used_s > budget_s:
+        plan = details.get("last_step_plan")
+        cause = (f": step {plan['step']} started with {plan['left_s']} s left and {plan['planned_s']} s planned, "
+                 f"and took {plan['took_s']} s to the end" if used_s is not None and plan else "")
         problems.append(f"train: used {used_s} s of wall clock, over its budget of {details['budget_hours']} h "
-                        f"({budget_s:.0f} s)")
+                        f"({budget_s:.0f} s){cause}")
     cap, peak = details["max_gpu_memory_gib"], details["peak_gpu_memory_gib"]
     if cap is not None and (peak is None or peak > cap):
         problems.append(f"train: peak GPU memory {peak} GiB, over its cap of {cap} GiB")

@@ -24,6 +24,7 @@ class Session:
     last_step: int
     last_checkpoint_time: float | None = None
     ended: str | None = None  # None when the process died without saying goodbye
+    last_plan: dict | None = None  # the plan the session's last step started under (`end_session`)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class BudgetLedger:
             current.last_checkpoint_time = event["time"]
         elif kind == "session_end":
             current.ended = event.get("reason", "ended")
+            current.last_plan = event.get("last_plan")
 
     def _append(self, event: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +80,17 @@ class BudgetLedger:
     def checkpoint(self, step: int) -> None:
         self._append({"event": "checkpoint", "step": step, "time": time.time()})
 
-    def end_session(self, step: int, reason: str) -> None:
-        self._append({"event": "session_end", "step": step, "time": time.time(), "reason": reason,
-                      "used_s": round(self.used_s(), 3)})
+    def end_session(self, step: int, reason: str, plan: dict | None = None) -> None:
+        """`plan`: what the session's last step was started under ({"step", "planned_s", "left_s", "at"}): the
+        record keeps it with `took_s`, the time from that decision to this end, so a run that ends past its budget
+        says which step's plan a stall outran and by how much (`summary`'s `budget_overrun_s`)."""
+        now = time.time()
+        event = {"event": "session_end", "step": step, "time": now, "reason": reason,
+                 "used_s": round(self.used_s(now), 3)}
+        if plan is not None:
+            event["last_plan"] = {"step": plan["step"], "planned_s": round(plan["planned_s"], 3),
+                                  "left_s": round(plan["left_s"], 3), "took_s": round(now - plan["at"], 3)}
+        self._append(event)
 
     def used_s(self, now: float | None = None) -> float:
         total = 0.0
@@ -104,9 +114,16 @@ class BudgetLedger:
         return lost
 
     def summary(self) -> dict:
-        return {"budget_s": self.budget_s, "used_s": round(self.used_s(), 3), "sessions": len(self.sessions),
+        """`budget_overrun_s` is what the sessions used past the budget (0 when within it); `last_plan` is the plan
+        the last session's last step started under, with what it took: an overrun is a stall that outran that
+        plan's margin (a step, eval or save far slower than the ones before it), never a step started without a
+        fitting plan, and the record says which."""
+        used = self.used_s()
+        return {"budget_s": self.budget_s, "used_s": round(used, 3), "sessions": len(self.sessions),
                 "crashed_sessions": sum(1 for s in self.sessions[:-1] if s.ended is None),
-                "time_lost_to_crashes_s": round(self.time_lost_to_crashes_s(), 3)}
+                "time_lost_to_crashes_s": round(self.time_lost_to_crashes_s(), 3),
+                "budget_overrun_s": round(max(0.0, used - self.budget_s), 3),
+                "last_plan": self.sessions[-1].last_plan if self.sessions else None}
 
 
 def spike_held(previous: float | None, latest: float) -> float:

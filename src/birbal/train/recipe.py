@@ -360,17 +360,21 @@ class QLoRARecipe:
         session_t0 = time.time()
         session_tokens = 0
         outcome = "finished"
+        plan = None  # what the last started step was planned to cost, against what was left (the ledger keeps it)
         model_config = self.model.get_base_model().config
         bar = tqdm(file=sys.stderr, total=self.total_steps, initial=self.state["global_step"], desc="train", unit="step",
                    dynamic_ncols=True)
         try:
             while self.state["global_step"] < self.total_steps:
                 next_step = self.state["global_step"] + 1
-                if not self.ledger.fits(self._predicted_s(next_step)):
+                planned_s, now = self._predicted_s(next_step), time.time()
+                left_s = self.ledger.left_s(now)
+                if planned_s > left_s:
                     outcome = "stopped_by_budget"
-                    tqdm.write(file=sys.stderr, s=f"budget: {self.ledger.left_s() / 60:.1f} min left, not enough for step {next_step} "
-                               f"and the last checkpoint: stopping")
+                    tqdm.write(file=sys.stderr, s=f"budget: {left_s / 60:.1f} min left, not enough for step {next_step} "
+                               f"and the last checkpoint ({planned_s:.1f} s planned): stopping")
                     break
+                plan = {"step": next_step, "planned_s": planned_s, "left_s": left_s, "at": now}
                 t0 = time.time()
                 stats = self.train_step(self.state["global_step"])
                 if self.device.type == "cuda":
@@ -406,7 +410,7 @@ class QLoRARecipe:
             self._eval_and_record()
         if step and not any(s == step for s, _ in ckpt.list_checkpoints(self.checkpoint_dir)):
             self.save_checkpoint()
-        self.ledger.end_session(step, outcome)
+        self.ledger.end_session(step, outcome, plan)
         self.session_tokens_per_s = session_tokens / max(time.time() - session_t0, 1e-9)
         return outcome
 
@@ -437,6 +441,7 @@ class QLoRARecipe:
             "final_train_loss": train_losses[-1] if train_losses else None,
             "budget_hours": self.train_cfg.budget_hours, "budget_used_s": ledger["used_s"],
             "sessions": ledger["sessions"], "time_lost_to_crashes_s": ledger["time_lost_to_crashes_s"],
+            "budget_overrun_s": ledger["budget_overrun_s"], "last_step_plan": ledger["last_plan"],
             "max_gpu_memory_gib": self.train_cfg.max_gpu_memory_gib, "peak_gpu_memory_gib": peak_gpu_memory_gib(),
             "device": str(self.device), "train_examples": len(self.train_examples),
             "micro_batches_per_epoch": self.plan.epoch_micro_batches, "bins_per_epoch": self.plan.bins_per_epoch,
