@@ -76,6 +76,19 @@ def test_report_from_a_full_run_dir(tmp_path):
         assert (run_dir.path / "report" / png).read_bytes().startswith(PNG)
 
 
+def test_report_names_a_budget_overrun_and_the_plan_it_outran(tmp_path):
+    run_dir = _smoke_like_run(tmp_path / "run-1")
+    assert "over the budget" not in build_report(run_dir).read_text()
+    train = run_dir.stage_dir("train")
+    record = run_dir.begin("train", {"train": "y"})
+    run_dir.finish(record, hash_tree(train, exclude=(RECORD,)), outcome="stopped_by_budget", details={
+        "budget_hours": 20 / 3600, "budget_used_s": 25.026, "budget_overrun_s": 5.026, "global_step": 125,
+        "last_step_plan": {"step": 125, "planned_s": 0.35, "left_s": 0.4, "took_s": 5.426}})
+    text = build_report(run_dir).read_text()
+    assert ("| **over the budget** | 5.026 s | a stall outran the plan's margin: step 125 was started with 0.4 s "
+            "left and 0.35 s planned, and took 5.426 s |") in text
+
+
 def test_report_of_an_empty_run_dir_says_not_run(tmp_path):
     text = build_report(tmp_path / "empty").read_text()
     assert "Evaluation: not run" in text

@@ -227,6 +227,11 @@ def _training_section(run_dir: Path, images: Path, out: list[str]) -> None:
     own = f" ({used_s / (budget_h * 3600):.1%} of it)" if used_s is not None and budget_h else ""
     out.append(f"| wall-clock used | {_fmt(used_s / 3600 if used_s is not None else None, 2)} h | "
                f"{_fmt(budget_h, 2) if budget_h is not None else '—'} h budget{own} (challenge: {BUDGET_HOURS:g} h) |")
+    plan, over = details.get("last_step_plan"), details.get("budget_overrun_s") or 0
+    if over > 0:
+        cause = (f": step {plan['step']} was started with {plan['left_s']} s left and {plan['planned_s']} s "
+                 f"planned, and took {plan['took_s']} s" if plan else "")
+        out.append(f"| **over the budget** | {over} s | a stall outran the plan's margin{cause} |")
     out.append(f"| sessions / time lost to crashes | {_fmt(details.get('sessions'))} / "
                f"{_hours(lost) if lost is not None else NOT_RUN} | |")
     shown_peak = f"{_fmt(peak, 2)} GiB" if peak is not None else (
