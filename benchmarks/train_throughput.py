@@ -120,6 +120,15 @@ VARIANTS["ours_bin16k_full_offload12"] = ("ours", "full", True, "flex_attention"
 VARIANTS["ours_bin16k_mix_offload12"] = ("ours", "mix", True, "flex_attention", True, 2, 12, "1x16384")
 
 
+# train.down_proj_outside_checkpoint: name -> the VARIANTS entry it runs with that switch on (the recompute skips
+# each checkpointed layer's down-projection product; the same maths, tests/test_train_model.py).
+DOWN_OUTSIDE = {
+    "ours_bin16k_full_downout": "ours_bin16k_full",
+    "ours_bin16k_mix_downout": "ours_bin16k_mix",
+    "ours_bin16k_full_offload15_downout": "ours_bin16k_full_offload15",
+}
+
+
 def spread_subset(members: list[int], count: int) -> list[int]:
     """`count` of the installed offload layers, spread over them."""
     return [] if count <= 0 else sorted({members[int((i + 0.5) * len(members) / count)] for i in range(count)})
@@ -254,13 +263,15 @@ def load_baseline(checkpoint: Path, device, attn: str):
     return get_peft_model(model, lora)
 
 
-def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool, unchecked: int, offload: int = 0):
+def load_ours(checkpoint: Path, workdir: Path, device, attn: str, compiled: bool, unchecked: int, offload: int = 0,
+              down_outside: bool = False):
     from birbal.config import load_recipe
     from birbal.train.model import build_qlora_model
     from birbal.train.neftune import PerExampleNEFTune
 
     recipe = load_recipe("birbal-4090", [f"model.name_or_path={checkpoint}", f"train.torch_compile={compiled}",
-                                          f"train.unchecked_layers={unchecked}", f"train.offload_layers={offload}"])
+                                          f"train.unchecked_layers={unchecked}", f"train.offload_layers={offload}",
+                                          f"train.down_proj_outside_checkpoint={down_outside}"])
     model = build_qlora_model(recipe, workdir / "cache", device)
     if attn != recipe.model.attn_implementation:
         # the SDPA variants: the packed-mask cost without flex_attention's block sparsity
@@ -372,7 +383,8 @@ def run_variant(name: str, args) -> dict:
     import torch
 
     base_name, phase_counts = PHASES.get(name, (name, None))
-    impl, data, capped, attn, compiled, unchecked, offload, shape = VARIANTS[base_name]
+    down_outside = base_name in DOWN_OUTSIDE
+    impl, data, capped, attn, compiled, unchecked, offload, shape = VARIANTS[DOWN_OUTSIDE.get(base_name, base_name)]
     if args.arch == "tiny":  # a CPU dry run of the code paths: 2 layers, eager SDPA
         unchecked = min(unchecked, 1)
         offload = min(offload, TINY["num_hidden_layers"] - unchecked)
@@ -382,7 +394,8 @@ def run_variant(name: str, args) -> dict:
     arch = MISTRAL_7B if args.arch == "7b" else TINY
     seq, mb = args.seq_len, args.micro_batch
     result: dict = {"variant": name, "implementation": impl, "data": data, "attention": attn, "torch_compile": compiled,
-                    "unchecked_layers": unchecked, "offload_layers": offload, "row_shape": shape,
+                    "unchecked_layers": unchecked, "offload_layers": offload,
+                    "down_proj_outside_checkpoint": down_outside, "row_shape": shape,
                     "cap_gib": args.cap_gib if capped else None, "micro_batch": mb, "sequence_len": seq,
                     "warmup_steps": args.warmup, "timed_steps": args.timed}
     if device.type == "cuda":
@@ -429,7 +442,8 @@ def run_variant(name: str, args) -> dict:
             model = load_baseline(args.checkpoint, device, attn)
             neftune = None
         else:
-            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked, offload)
+            model, neftune, _ = load_ours(args.checkpoint, args.workdir, device, attn, compiled, unchecked, offload,
+                                          down_outside)
         result["load_s"] = round(time.perf_counter() - t0, 1)
         window = getattr(model.get_base_model().config, "sliding_window", None)
         result["sliding_window"] = window
@@ -875,6 +889,10 @@ def main() -> int:
         gc.collect()
         return 0
 
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS and v not in PHASES
+               and v not in DOWN_OUTSIDE]
+    if unknown:
+        ap.error(f"unknown variants {', '.join(unknown)}: see VARIANTS, PHASES and DOWN_OUTSIDE in this script")
     start = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d"), "argv": sys.argv,

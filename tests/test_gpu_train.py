@@ -131,11 +131,23 @@ def test_compiled_layers_match_eager_on_cuda(attention, tokenizer, tmp_path):
     assert_compiled_matches_eager(recipe, tmp_path, tokenizer, torch.device("cuda"))
 
 
-def test_birbal_4090_training_maths_at_the_7b_shape(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_the_down_projection_outside_the_checkpoint_on_cuda(attention, tokenizer, tmp_path):
+    """train.down_proj_outside_checkpoint compiled on the GPU: the recompute skips the down projections' 4-bit
+    products, keeps the same tensors, and gives the whole compiled layer's loss and gradients."""
+    from test_train_model import assert_down_proj_outside_compiles_to_the_same_maths
+
+    assert_down_proj_outside_compiles_to_the_same_maths(tmp_path, tokenizer, torch.device("cuda"), (
+        "train.device=cuda", "quantization.compute_dtype=float32", f"model.attn_implementation={attention}"))
+
+
+@pytest.mark.parametrize("down_outside", [False, True], ids=["as_trained", "down_proj_outside"])
+def test_birbal_4090_training_maths_at_the_7b_shape(down_outside, tmp_path):
     """The real CLI with birbal-4090's own train settings (upstream tokenisation, one 16,384-token multipack bin
     per micro-batch, NEFTune by the row, mean of micro-batch means, flex_attention, compiled layers, 2 unchecked,
     the 24 GiB cap) on random weights of the Mistral-7B shape: it fits, learns nothing absurd, and the bins are
-    upstream's 2 x 8192."""
+    upstream's 2 x 8192; and so with train.down_proj_outside_checkpoint (its backward holds the down projection's
+    input gradient during each recompute)."""
     import random
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -158,7 +170,8 @@ def test_birbal_4090_training_maths_at_the_7b_shape(tmp_path):
         "sha256: dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055}",
         "data.mode=rebuild", "data.eval_fraction=0.15", "data.contamination.benchmarks=[]",
         f"data.rebuild.sources=[{{name: long, kind: instruction_rows, origin: {{path: {rows}}}}}]",
-        "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "train.budget_hours=1"]
+        "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", "train.budget_hours=1",
+        f"train.down_proj_outside_checkpoint={str(down_outside).lower()}"]
     args = [a for o in overrides for a in ("--set", o)]
     run = tmp_path / "run"
     run_cli("prepare-data", "--profile", "birbal-4090", "--run-dir", str(run), *args)

@@ -208,6 +208,124 @@ def test_unchecked_layers_skip_their_recompute_and_keep_the_maths(shared_cache, 
         leave_last_layers_unchecked(model, 3)
 
 
+def _state_storages(model) -> set[int]:
+    """The storages of the model's parameters, buffers and 4-bit quantisation states (absmax, code)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None))
+                        if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _down_proj_run(recipe, shared_cache, batch, seed: int = 1, compiled: bool = False,
+                   device: torch.device = torch.device("cpu")):
+    """Loss, LoRA gradients, the 4-bit base products each layer's down projection ran in the forward and in the
+    backward, and the tensors other than the model's own autograd kept, for one training step (dropout on,
+    seeded)."""
+    from birbal.train.model import put_down_proj_outside_checkpoint
+
+    torch._dynamo.reset()
+    model = randomise_lora_b(build_qlora_model(recipe, shared_cache, device).train())
+    batch = {k: v.to(device) for k, v in batch.items()}
+    split = recipe.train.down_proj_outside_checkpoint
+    if compiled and not split:
+        from birbal.train.model import compile_decoder_layers
+        compile_decoder_layers(model)
+    elif compiled:
+        put_down_proj_outside_checkpoint(model, compiled=True)
+    layers = model.get_base_model().model.layers
+    counts = {"forward": [0] * len(layers), "backward": [0] * len(layers)}
+    phase = ["forward"]
+    base_forward = type(layers[0].mlp.down_proj.base_layer).forward
+    index_of = {id(layer.mlp.down_proj.base_layer): i for i, layer in enumerate(layers)}
+
+    def counted(base, *args, **kwargs):
+        if id(base) in index_of:
+            counts[phase[0]][index_of[id(base)]] += 1
+        return base_forward(base, *args, **kwargs)
+
+    if compiled:  # compile the forward, recompute and backward graphs first: their tracing runs the ops too
+        response_loss_sum(model, batch)[0].backward()
+        model.zero_grad(set_to_none=True)
+    kept = []
+    own = _state_storages(model)
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in own:  # the weights themselves cost no memory to keep
+            kept.append((tuple(t.shape), t.dtype))
+        return t
+
+    original = type(layers[0].mlp.down_proj.base_layer).forward
+    type(layers[0].mlp.down_proj.base_layer).forward = counted
+    try:
+        torch.manual_seed(seed)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss, _ = response_loss_sum(model, batch)
+        phase[0] = "backward"
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        # what the compiled graphs run, which the Python counter above sees only while they are traced
+        counts["backward_4bit_products"] = sum(e.name == "bitsandbytes::gemm_4bit" for e in profile.events())
+    finally:
+        type(layers[0].mlp.down_proj.base_layer).forward = original
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, counts, sorted(kept, key=str)
+
+
+def test_the_down_projection_outside_the_checkpoint_is_skipped_by_the_recompute_and_keeps_the_maths(
+        shared_cache, tokenizer):
+    """train.down_proj_outside_checkpoint: a checkpointed layer's recompute no longer runs its down projection's
+    4-bit product (the unchecked layer never recomputes), the tensors kept for the backward are the same, and the
+    loss and every LoRA gradient are bit for bit those of the libraries' own forward, dropout included."""
+    from birbal.config import load_recipe
+
+    rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
+    batch = collate(rows)
+    library = load_recipe("smoke", ["train.unchecked_layers=1"])
+    split = load_recipe("smoke", ["train.unchecked_layers=1", "train.down_proj_outside_checkpoint=true"])
+    loss, grads, counts, kept = _down_proj_run(library, shared_cache, batch)
+    split_loss, split_grads, split_counts, split_kept = _down_proj_run(split, shared_cache, batch)
+    # layer 0 checkpointed: its recompute ran its 7 products, down's included; layer 1 is unchecked
+    assert counts == {"forward": [1, 1], "backward": [1, 0], "backward_4bit_products": 7}
+    assert split_counts == {"forward": [1, 1], "backward": [0, 0], "backward_4bit_products": 6}
+    assert split_kept == kept and kept
+    assert torch.equal(split_loss, loss)
+    assert split_grads.keys() == grads.keys() and all(g.abs().max() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        assert torch.equal(split_grads[name], grad), name
+
+
+def test_the_down_projection_outside_the_checkpoint_compiles_to_the_same_maths(shared_cache, tokenizer):
+    """Compiled (as birbal-4090 trains), against the whole compiled layer: the same recompute saving, the loss
+    and gradients within the fused kernels' summation order (fp32 here), and the same kept tensors."""
+    assert_down_proj_outside_compiles_to_the_same_maths(shared_cache, tokenizer, torch.device("cpu"))
+
+
+def assert_down_proj_outside_compiles_to_the_same_maths(cache, tokenizer, device: torch.device,
+                                                        overrides: tuple[str, ...] = ()) -> None:
+    """Also run on CUDA by tests/test_gpu_train.py (Inductor's GPU kernels, bitsandbytes' CUDA 4-bit)."""
+    from birbal.config import load_recipe
+
+    rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
+    batch = collate(rows)
+    whole = load_recipe("smoke", ["train.unchecked_layers=0", "lora.dropout=0.0", *overrides])
+    split = load_recipe("smoke", ["train.unchecked_layers=0", "lora.dropout=0.0", *overrides,
+                                  "train.down_proj_outside_checkpoint=true"])
+    loss, grads, counts, kept = _down_proj_run(whole, cache, batch, compiled=True, device=device)
+    split_loss, split_grads, split_counts, split_kept = _down_proj_run(split, cache, batch, compiled=True,
+                                                                       device=device)
+    assert (counts["backward_4bit_products"], split_counts["backward_4bit_products"]) == (14, 12)  # 2 layers
+    assert split_kept == kept and kept
+    torch.testing.assert_close(split_loss, loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        assert (split_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+
+
 def test_a_compiled_layer_keeps_what_an_eager_checkpointed_one_keeps(shared_cache, tokenizer):
     """train.torch_compile under checkpointing: the compiled layers keep for the backward exactly the tensors the
     eager checkpointed layers keep (their inputs), whichever transformers wraps (5.17: __call__; 5.24: forward).

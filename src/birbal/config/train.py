@@ -66,6 +66,11 @@ class TrainConfig(Section):
                              "host memory in the forward and come back in the backward, on copy streams beside the "
                              "compute (about 1.6 GiB of host RAM a layer at 16,384 tokens). PCIe for recompute; "
                              "the same maths.")
+    down_proj_outside_checkpoint: bool = Field(
+        False, description="With gradient checkpointing, each checkpointed decoder layer's last product (the frozen "
+                           "4-bit down projection, a quarter of the layer's GEMM FLOPs) runs outside its "
+                           "checkpoint, so the backward's recompute skips it: its output is the layer's output, "
+                           "which no backward needs. Compute for nothing else; the same maths (bit for bit eager).")
     torch_compile: bool = Field(
         False, description="Compile each decoder layer with torch.compile (fuses the norm, rotary, LoRA and "
                            "activation element-wise work; the first steps pay the compile). GPU speed, not maths.")

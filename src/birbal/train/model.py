@@ -67,7 +67,9 @@ def build_qlora_model(recipe: Recipe, cache_dir: Path, device: torch.device):
         # before compiling: the offloaded layers get their own class (an outer __call__), compiled as the others
         model.birbal_offload = install_offload(model, device, recipe.train.unchecked_layers,
                                                recipe.train.offload_layers)
-    if recipe.train.torch_compile:
+    if recipe.train.gradient_checkpointing and recipe.train.down_proj_outside_checkpoint:
+        put_down_proj_outside_checkpoint(model, compiled=recipe.train.torch_compile)
+    elif recipe.train.torch_compile:
         compile_decoder_layers(model)
     return model
 
@@ -139,11 +141,12 @@ def _compiled(forward):
     return torch.compile(forward)
 
 
-def _checkpoint_outside(compiled):
+def _checkpoint_outside(compiled, head=None, tail=None):
     """transformers 5.24's `forward_with_checkpointing` (modeling_layers.py) with the compiled forward inside:
     checkpointed when the layer's own flag says so in training with gradients (the flag read at call time, so
     train.unchecked_layers and the offloaded layers still switch it per layer), `use_cache` off there and, unless
-    the layer may checkpoint with one, no cache (a recompute would update it twice)."""
+    the layer may checkpoint with one, no cache (a recompute would update it twice). With `head` and `tail`
+    (train.down_proj_outside_checkpoint), a checkpointed layer checkpoints `head` and runs `tail` after it."""
     def forward(self, *args, **kwargs):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if kwargs.get("use_cache"):
@@ -152,9 +155,92 @@ def _checkpoint_outside(compiled):
                 for name in ("cache", "layer_past"):
                     if kwargs.get(name) is not None:
                         kwargs[name] = None
+            if head is not None:
+                return tail(self, *self._gradient_checkpointing_func(functools.partial(head, self, **kwargs), *args))
             return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
         return compiled(self, *args, **kwargs)
     return forward
+
+
+def put_down_proj_outside_checkpoint(model, compiled: bool) -> int:
+    """train.down_proj_outside_checkpoint: each decoder layer's forward as `_layer_head` under the checkpoint and
+    `_layer_tail` after it, compiled when `compiled` (as `compile_decoder_layers` compiles the whole forward);
+    returns how many layers. Unchecked and offloaded layers (their flag off) run the whole forward as before.
+
+    Why: a checkpointed layer's recompute reruns its forward to regenerate what its backward needs, and the last
+    thing that forward computes, the frozen 4-bit down projection and the two adds after it, regenerates nothing:
+    its output is the layer's output, which the backward never needs (the next layer's checkpoint already holds
+    it as its input), and bitsandbytes' 4-bit product keeps only the packed weight for its own backward. At the
+    Mistral-7B shape that product is 2 x 4096 x 14336 FLOP a token of the layer's 2 x 218M (27%). torch's
+    checkpoint cannot skip it: its early stop ends a recompute at the last saved tensor, but a compiled layer
+    saves all of its tensors at once when its graph ends, and peft computes the base product before the LoRA
+    term. What moves out of the checkpoint keeps nothing for the backward (the adds keep nothing either), so the
+    kept bytes are the same (tests/test_train_model.py); the backward now holds the down projection's input
+    gradient during the layer's recompute, as the whole layer held it beside the recomputed activations.
+    """
+    from peft.tuners.lora.bnb import Linear4bit
+
+    layers = unwrap_peft(model).model.layers
+    inner = _unwrapped_forward(type(layers[0]))
+    if inner is None:
+        raise TrainError("train.down_proj_outside_checkpoint needs transformers' checkpointing around the layer's "
+                         "forward (GradientCheckpointingLayer, transformers >= 5.24): this transformers "
+                         "checkpoints around __call__")
+    for layer in layers:
+        if not isinstance(layer.mlp.down_proj, Linear4bit):
+            raise TrainError(f"train.down_proj_outside_checkpoint needs a 4-bit base with LoRA on down_proj (peft's "
+                             f"bnb Linear4bit); this model's is {type(layer.mlp.down_proj).__name__}")
+    whole, head, tail = ((_compiled(inner), _compiled(_layer_head), _compiled(_layer_tail)) if compiled
+                         else (inner, _layer_head, _layer_tail))
+    for layer in layers:
+        layer.forward = types.MethodType(_checkpoint_outside(whole, head, tail), layer)
+    return len(layers)
+
+
+def _plain_lora(linear) -> str:
+    """The one active adapter of a peft LoRA layer in its plain state (peft's `Linear4bit.forward`'s vanilla-LoRA
+    branch), or a TrainError naming what is not plain."""
+    active = [name for name in linear.active_adapters if name in linear.lora_A.keys()]
+    if linear.disable_adapters or linear.merged or len(active) != 1 or active[0] in linear.lora_variant:
+        raise TrainError("train.down_proj_outside_checkpoint needs one plain active LoRA adapter on down_proj, "
+                         "not merged or disabled")
+    return active[0]
+
+
+def _layer_head(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+    """MistralDecoderLayer.forward and MistralMLP.forward (transformers 5.24, modeling_mistral.py) up to the down
+    projection, and of that projection (peft 0.21 `Linear4bit.forward`, tuners/lora/bnb.py) only the LoRA term:
+    `lora_B(lora_A(dropout(x))) * scaling`, cast to the base output's dtype (x's: bitsandbytes returns its input's
+    dtype) when autocast is off. Returns (the residual after attention, the down projection's input, that
+    term); `_layer_tail` adds the base product. Written out because neither library exposes the parts: the test
+    holds it bit for bit to the libraries' own forward."""
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
+    hidden_states = residual + hidden_states
+    mlp = self.mlp
+    x = self.post_attention_layernorm(hidden_states)
+    x = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    down = mlp.down_proj
+    name = _plain_lora(down)
+    lora_a, lora_b = down.lora_A[name], down.lora_B[name]
+    expected_dtype = x.dtype
+    requires_conversion = not torch.is_autocast_enabled()
+    lora_x = down._cast_input_dtype(x, lora_a.weight.dtype) if requires_conversion else x
+    term = lora_b(lora_a(down.lora_dropout[name](lora_x))) * down.scaling[name]
+    if requires_conversion:
+        term = term.to(expected_dtype)
+    return hidden_states, x, term
+
+
+def _layer_tail(self, hidden_states, x, term):
+    """The rest of `_layer_head`'s forward: peft's `result = base_layer(x).clone(); result = result + term`, then
+    the layer's `residual + hidden_states`."""
+    result = self.mlp.down_proj.base_layer(x).clone()
+    return hidden_states + (result + term)
 
 
 def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
