@@ -221,13 +221,14 @@ def _state_storages(model) -> set[int]:
 
 
 def _down_proj_run(recipe, shared_cache, batch, seed: int = 1, compiled: bool = False,
-                   device: torch.device = torch.device("cpu")):
+                   device: torch.device | None = None):
     """Loss, LoRA gradients, the 4-bit base products each layer's down projection ran in the forward and in the
     backward, and the tensors other than the model's own autograd kept, for one training step (dropout on,
     seeded)."""
     from birbal.train.model import put_down_proj_outside_checkpoint
 
     torch._dynamo.reset()
+    device = device or torch.device("cpu")
     model = randomise_lora_b(build_qlora_model(recipe, shared_cache, device).train())
     batch = {k: v.to(device) for k, v in batch.items()}
     split = recipe.train.down_proj_outside_checkpoint

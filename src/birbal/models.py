@@ -44,6 +44,24 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def plain_lora_parts(member) -> tuple | None:
+    """(base_layer, lora_A, lora_B, dropout, scaling, adapter name) of a peft LoRA Linear with one plain adapter
+    (not merged, no variant such as DoRA, Linear base and factors), else None: the case peft's `forward` computes
+    as `result + lora_B(lora_A(dropout(x))) * scaling`, which serve's fused decode and train's
+    down_proj_outside_checkpoint compute in parts."""
+    base = getattr(member, "base_layer", None)
+    lora_a, lora_b = getattr(member, "lora_A", None), getattr(member, "lora_B", None)
+    if base is None or lora_a is None or lora_b is None or len(lora_a) != 1:
+        return None
+    (name,) = lora_a.keys()
+    if name in getattr(member, "lora_variant", {}) or getattr(member, "merged", False):
+        return None
+    a, b = lora_a[name], lora_b[name]
+    if not all(isinstance(m, torch.nn.Linear) for m in (base, a, b)):
+        return None
+    return base, a, b, member.lora_dropout[name], member.scaling[name], name
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from birbal.errors import ServeError
-from birbal.models import unwrap_peft
+from birbal.models import plain_lora_parts, unwrap_peft
 from birbal.serve import gemv as gemv_kernel
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
@@ -53,21 +53,6 @@ def _fuse(weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]
 
 def _set_weight(linear: torch.nn.Linear, view: torch.Tensor) -> None:
     linear.weight = torch.nn.Parameter(view, requires_grad=linear.weight.requires_grad)
-
-
-def _lora_parts(member) -> tuple | None:
-    """(base_layer, lora_A, lora_B, dropout, scaling) of a peft LoRA Linear with one plain adapter, else None."""
-    base = getattr(member, "base_layer", None)
-    lora_a, lora_b = getattr(member, "lora_A", None), getattr(member, "lora_B", None)
-    if base is None or lora_a is None or lora_b is None or len(lora_a) != 1:
-        return None
-    (name,) = lora_a.keys()
-    if name in getattr(member, "lora_variant", {}) or getattr(member, "merged", False):
-        return None
-    a, b = lora_a[name], lora_b[name]
-    if not all(isinstance(m, torch.nn.Linear) for m in (base, a, b)):
-        return None
-    return base, a, b, member.lora_dropout[name], member.scaling[name], name
 
 
 def _plain_lora_call(member, x, args, kwargs) -> bool:
@@ -335,7 +320,7 @@ def _fuse_group(members: list, lora_in_base: bool = False, gemv: str = "cublas",
     for m in members:
         object.__setattr__(m, "_birbal_gemv", gemv)
         object.__setattr__(m, "_birbal_split_input", split_input)
-    lora = [_lora_parts(m) for m in members]
+    lora = [plain_lora_parts(m) for m in members]
     if not any(lora) and len(members) == 1:
         if gemv in ("all", "triton") and _plain(members[0]):
             members[0].forward = types.MethodType(_single_linear, members[0])

@@ -12,7 +12,13 @@ from torch.utils.checkpoint import checkpoint
 
 from birbal.config import Recipe
 from birbal.errors import TrainError
-from birbal.models import DTYPES, load_base_model, peft_without_deprecation_noise, unwrap_peft
+from birbal.models import (
+    DTYPES,
+    load_base_model,
+    peft_without_deprecation_noise,
+    plain_lora_parts,
+    unwrap_peft,
+)
 from birbal.train.packing import IGNORE_INDEX
 
 LOSS_CHUNK_TOKENS = 2048
@@ -187,24 +193,15 @@ def put_down_proj_outside_checkpoint(model, compiled: bool) -> int:
                          "forward (GradientCheckpointingLayer, transformers >= 5.24): this transformers "
                          "checkpoints around __call__")
     for layer in layers:
-        if not isinstance(layer.mlp.down_proj, Linear4bit):
-            raise TrainError(f"train.down_proj_outside_checkpoint needs a 4-bit base with LoRA on down_proj (peft's "
-                             f"bnb Linear4bit); this model's is {type(layer.mlp.down_proj).__name__}")
+        down = layer.mlp.down_proj
+        if not isinstance(down, Linear4bit) or plain_lora_parts(down) is None:
+            raise TrainError(f"train.down_proj_outside_checkpoint needs a 4-bit base with one plain LoRA adapter on "
+                             f"down_proj (peft's bnb Linear4bit); this model's is {type(down).__name__}")
     whole, head, tail = ((_compiled(inner), _compiled(_layer_head), _compiled(_layer_tail)) if compiled
                          else (inner, _layer_head, _layer_tail))
     for layer in layers:
         layer.forward = types.MethodType(_checkpoint_outside(whole, head, tail), layer)
     return len(layers)
-
-
-def _plain_lora(linear) -> str:
-    """The one active adapter of a peft LoRA layer in its plain state (peft's `Linear4bit.forward`'s vanilla-LoRA
-    branch), or a TrainError naming what is not plain."""
-    active = [name for name in linear.active_adapters if name in linear.lora_A.keys()]
-    if linear.disable_adapters or linear.merged or len(active) != 1 or active[0] in linear.lora_variant:
-        raise TrainError("train.down_proj_outside_checkpoint needs one plain active LoRA adapter on down_proj, "
-                         "not merged or disabled")
-    return active[0]
 
 
 def _layer_head(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
@@ -225,12 +222,14 @@ def _layer_head(self, hidden_states, attention_mask=None, position_ids=None, cac
     x = self.post_attention_layernorm(hidden_states)
     x = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     down = mlp.down_proj
-    name = _plain_lora(down)
-    lora_a, lora_b = down.lora_A[name], down.lora_B[name]
+    _, lora_a, lora_b, dropout, scaling, name = plain_lora_parts(down)  # checked plain when installed
+    if down.disable_adapters or list(down.active_adapters) != [name]:
+        raise TrainError("train.down_proj_outside_checkpoint computes down_proj's one adapter: it is disabled or "
+                         "not the active one")
     expected_dtype = x.dtype
     requires_conversion = not torch.is_autocast_enabled()
     lora_x = down._cast_input_dtype(x, lora_a.weight.dtype) if requires_conversion else x
-    term = lora_b(lora_a(down.lora_dropout[name](lora_x))) * down.scaling[name]
+    term = lora_b(lora_a(dropout(lora_x))) * scaling
     if requires_conversion:
         term = term.to(expected_dtype)
     return hidden_states, x, term
