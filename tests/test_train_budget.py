@@ -25,8 +25,7 @@ def test_ledger_counts_sessions_and_time_lost_to_a_crash(tmp_path):
     ledger = BudgetLedger.open(path, budget_hours=0.1)
     assert ledger.used_s() == 200 + 150          # the gap between crash and restart is not training
     assert ledger.time_lost_to_crashes_s() == 90
-    assert ledger.left_s() == 360 - 350
-    assert not ledger.fits(11) and ledger.fits(9)
+    assert ledger.left_s() == 360 - 350  # what the loop compares each step's plan with
     assert ledger.summary()["crashed_sessions"] == 1
     assert ledger.summary()["budget_overrun_s"] == 0 and ledger.summary()["last_plan"] is None
 

@@ -102,9 +102,6 @@ class BudgetLedger:
     def left_s(self, now: float | None = None) -> float:
         return self.budget_s - self.used_s(now if now is not None else time.time())
 
-    def fits(self, predicted_s: float) -> bool:
-        return predicted_s <= self.left_s()
-
     def time_lost_to_crashes_s(self) -> float:
         lost = 0.0
         for session in self.sessions[:-1]:
