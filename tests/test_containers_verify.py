@@ -55,8 +55,8 @@ def test_budget_and_memory_cap(tmp_path):
     plan = {"step": 9001, "planned_s": 412.5, "left_s": 430.0, "took_s": 431.0}
     stalled = verify_run(make_run(tmp_path / "r4", {**over, "peak_gpu_memory_gib": 21.5,
                                                     "last_step_plan": plan}).path)
-    assert stalled == ["train: used 86401 s of wall clock, over its budget of 24 h (86400 s): step 9001 started "
-                       "with 430.0 s left and 412.5 s planned, and took 431.0 s to the end"]
+    assert stalled == ["train: used 86401 s of wall clock, over its budget of 24 h (86400 s): step 9001 was "
+                       "started with 430.0 s left and 412.5 s planned, and took 431.0 s"]
     # A CPU run has no cap: a null cap is not a problem, missing keys are.
     assert verify_run(make_run(tmp_path / "r2", {**LIMITS, "max_gpu_memory_gib": None,
                                                  "peak_gpu_memory_gib": None}).path) == []

@@ -168,10 +168,10 @@ def train_summary(outcome: str, d: dict) -> str:
             else f"loss {d['first_train_loss']:.3f} -> {d['final_train_loss']:.3f}")
     best = (f"best eval_loss {d['best_eval_loss']:.4f} (step {d['best_step']})" if d["best_eval_loss"] is not None
             else f"no eval yet: the adapter of step {d['best_step']}, the last checkpoint")
+    from birbal.train.budget import describe_plan
+
     over, plan = d.get("budget_overrun_s") or 0, d.get("last_step_plan")
-    overrun = (f", {over:.1f} s OVER it: step {plan['step']} was started with {plan['left_s']:.1f} s left and "
-               f"{plan['planned_s']:.1f} s planned, and took {plan['took_s']:.1f} s" if over > 0 and plan else
-               f", {over:.1f} s OVER it" if over > 0 else "")
+    overrun = "" if over <= 0 else f", {over:.1f} s OVER it" + (f": {describe_plan(plan)}" if plan else "")
     return (f"train: {outcome} at step {d['global_step']}/{d['total_steps']}, {loss}, {best}, budget used "
             f"{d['budget_used_s'] / 3600:.3f} of {d['budget_hours']} h{overrun}")
 

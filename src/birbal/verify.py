@@ -12,6 +12,7 @@ from typing import Any
 
 from birbal.errors import RunDirError
 from birbal.rundir import MANIFEST, RECORD, STAGE_FOLDERS, STAGES, RunDir, StageRecord, output_problems
+from birbal.train.budget import describe_plan
 
 # Which upstream stage's outputs digest each stage's inputs name (stages.stage_inputs; serve and evaluate name
 # the served model's stage).
@@ -48,8 +49,7 @@ def _check_train_limits(record: StageRecord) -> list[str]:
     budget_s, used_s = details["budget_hours"] * 3600, details["budget_used_s"]
     if used_s is None or used_s > budget_s:
         plan = details.get("last_step_plan")
-        cause = (f": step {plan['step']} started with {plan['left_s']} s left and {plan['planned_s']} s planned, "
-                 f"and took {plan['took_s']} s to the end" if used_s is not None and plan else "")
+        cause = f": {describe_plan(plan)}" if used_s is not None and plan else ""
         problems.append(f"train: used {used_s} s of wall clock, over its budget of {details['budget_hours']} h "
                         f"({budget_s:.0f} s){cause}")
     cap, peak = details["max_gpu_memory_gib"], details["peak_gpu_memory_gib"]

@@ -15,6 +15,7 @@ from birbal.evaluate.compare import report_section
 from birbal.evaluate.winners import WINNER_ID, winner_figures
 from birbal.fsutil import atomic_write_text
 from birbal.rundir import RunDir
+from birbal.train.budget import describe_plan
 
 NOT_RUN = "not run"
 BUDGET_HOURS = 24.0  # the challenge's rule
@@ -229,8 +230,7 @@ def _training_section(run_dir: Path, images: Path, out: list[str]) -> None:
                f"{_fmt(budget_h, 2) if budget_h is not None else '—'} h budget{own} (challenge: {BUDGET_HOURS:g} h) |")
     plan, over = details.get("last_step_plan"), details.get("budget_overrun_s") or 0
     if over > 0:
-        cause = (f": step {plan['step']} was started with {plan['left_s']} s left and {plan['planned_s']} s "
-                 f"planned, and took {plan['took_s']} s" if plan else "")
+        cause = f": {describe_plan(plan)}" if plan else ""
         out.append(f"| **over the budget** | {over} s | a stall outran the plan's margin{cause} |")
     out.append(f"| sessions / time lost to crashes | {_fmt(details.get('sessions'))} / "
                f"{_hours(lost) if lost is not None else NOT_RUN} | |")

@@ -123,6 +123,13 @@ class BudgetLedger:
                 "last_plan": self.sessions[-1].last_plan if self.sessions else None}
 
 
+def describe_plan(plan: dict) -> str:
+    """A `last_plan` (`BudgetLedger.end_session`) in words, as the stage's last line, verify and the report name the
+    plan an overrun outran."""
+    return (f"step {plan['step']} was started with {plan['left_s']} s left and {plan['planned_s']} s planned, and "
+            f"took {plan['took_s']} s")
+
+
 def spike_held(previous: float | None, latest: float) -> float:
     """The estimate of a step's, an eval's or a save's time that the budget plans with: a slower one is taken at
     once, a faster one only slowly (0.8 of the old estimate kept), so a spike in what else the machine runs is not
