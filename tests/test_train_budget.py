@@ -63,7 +63,7 @@ def test_training_stops_by_budget_and_still_exports(tmp_path):
     if plan["took_s"] <= plan["planned_s"]:  # no stall outran the plan (a quiet machine): within the budget
         assert used <= 20.0 and details["budget_overrun_s"] == 0
     else:  # a stall under CI load (a 5 s one was seen): the stage still completes and its last line says so
-        assert ("OVER it" in result.stderr) == (used > 20.0), result.stderr[-1000:]
+        assert ("OVER it" in result.stderr) == (details["budget_overrun_s"] > 0), result.stderr[-1000:]
     assert (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
     assert "stopping" in result.stderr
     run_cli("export", "--profile", "smoke", "--run-dir", str(run))  # the best checkpoint so far is exported
