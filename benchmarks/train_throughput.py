@@ -121,7 +121,9 @@ VARIANTS["ours_bin16k_mix_offload12"] = ("ours", "mix", True, "flex_attention", 
 
 
 # train.down_proj_outside_checkpoint: name -> the VARIANTS entry it runs with that switch on (the recompute skips
-# each checkpointed layer's down-projection product; the same maths, tests/test_train_model.py).
+# each checkpointed layer's down-projection product; the same maths, tests/test_train_model.py). Every variant
+# sets the switch: the VARIANTS entries run with it off, as birbal-4090 trained until 2026-12-03; since then
+# birbal-4090 trains as `ours_bin16k_full_downout` (`_mix_downout` on the length mix).
 DOWN_OUTSIDE = {
     "ours_bin16k_full_downout": "ours_bin16k_full",
     "ours_bin16k_mix_downout": "ours_bin16k_mix",

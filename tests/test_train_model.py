@@ -177,7 +177,9 @@ def test_unchecked_layers_skip_their_recompute_and_keep_the_maths(shared_cache, 
     from birbal.train.model import leave_last_layers_unchecked
 
     def run(unchecked: int):
-        recipe = load_recipe("smoke", ["lora.dropout=0.0", f"train.unchecked_layers={unchecked}"])
+        # the switch off: its layers run MistralMLP.forward written out (put_down_proj_outside_checkpoint)
+        recipe = load_recipe("smoke", ["lora.dropout=0.0", f"train.unchecked_layers={unchecked}",
+                                       "train.down_proj_outside_checkpoint=false"])
         model = randomise_lora_b(build_qlora_model(recipe, shared_cache, torch.device("cpu")).train())
         layers = model.get_base_model().model.layers
         calls = [0] * len(layers)
@@ -287,7 +289,7 @@ def test_the_down_projection_outside_the_checkpoint_is_skipped_by_the_recompute_
 
     rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
     batch = collate(rows)
-    library = load_recipe("smoke", ["train.unchecked_layers=1"])
+    library = load_recipe("smoke", ["train.unchecked_layers=1", "train.down_proj_outside_checkpoint=false"])
     split = load_recipe("smoke", ["train.unchecked_layers=1", "train.down_proj_outside_checkpoint=true"])
     loss, grads, counts, kept = _down_proj_run(library, shared_cache, batch)
     split_loss, split_grads, split_counts, split_kept = _down_proj_run(split, shared_cache, batch)
@@ -314,7 +316,8 @@ def assert_down_proj_outside_compiles_to_the_same_maths(cache, tokenizer, device
 
     rows, _ = pack_examples([tokenize_example(tokenizer, q, a) for q, a in QA], 128, tokenizer.eos_token_id)
     batch = collate(rows)
-    whole = load_recipe("smoke", ["train.unchecked_layers=0", "lora.dropout=0.0", *overrides])
+    whole = load_recipe("smoke", ["train.unchecked_layers=0", "lora.dropout=0.0", *overrides,
+                                  "train.down_proj_outside_checkpoint=false"])
     split = load_recipe("smoke", ["train.unchecked_layers=0", "lora.dropout=0.0", *overrides,
                                   "train.down_proj_outside_checkpoint=true"])
     loss, grads, counts, kept = _down_proj_run(whole, cache, batch, compiled=True, device=device)
