@@ -98,6 +98,28 @@ def test_offloaded_layers_skip_their_recompute_and_keep_the_maths(unchecked, cou
     assert fetched == [offload.indices[-1]] * 2  # ahead of its backward, in both micro-batches
 
 
+def test_offloaded_layers_beside_the_down_projection_outside_the_checkpoint_keep_the_maths(shared_cache, tokenizer,
+                                                                                           monkeypatch):
+    """birbal-4090 trains with train.down_proj_outside_checkpoint on: with one of the two layers offloaded, the other
+    checkpointed in its split form, the loss and LoRA gradients are those of both layers checkpointed split."""
+    from birbal.train import model as model_module
+
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)
+    tails = []
+    tail = model_module._layer_tail
+
+    def counted_tail(layer, *args):
+        tails.append(layer.self_attn.layer_idx)
+        return tail(layer, *args)
+
+    monkeypatch.setattr(model_module, "_layer_tail", counted_tail)  # read when the model is built
+    offload = offload_matches_checkpointing(shared_cache, tokenizer, torch.device("cpu"), unchecked=0, count=1,
+                                            overrides=("train.down_proj_outside_checkpoint=true",))
+    assert offload.indices == [1] and offload.bytes_offloaded > 0
+    # two micro-batches each: both layers split in the reference, then layer 0 alone beside the offloaded one
+    assert tails == [0, 1] * 2 + [0] * 2
+
+
 def test_eval_passes_leave_the_offload_alone(shared_cache, tokenizer, monkeypatch):
     from birbal.config import load_recipe
 
