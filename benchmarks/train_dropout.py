@@ -170,7 +170,9 @@ def run_arm(args) -> dict:
             return {"status": "skipped", "error": "CUDA only: Inductor's Triton kernels"}
         emitted = install_rand4x()
     if device.type == "cuda":
-        torch._inductor.config.fx_graph_cache = False  # the graph is the same; its kernels are not
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = False  # the arms' graphs are the same; their kernels are not
     fn = site_function(args.site, args.arm)
     call = torch.compile(fn) if args.compiled else fn
     inputs = site_inputs(args.site, args.tokens, args.width, args.hidden, device, dtype)
