@@ -860,7 +860,9 @@ def main() -> int:
     ap.add_argument("--cap-gib", type=float, default=24.0)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, run in this order")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="skip variants that cannot finish by then")
-    ap.add_argument("--variant-timeout-s", type=float, default=200.0)
+    ap.add_argument("--variant-timeout-s", type=float, default=300.0,
+                    help="each variant's worker: its load, its first step (on a cold compile cache more than 175 s "
+                         "at 2 x 8192 on an H200: 244 s on 2026-12-02) and the timed steps")
     ap.add_argument("--profile-dir", type=Path, help="profile one extra step per variant; tables written here")
     ap.add_argument("--estimate-tokens", type=Path, metavar="TRAIN_JSONL",
                     help="no GPU: estimate the published file's tokens an epoch from these rows' bytes per token "
