@@ -129,10 +129,11 @@ def plot_decode(results: Path, plt):
 def plot_training(results: Path, plt):
     capped = load(results, TRAIN_CAPPED)
     free = load(results, TRAIN_FREE)
+    downout = load(results, TRAIN_DOWNOUT)
     rows = [(r, f"{r['offload_layers']} layers\noffloaded" if r["offload_layers"] else "recompute,\nno offload")
             for r in capped["results"] if r.get("status") == "ok"]
-    rows += [(r, "down proj\noutside the\ncheckpoint\n(12-03)"
-              if r.get("down_proj_outside_checkpoint") else "recompute\n(12-03)") for r in load(results, TRAIN_DOWNOUT)["results"] if r.get("status") == "ok"]
+    rows += [(r, "down proj\noutside the\ncheckpoint\n(12-03)" if r["down_proj_outside_checkpoint"]
+              else "recompute\n(12-03)") for r in downout["results"] if r.get("status") == "ok"]
     rows += [(r, "no recompute\n(111 GiB,\nno cap)") for r in free["results"] if r.get("status") == "ok"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     for i, (r, _label) in enumerate(rows):

@@ -147,10 +147,10 @@ def install_rand4x() -> dict:
 def check_dropout(outputs: list[torch.Tensor], arm: str) -> list[float]:
     """Each dropout output against its input (outputs[0]): kept values x / (1 - p), zeroed fraction p."""
     source = outputs[0].float()
+    live = source.abs() >= 1e-3
     fractions = []
     for dropped in outputs[1:]:
         dropped = dropped.float()
-        live = source.abs() >= 1e-3
         kept = dropped != 0
         torch.testing.assert_close(dropped[kept], (source / (1.0 - P))[kept].to(outputs[0].dtype).float(),
                                    rtol=1e-2, atol=1e-2)

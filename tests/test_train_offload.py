@@ -31,7 +31,8 @@ def offload_matches_checkpointing(cache, tokenizer, device: torch.device, overri
     batch = {k: v.to(device) for k, v in collate(rows).items()}
 
     def run(offloaded: int):
-        # the switch off: its checkpointed layers run MistralMLP.forward written out, which `counted` would miss
+        # the switch off unless `overrides` turns it on: its split layers run MistralMLP.forward written out, which
+        # `counted` would miss
         recipe = load_recipe("smoke", [f"train.unchecked_layers={unchecked}", f"train.offload_layers={offloaded}",
                                        f"train.device={device.type}", "train.down_proj_outside_checkpoint=false",
                                        *overrides])
