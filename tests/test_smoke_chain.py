@@ -34,3 +34,5 @@ def test_the_run_says_where_it_is_and_verifies(smoke_run):
     # transformers 5.24 renamed the checkpointing calls: no stage's log warns that we (or peft) use the old names
     err = (smoke_run / "invoke-smoke.err").read_text()
     assert "gradient_checkpointing` is deprecated" not in err and "gradient_checkpointing_enable` is deprecated" not in err
+    # nor does a checkpoint's save look the base up on the hub (peft's save_embedding_layers="auto")
+    assert "Unable to fetch remote file" not in err and "Could not find a config file" not in err

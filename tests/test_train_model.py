@@ -405,3 +405,32 @@ def test_the_mfu_counts_the_keys_inside_the_sliding_window():
     assert (flops_per_token(config, mean_attention_context([8192], 4097))
             < flops_per_token(config, mean_attention_context([8192])))
 
+
+
+def test_a_checkpoint_is_saved_without_asking_the_hub(smoke_recipe, shared_cache, tmp_path, monkeypatch):
+    """peft's save_embedding_layers="auto" looks the recipe's base up on the hub (then loads its config, unpinned)
+    at every save; birbal-4090 names `mistralai/Mistral-7B-v0.1`. The checkpoint says outright what "auto" would
+    conclude, so no save touches the network, and the adapter holds the LoRA weights only."""
+    import json
+
+    from peft.utils import save_and_load
+    from safetensors import safe_open
+
+    from birbal.train.checkpoint import ADAPTER, save_checkpoint
+
+    asked = []
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", lambda *a, **k: asked.append(a))  # None: "could not tell"
+    model = build_qlora_model(smoke_recipe, shared_cache, torch.device("cpu"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    folder = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"global_step": 1},
+                             base_model="mistralai/Mistral-7B-v0.1")
+    assert asked == []
+    adapter = folder / ADAPTER
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "mistralai/Mistral-7B-v0.1"
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as saved:
+        names = list(saved.keys())
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    assert len(names) == len(expected)

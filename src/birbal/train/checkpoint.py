@@ -60,7 +60,11 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, traine
     final = folder / f"step-{step:08d}"
     run_independent_adapter_config(model, base_model)
     with atomic_directory(final) as tmp:
-        model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
+        # save_embedding_layers=False is what peft's "auto" concludes for this recipe (LoRA on the 7 block
+        # projections only: no embedding targeted or resized), said outright: "auto" asks the hub whether
+        # `base_model` has a config.json and then loads its unpinned config to compare vocabulary sizes, a
+        # network call at every checkpoint that an offline run pays as a warning and a possible timeout
+        model.save_pretrained(tmp / ADAPTER, safe_serialization=True, save_embedding_layers=False)
         _readme_names_the_recipe_base(tmp / ADAPTER, model, base_model)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
