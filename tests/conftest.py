@@ -78,9 +78,12 @@ def smoke_run(tmp_path_factory) -> Path:
         if not done.is_file():
             if run_dir.exists():  # an earlier worker's attempt that failed: not a run to read
                 shutil.rmtree(run_dir)
+            (run_dir.parent / "hosts-asked.log").unlink(missing_ok=True)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ,
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+            # tests/netprobe: every stage's name lookups of other hosts are refused and logged (test_smoke_chain)
+            env = {**os.environ, "BIRBAL_NET_PROBE_LOG": str(run_dir.parent / "hosts-asked.log"),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO / "tests" / "netprobe"),
+                                                               os.environ.get("PYTHONPATH")]))}
             result = subprocess.run([sys.executable, "-m", "invoke", "smoke", "--run-dir", str(run_dir), "--port",
                                      str(free_port())], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
             if result.returncode != 0:

@@ -36,3 +36,9 @@ def test_the_run_says_where_it_is_and_verifies(smoke_run):
     assert "gradient_checkpointing` is deprecated" not in err and "gradient_checkpointing_enable` is deprecated" not in err
     # nor does a checkpoint's save look the base up on the hub (peft's save_embedding_layers="auto")
     assert "Unable to fetch remote file" not in err and "Could not find a config file" not in err
+
+
+def test_no_stage_of_the_tiny_profile_asks_the_network(smoke_run):
+    """Every process of the chain ran with tests/netprobe: a lookup of any host but this one is logged there."""
+    log = smoke_run.parent / "hosts-asked.log"
+    assert not log.exists(), log.read_text()[:2000]
