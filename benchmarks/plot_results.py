@@ -64,6 +64,7 @@ DECODE_TARGET_MS = 4.2
 TRAIN_CAPPED = "train_throughput_h200_2026-12-01_bin16k_phases.json"
 TRAIN_FREE = "train_throughput_h200_2026-12-01_norecompute.json"
 TRAIN_DOWNOUT = "train_throughput_h200_2026-12-03_downout.json"  # the switch off and on, one run
+TRAIN_MIX_DOWNOUT = "train_throughput_h200_2026-12-04_mix_downout.json"  # the length mix, switch off and on, one run
 TRAIN_TARGET = 12500
 TRAIN_PROFILED = "train_throughput_h200_2026-12-02_bin16k_vs_plain.json"  # both variants profiled in one run
 TRAIN_ATTENTION = [("train_attention_h200_2026-12-02_full.json", "full rows (2 x 8,192)"),
@@ -134,8 +135,11 @@ def plot_training(results: Path, plt):
             for r in capped["results"] if r.get("status") == "ok"]
     rows += [(r, "down proj\noutside the\ncheckpoint\n(12-03)" if r["down_proj_outside_checkpoint"]
               else "recompute\n(12-03)") for r in downout["results"] if r.get("status") == "ok"]
+    rows += [(r, "length mix,\ndown proj\noutside\n(12-04)" if r["down_proj_outside_checkpoint"]
+              else "length mix,\nrecompute\n(12-04)") for r in load(results, TRAIN_MIX_DOWNOUT)["results"]
+             if r.get("status") == "ok" and r["data"] == "mix"]
     rows += [(r, "no recompute\n(111 GiB,\nno cap)") for r in free["results"] if r.get("status") == "ok"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     for i, (r, _label) in enumerate(rows):
         colour = "#4c72b0" if r.get("cap_gib") else "#8c8c8c"
         left.bar(i, r["useful_tokens_per_s"], color=colour)

@@ -800,14 +800,17 @@ def rtx4090_offload_projection(results: list[dict], budget_h: float = 24.0) -> d
     """A 4090's step with K offloaded layers from this run's H200 figures at the 16,384-token shape.
 
     H200 compute with K of the 30 checkpointed layers offloaded: linear between the measured step with every one of
-    them recomputed (`ours_bin16k_full`) and the measured step with no recompute at all
+    them recomputed (`ours_bin16k_full_downout`, as birbal-4090 trains, where measured; else `ours_bin16k_full`) and the measured step with no recompute at all
     (`ours_bin16k_full_norecompute_uncapped`), the saved recompute being the same for each layer; scaled to the
     4090 by RTX4090_OVER_H200. The link: K layers' bytes (measured per layer by the offload variants) must cross it
     within the forward's share of the step. The 4090's step is the larger of the two.
     """
     by_name = {r.get("equivalent", r.get("variant")): r for r in results if r.get("status") == "ok"
                and r.get("s_per_step")}
-    checked, free = by_name.get("ours_bin16k_full"), by_name.get("ours_bin16k_full_norecompute_uncapped")
+    # the checkpointed step as birbal-4090 trains it (train.down_proj_outside_checkpoint on) where this run measured
+    # it, else the switch off
+    checked = by_name.get("ours_bin16k_full_downout") or by_name.get("ours_bin16k_full")
+    free = by_name.get("ours_bin16k_full_norecompute_uncapped")
     offloaded = [r for r in by_name.values() if r.get("offload_layers") and r.get("offload_gib_per_micro_batch")
                  and r.get("row_shape") == "1x16384" and r.get("data") == "full"]
     if not (checked and free and offloaded):
@@ -829,6 +832,7 @@ def rtx4090_offload_projection(results: list[dict], budget_h: float = 24.0) -> d
                      "tokens_in_budget_m": round(rate * budget_h * 3600 / 1e6)})
     return {"basis": f"H200 steps x {RTX4090_OVER_H200:.3f} (165/790 TFLOP/s); offloaded bytes over "
                      f"{RTX4090_PCIE_GBPS:g} GB/s within {FORWARD_SHARE:.2f} of the step (assumed)",
+            "checkpointed_step": checked["variant"], "no_recompute_step": free["variant"],
             "bytes_per_offloaded_layer_gib": round(layer_bytes / 2**30, 3), "tokens_per_step": round(tokens),
             "rows": rows}
 

@@ -172,7 +172,14 @@ def test_the_4090_projection_takes_the_larger_of_compute_and_the_link():
     assert rows[30]["h200_compute_s"] == 1.3  # every recompute gone: the no-recompute step
     assert rows[30]["rtx4090_link_s"] > rows[10]["rtx4090_link_s"] > 0
     assert all(r["rtx4090_step_s"] == max(r["rtx4090_compute_s"], r["rtx4090_link_s"]) for r in rows.values())
+    assert out["checkpointed_step"] == "ours_bin16k_full"
     assert rtx4090_offload_projection(results[:2]) is None  # no offload measured: no projection
+    # the step as birbal-4090 trains (the down projection outside the checkpoint) is the basis where measured
+    downout = dict(common, variant="ours_bin16k_full_downout", s_per_step=1.7, offload_layers=0)
+    faster = rtx4090_offload_projection([downout, *results])
+    assert faster["checkpointed_step"] == "ours_bin16k_full_downout"
+    assert {r["offload_layers"]: r for r in faster["rows"]}[0]["h200_compute_s"] == 1.7
+    assert {r["offload_layers"]: r for r in faster["rows"]}[30]["h200_compute_s"] == 1.3
 
 
 def test_the_active_layers_change_on_one_model_and_the_maths_does_not(shared_cache, tokenizer, monkeypatch):
