@@ -31,6 +31,11 @@ def test_the_cpu_check_runs_each_arm_and_records_what_it_zeroed(tmp_path):
         assert all(abs(z - train_dropout.P) < 0.01 for z in trained["zeroed"])
         assert results[site, "no_rng"]["status"] == "ok" and max(results[site, "no_rng"]["zeroed"]) < 0.01
         assert results[site, "rand4x"]["status"] == "skipped"  # Inductor's Triton kernels are the GPU's
+    # the masks drawn apart and read by the norm: three dropouts at p (on CPU eager: the maths, not the kernels)
+    apart = results["norm", "masks_apart"]
+    assert apart["status"] == "ok" and len(apart["zeroed"]) == 3
+    assert all(abs(z - train_dropout.P) < 0.01 for z in apart["zeroed"])
+    assert results["mlp", "masks_apart"]["status"] == "not_applicable"
 
 
 def test_a_dropout_that_keeps_every_value_is_refused():
@@ -45,7 +50,7 @@ def test_an_unknown_arm_is_a_one_line_error(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert run.returncode == 2 and not (tmp_path / "x.json").exists()
     assert run.stderr.strip().splitlines()[-1].endswith("unknown sites or arms rand8x: sites mlp, norm; arms "
-                                                        "as_trained, rand4x, no_rng")
+                                                        "as_trained, rand4x, no_rng, masks_apart")
 
 
 def test_the_four_number_form_is_philox_s_four_lanes_in_offset_order(triton_interpreter):  # noqa: F811
