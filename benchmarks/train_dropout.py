@@ -34,8 +34,8 @@ Arms (each in its own process, with its own Inductor cache, compiled in that pro
   Philox call), then the norm's kernel reading them (bool, 1 byte an element each): the two kernels timed
   together. The `mlp` site records it as not applicable (its kernel is one-dimensional: `rand4x` is its lever).
 Method: `--repeats` timed calls after three warm-ups, CUDA events, the median. Checked before timing: each
-dropout's zeroed fraction is p within 1% absolute (as_trained, rand4x, masks_apart), the kept values are x / (1 - p), and the
-rand4x arm's compiled code used the four-number form.
+dropout's zeroed fraction is p within 1% absolute (as_trained, rand4x, masks_apart), the kept values are
+x / (1 - p), and the rand4x and masks_apart arms' compiled code used the four-number form.
 """
 
 from __future__ import annotations
