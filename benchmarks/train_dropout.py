@@ -72,17 +72,20 @@ def site_function(site: str, arm: str):
         return mlp
 
     def norm(x, weight):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-        normed = weight * h.to(x.dtype)
+        normed = _rms_norm(x, weight)
         return normed, _drop(normed, arm), _drop(normed, arm), _drop(normed, arm)
 
     def norm_masked(x, weight, *masks):  # masks_apart: the same norm, each dropout's mask given
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-        normed = weight * h.to(x.dtype)
+        normed = _rms_norm(x, weight)
         return (normed, *(normed * mask * (1.0 / (1.0 - P)) for mask in masks))
     return norm_masked if arm == "masks_apart" else norm
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mistral's RMSNorm as transformers writes it: fp32 inside, the weight applied in x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return weight * h.to(x.dtype)
 
 
 def draw_masks(x: torch.Tensor, count: int = 3) -> tuple[torch.Tensor, ...]:
@@ -182,12 +185,10 @@ def run_arm(args) -> dict:
     emitted = None
     if args.arm == "masks_apart" and args.site != "norm":
         return {"status": "not_applicable", "error": "a one-dimensional kernel: rand4x is this site's lever"}
-    if args.arm == "rand4x":
-        if device.type != "cuda":
-            return {"status": "skipped", "error": "CUDA only: Inductor's Triton kernels"}
-        emitted = install_rand4x()
-    if args.arm == "masks_apart" and device.type == "cuda":
-        emitted = install_rand4x()  # the masks' kernel is one-dimensional: drawn four numbers a Philox call
+    if args.arm == "rand4x" and device.type != "cuda":
+        return {"status": "skipped", "error": "CUDA only: Inductor's Triton kernels"}
+    if args.arm in ("rand4x", "masks_apart") and device.type == "cuda":
+        emitted = install_rand4x()  # masks_apart: its masks' kernel is one-dimensional, four numbers a Philox call
     if device.type == "cuda":
         import torch._inductor.config as inductor_config
 

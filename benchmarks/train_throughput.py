@@ -801,9 +801,10 @@ def rtx4090_offload_projection(results: list[dict], budget_h: float = 24.0) -> d
 
     H200 compute with K of the 30 checkpointed layers offloaded: linear between the measured step with every one of
     them recomputed (`ours_bin16k_full_downout`, as birbal-4090 trains, where measured; else `ours_bin16k_full`)
-    and the measured step with no recompute at all (`ours_bin16k_full_norecompute_uncapped`), the saved recompute being the same for each layer; scaled to the
-    4090 by RTX4090_OVER_H200. The link: K layers' bytes (measured per layer by the offload variants) must cross it
-    within the forward's share of the step. The 4090's step is the larger of the two.
+    and the measured step with no recompute at all (`ours_bin16k_full_norecompute_uncapped`), the saved recompute
+    being the same for each layer; scaled to the 4090 by RTX4090_OVER_H200. The link: K layers' bytes (measured per
+    layer by the offload variants) must cross it within the forward's share of the step. The 4090's step is the
+    larger of the two.
     """
     by_name = {r.get("equivalent", r.get("variant")): r for r in results if r.get("status") == "ok"
                and r.get("s_per_step")}
