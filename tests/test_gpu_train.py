@@ -202,6 +202,13 @@ def test_offloaded_layers_match_checkpointing_on_cuda(compiled, unchecked, count
         "quantization.compute_dtype=float32", "model.attn_implementation=flex_attention",
         f"train.torch_compile={str(compiled).lower()}"), unchecked=unchecked, count=count)
     assert done.cuda and done.peak_host_bytes > 0
+    # every block it fetched back was allocated on the compute stream: the caching allocator reuses a block only on
+    # its allocating stream, so blocks made on a copy stream would be a second pool the compute stream cannot use
+    # (with 15 layers offloaded at the 7B shape, that pool reached the 24 GiB cap)
+    copy_streams = {done.h2d.cuda_stream, done.d2h.cuda_stream}
+    segments = torch.cuda.memory_snapshot()
+    assert segments and not [s for s in segments if s["stream"] in copy_streams], [
+        (s["stream"], s["total_size"]) for s in segments if s["stream"] in copy_streams]
 
 
 def test_the_training_attention_compiles_for_an_rtx_4090(tmp_path):

@@ -174,9 +174,18 @@ class ActivationOffload:
         if not self.cuda:
             layer.gpu = list(layer.host)
             return
+        # Allocated on the compute stream, written on the copy stream. The caching allocator hands a freed block
+        # out again only to the stream that allocated it, so tensors made on the copy stream would build a pool of
+        # their own beside the compute stream's, about two offloaded layers large, that the compute stream cannot
+        # reuse: with 15 layers offloaded the allocator reached the 24 GiB cap (reserved 24.00 GiB for 15.88
+        # allocated, benchmarks/results README, seventh and twenty-first sessions) and had to empty its cache.
+        compute = torch.cuda.current_stream(self.device)
+        layer.gpu = [torch.empty_like(h, device=self.device) for h in layer.host]
+        self.h2d.wait_stream(compute)  # the blocks may have been freed by compute work still queued
+        self.h2d.wait_event(layer.copied)
         with torch.cuda.stream(self.h2d):
-            self.h2d.wait_event(layer.copied)
-            layer.gpu = [h.to(self.device, non_blocking=True) for h in layer.host]
+            for gpu, host in zip(layer.gpu, layer.host, strict=True):
+                gpu.copy_(host, non_blocking=True)
             layer.ready = self.h2d.record_event()
 
     def unpack(self, handle):
@@ -189,11 +198,8 @@ class ActivationOffload:
             self.prefetch(index)  # not fetched ahead: no hook fired before this layer's backward
         tensor = layer.gpu[entry]
         if self.cuda and not layer.waited:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(layer.ready)
-            for t in layer.gpu:
-                if t is not None:
-                    t.record_stream(compute)  # made on the copy stream, used and freed on this one
+            # made on this stream (prefetch): once it has waited for the copy, it uses and frees them in order
+            torch.cuda.current_stream(self.device).wait_event(layer.ready)
             layer.waited = True
         layer.uses[entry] -= 1
         if layer.uses[entry] == 0:  # autograd holds it from here; we let go
