@@ -128,7 +128,12 @@ DOWN_OUTSIDE = {
     "ours_bin16k_full_downout": "ours_bin16k_full",
     "ours_bin16k_mix_downout": "ours_bin16k_mix",
     "ours_bin16k_full_offload15_downout": "ours_bin16k_full_offload15",
+    "ours_bin16k_mix_offload15_downout": "ours_bin16k_mix_offload15",
 }
+# the offload settings beside the switch birbal-4090 trains with, in one load each (2026-12-05: after the offload's
+# fetched-back tensors moved to the compute stream's pool)
+PHASES["ours_bin16k_full_phases15_downout"] = ("ours_bin16k_full_offload15_downout", (0, 8, 15))
+PHASES["ours_bin16k_mix_phases15_downout"] = ("ours_bin16k_mix_offload15_downout", (0, 8, 15))
 
 
 def spread_subset(members: list[int], count: int) -> list[int]:
@@ -617,12 +622,14 @@ def expand_phases(result: dict) -> list[dict]:
         return [result]
     skip = ("phases", "s_per_step", "tokens_per_s", "status", "error", "traceback_tail", "stderr_tail")
     common = {k: v for k, v in result.items() if k not in skip}
-    base = PHASES[result["variant"]][0].rsplit("_offload", 1)[0]
+    target = PHASES[result["variant"]][0]
+    suffix = "_downout" if target in DOWN_OUTSIDE else ""
+    base = DOWN_OUTSIDE.get(target, target).rsplit("_offload", 1)[0]
     rows = []
     for phase in result["phases"]:  # each of these settings finished
         k = phase["offload_layers"]
         rows.append({**common, **phase, "status": "ok", "variant": f"{result['variant']}@offload{k}",
-                     "equivalent": base if k == 0 else f"{base}_offload{k}"})
+                     "equivalent": f"{base}{suffix}" if k == 0 else f"{base}_offload{k}{suffix}"})
     if result.get("status") != "ok":  # what stopped the next setting
         rows.append({"variant": f"{result['variant']}@next", **{k: result[k] for k in skip[3:] if k in result}})
     return rows
