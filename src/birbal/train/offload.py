@@ -213,6 +213,10 @@ class ActivationOffload:
     def _drop(self, index: int) -> None:
         layer = self.layers.pop(index, None)
         if layer is not None:
+            if self.cuda and layer.ready is not None and not layer.waited:
+                # fetched but never used (a backward that stopped short): its blocks go back to the compute
+                # stream's pool here, so that stream must not run past the copy still writing them
+                torch.cuda.current_stream(self.device).wait_event(layer.ready)
             self._host_bytes -= sum(h.numel() * h.element_size() for h in layer.host)
 
     # ---- wiring ---------------------------------------------------------------------------------------------------
