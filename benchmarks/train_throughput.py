@@ -371,6 +371,24 @@ def memory(device) -> dict:
             "device_peak_gib_estimate": round((used - reserved + peak_reserved) / 2**30, 2)}
 
 
+def allocator_counts(device) -> dict:
+    """The caching allocator's cumulative counters: `num_alloc_retries` counts the allocations that found no cached
+    block, emptied the cache (cudaFree, which synchronizes the device) and tried again, what a pool at the memory
+    cap does; cudaMalloc and cudaFree calls beside it. Over the timed steps a steady step makes none."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {"alloc_retries": stats.get("num_alloc_retries", 0), "cuda_mallocs": stats.get("num_device_alloc", 0),
+            "cuda_frees": stats.get("num_device_free", 0)}
+
+
+def timed_counts(before: dict, after: dict) -> dict:
+    """The counters' growth over the timed steps, as `timed_alloc_retries` and so on."""
+    return {f"timed_{k}": after[k] - before[k] for k in before if k in after}
+
+
 def host_memory() -> dict:
     """This process's peak resident host memory (pinned offload buffers included) and the machine's total."""
     import resource
@@ -526,7 +544,10 @@ def run_variant(name: str, args) -> dict:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
             first = len(done)
-            for _ in range(warm + args.timed):
+            counts_before = allocator_counts(device)
+            for i in range(warm + args.timed):
+                if i == warm:
+                    counts_before = allocator_counts(device)
                 phase = f"step {s} (offload {count})"
                 done.append(one_step(*plan[s]))
                 done[-1]["offload"] = count
@@ -539,11 +560,14 @@ def run_variant(name: str, args) -> dict:
                          **summarize(done[first + warm:], arch, window),
                          "step_s_each": [round(d["step_s"], 3) for d in done[first:]],
                          "offload_gib_per_micro_batch": round(offloader.bytes_offloaded / 2**30, 2),
-                         "offload_late_fetches": offloader.late_fetches}
+                         "offload_late_fetches": offloader.late_fetches,
+                         **timed_counts(counts_before, allocator_counts(device))}
                 if device.type == "cuda" and capped:
                     entry["device_peak_within_cap"] = entry.get("device_peak_gib_estimate", 1e9) <= args.cap_gib
                 result["phases"].append(entry)
                 print(PHASE_MARK + json.dumps(entry), flush=True)
+            else:
+                result.update(timed_counts(counts_before, allocator_counts(device)))
         if args.profile_dir is not None and device.type == "cuda":
             phase = "profiled step"
             result["profile"] = profile_step(lambda: one_step(*plan[-1]), args.profile_dir / f"profile_{name}.txt")
@@ -656,7 +680,8 @@ def versions() -> dict:
 
 def table(results: list[dict]) -> str:
     head = ("| variant | status | s/step | tokens/s | useful tokens/s | MFU (790) | peak alloc / reserved GiB "
-            "| device used GiB (end / peak est.) | offload GiB | cap |\n|---|---|---|---|---|---|---|---|---|---|")
+            "| device used GiB (end / peak est.) | offload GiB | allocator retries (timed) | cap |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     def cell(r: dict, key: str, fmt: str) -> str:
         return fmt.format(r[key]) if r.get(key) is not None else "—"
@@ -669,7 +694,7 @@ def table(results: list[dict]) -> str:
                      f"| {f('useful_tokens_per_s', '{:,.0f}')} | {f('mfu_vs_790', '{:.1%}')} "
                      f"| {f('peak_allocated_gib', '{:.2f}')} / {f('peak_reserved_gib', '{:.2f}')} "
                      f"| {f('device_used_gib_at_end', '{:.2f}')} / {f('device_peak_gib_estimate', '{:.2f}')} "
-                     f"| {f('offload_gib_per_micro_batch', '{:.2f}')} | {cap} |")
+                     f"| {f('offload_gib_per_micro_batch', '{:.2f}')} | {f('timed_alloc_retries', '{:d}')} | {cap} |")
     return "\n".join(lines)
 
 
