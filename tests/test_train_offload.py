@@ -142,7 +142,9 @@ def test_preflight_counts_the_host_ram_the_offload_pins(tmp_path):
     assert preflight.check_host_ram(plain, 4 * 2**30).ok  # nothing pinned without offload
     offloaded = load_recipe("birbal-4090", ["train.offload_layers=28"])
     needed = preflight.host_ram_needed_gib(offloaded)
-    assert 55 < needed < 65  # 28 layers x ~1.6 GiB at 16,384 tokens (pinned blocks rounded up), plus the base
+    # 28 layers x 3.25 GiB at 16,384 tokens (what the H200 run moved a layer), x 1.07 for the pinned blocks' rounding,
+    # plus the 8 GiB base
+    assert abs(needed - (8 + 28 * 3332 / 1024 * 1.07)) < 0.2
     short = preflight.check_host_ram(offloaded, int(32 * 2**30))
     assert not short.ok and "train.offload_layers=28" in short.line() and "32.0 GiB" in short.line()
     assert preflight.check_host_ram(offloaded, int(128 * 2**30)).ok

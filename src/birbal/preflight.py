@@ -226,12 +226,16 @@ def check_token(recipe: Recipe, env: Mapping[str, str], hub_cache: Path) -> Chec
                                     "export HF_TOKEN=<a read token>")
 
 
-# train.offload_layers: a layer's saved activations per token of a micro-batch, in units of hidden_size bf16 values.
-# Measured on the H200 at the Mistral-7B shape: 2 unchecked layers added 3.21 GiB at 16,384 tokens (14.22 -> 17.43
-# GiB peak, benchmarks/results/README.md), 12.8 x 4096 x 2 bytes a token a layer.
-OFFLOAD_HIDDEN_UNITS_PER_TOKEN = 12.8
-# torch's caching host allocator rounds a pinned block up to a power of two (448 MiB of MLP activations: 512 MiB)
-PINNED_ROUNDING = 1.2
+# train.offload_layers: the bytes an offloaded layer moves to the host per token of a micro-batch, in units of
+# hidden_size bf16 values. Measured on the H200 at the Mistral-7B shape (`offload_layer_saved_tensors` in
+# benchmarks/results/train_throughput_h200_2026-12-04_ceiling_offload.json): 31 tensors, 3,332 MiB a layer at
+# 16,384 tokens (48.81 GiB for 15 layers, all held at the forward's end), 26.0 x 4096 x 2 bytes a token. (Until
+# 2026-12-05 this was 12.8, read from what 2 unchecked layers add to the GPU's peak: half of what offload moves,
+# since the peak already holds part of those tensors.)
+OFFLOAD_HIDDEN_UNITS_PER_TOKEN = 26.0
+# torch's caching host allocator rounds a pinned block up to a power of two (448 MiB of MLP activations: 512 MiB):
+# those 31 tensors take 3,556 MiB rounded, 1.067x
+PINNED_ROUNDING = 1.07
 # The training process besides the offload: Python, torch, the tokenised data, the loader's reads (not measured
 # per se; the 7B training test's process stayed well under it).
 HOST_RAM_BASE_GIB = 8.0
